@@ -1,0 +1,229 @@
+"""Import official PyTorch CRATE-MAE checkpoints (Ma-Lab-Berkeley/CRATE, model/crate_ae).
+
+    python -m crate_mae_jax.convert_torch --checkpoint crate_mae_base.pth --output DIR
+
+reads an official `.pth` (state dict at the top level, under 'model' or
+'state_dict', with or without 'module.' prefixes), maps it onto the Flax
+parameters and writes an Orbax checkpoint (see `checkpoints`) that probing,
+fine-tuning and `analyze` load. Reading `.pth` files needs the `[torch]` extra;
+`torch_to_flax` itself works on any mapping of names to numpy arrays.
+
+Layout notes: PyTorch `Linear.weight` is (out, in) and becomes a (in, out) kernel;
+the per-head projection is reshaped to (width, heads, head_dim), matching the
+official `rearrange('b n (h d) -> b h n d')`; the patch conv (D, C, p, p) becomes
+a (p*p*C, D) kernel in `patchify` order. The ISTA dictionary is kept as stored.
+The fixed `pos_embed`/`decoder_pos_embed` buffers are checked against the sin-cos
+table and dropped; `decoder_embed.*`, which the official forward never calls, is
+dropped too.
+"""
+import argparse
+import re
+import sys
+from typing import Mapping
+
+import numpy as np
+
+IGNORED = ("pos_embed", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias")
+
+
+class ConversionError(ValueError):
+  pass
+
+
+def unwrap_state_dict(obj) -> dict[str, np.ndarray]:
+  """Finds the state dict in a loaded checkpoint and strips 'module.' prefixes."""
+  if isinstance(obj, Mapping):
+    for key in ("model", "state_dict"):
+      if key in obj and isinstance(obj[key], Mapping):
+        obj = obj[key]
+        break
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"expected a state dict, got {type(obj).__name__}")
+  out = {}
+  for name, value in obj.items():
+    name = re.sub(r"^(module\.)+", "", name)
+    if hasattr(value, "detach"):
+      value = value.detach().cpu().float().numpy() if value.is_floating_point() \
+          else value.detach().cpu().numpy()
+    out[name] = np.asarray(value)
+  return out
+
+
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as e:
+    raise ConversionError("reading .pth files needs PyTorch: pip install "
+                          "'crate-mae-jax[torch]'") from e
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  return unwrap_state_dict(obj)
+
+
+def _count(sd, prefix: str) -> int:
+  ids = {int(m.group(1)) for k in sd for m in [re.match(rf"{prefix}\.(\d+)\.", k)] if m}
+  return max(ids) + 1 if ids else 0
+
+
+def infer_model_config(sd: Mapping[str, np.ndarray], heads: int | None = None,
+                       **overrides):
+  """A CRATE-MAE model config matching the state dict's shapes.
+
+  The head count is not visible in the shapes: it comes from `heads`, else from
+  the named variant of the same width (tiny 6, small 12, base 12, large 16).
+  """
+  from crate_mae_jax import models
+  if "patch_embed.proj.weight" not in sd:
+    raise ConversionError("state dict has no 'patch_embed.proj.weight': not a CRATE-MAE "
+                          f"checkpoint (first keys: {sorted(sd)[:5]})")
+  width, channels, patch, _ = sd["patch_embed.proj.weight"].shape
+  cfg = models.model_config("base", "crate_mae")
+  if heads is None:
+    by_width = {v["width"]: (name, v["heads"]) for name, v in models.VARIANTS.items()}
+    if width not in by_width:
+      raise ConversionError(f"width {width} matches no named variant; pass --heads")
+    cfg.variant, heads = by_width[width]
+  cfg.width, cfg.heads = int(width), int(heads)
+  cfg.depth, cfg.decoder_depth = _count(sd, "blocks"), _count(sd, "decoder_blocks")
+  cfg.patch_size, cfg.channels = int(patch), int(channels)
+  for key, value in overrides.items():
+    if value is not None:
+      cfg[key] = value
+  return cfg
+
+
+def _mssa(sd, prefix, heads, out):
+  qkv = sd[f"{prefix}.qkv.weight"]
+  width = qkv.shape[1]
+  head_dim = qkv.shape[0] // heads
+  out["subspaces"] = {"kernel": qkv.T.reshape(width, heads, head_dim)}
+  w_out = sd[f"{prefix}.to_out.0.weight"]
+  out["out"] = {"kernel": w_out.T.reshape(heads, head_dim, w_out.shape[0]),
+                "bias": sd[f"{prefix}.to_out.0.bias"]}
+  return out
+
+
+def _norm(sd, prefix):
+  return {"scale": sd[f"{prefix}.weight"], "bias": sd[f"{prefix}.bias"]}
+
+
+def _expected_shapes(cfg) -> dict[str, tuple]:
+  """Official state-dict names and shapes for a model config."""
+  from crate_mae_jax import models
+  r = models.resolve(cfg)
+  d, p, c = r["width"], r["patch_size"], r["channels"]
+  shapes = {"cls_token": (1, 1, d), "mask_token": (1, 1, d),
+            "patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,),
+            "norm.weight": (d,), "norm.bias": (d,), "decoder_norm.weight": (d,),
+            "decoder_norm.bias": (d,), "decoder_pred.weight": (p * p * c, d),
+            "decoder_pred.bias": (p * p * c,)}
+  for i in range(r["depth"]):
+    b = f"blocks.{i}.layers.0"
+    shapes.update({f"{b}.0.norm.weight": (d,), f"{b}.0.norm.bias": (d,),
+                   f"{b}.0.fn.qkv.weight": (d, d), f"{b}.0.fn.to_out.0.weight": (d, d),
+                   f"{b}.0.fn.to_out.0.bias": (d,), f"{b}.1.norm.weight": (d,),
+                   f"{b}.1.norm.bias": (d,), f"{b}.1.fn.weight": (d, d)})
+  for i in range(r["decoder_depth"]):
+    b = f"decoder_blocks.{i}.layers.0"
+    shapes.update({f"{b}.0.norm.weight": (d,), f"{b}.0.norm.bias": (d,),
+                   f"{b}.0.fn.weight": (d, d), f"{b}.1.norm.weight": (d,),
+                   f"{b}.1.norm.bias": (d,), f"{b}.1.fn.qkv.weight": (d, d),
+                   f"{b}.1.fn.to_out.0.weight": (d, d), f"{b}.1.fn.to_out.0.bias": (d,)})
+  return shapes
+
+
+def check_state_dict(sd: Mapping[str, np.ndarray], cfg) -> None:
+  """Refuses a state dict that does not fit `cfg`, naming every bad key."""
+  expected = _expected_shapes(cfg)
+  present = {k for k in sd if k not in IGNORED}
+  missing = sorted(set(expected) - present)
+  unexpected = sorted(present - set(expected))
+  wrong = sorted(f"{k} {tuple(sd[k].shape)} != {expected[k]}"
+                 for k in set(expected) & present if tuple(sd[k].shape) != expected[k])
+  if missing or unexpected or wrong:
+    raise ConversionError(
+        "state dict does not match the CRATE-MAE config (check --heads/--variant and "
+        f"that this is a model/crate_ae checkpoint):\n  missing: {missing}\n"
+        f"  unexpected: {unexpected}\n  wrong shape: {wrong}")
+  from crate_mae_jax.pos_embed import sincos_2d
+  for key in ("pos_embed", "decoder_pos_embed"):
+    if key in sd:
+      table = sincos_2d(sd[key].shape[-1], int(round((sd[key].shape[1] - 1)**0.5)))
+      if sd[key].reshape(table.shape).shape != table.shape or not np.allclose(
+          sd[key].reshape(table.shape), table, atol=1e-4):
+        raise ConversionError(f"{key} is not the fixed 2-D sin-cos table this model "
+                              "uses; the checkpoint was trained with another embedding")
+
+
+def torch_to_flax(sd: Mapping[str, np.ndarray], cfg) -> dict:
+  """Maps an official CRATE-MAE state dict onto the Flax parameter tree of `cfg`."""
+  from crate_mae_jax import models
+  sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
+  check_state_dict(sd, cfg)
+  r = models.resolve(cfg)
+  heads = r["heads"]
+  conv = sd["patch_embed.proj.weight"]  # (D, C, p, p) -> (p, p, C, D) -> (p*p*C, D)
+  encoder = {
+      "patch_embed": {"proj": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, conv.shape[0]),
+                               "bias": sd["patch_embed.proj.bias"]}},
+      "cls_token": sd["cls_token"], "mask_token": sd["mask_token"],
+      "norm": _norm(sd, "norm")}
+  for i in range(r["depth"]):
+    b = f"blocks.{i}.layers.0"
+    encoder[f"layer_{i}"] = {
+        "norm_mssa": _norm(sd, f"{b}.0.norm"),
+        "mssa": _mssa(sd, f"{b}.0.fn", heads, {}),
+        "norm_ista": _norm(sd, f"{b}.1.norm"),
+        "ista": {"dictionary": sd[f"{b}.1.fn.weight"]}}
+  decoder = {"norm": _norm(sd, "decoder_norm"),
+             "pixel_head": {"kernel": sd["decoder_pred.weight"].T,
+                            "bias": sd["decoder_pred.bias"]}}
+  for i in range(r["decoder_depth"]):
+    b = f"decoder_blocks.{i}.layers.0"
+    decoder[f"layer_{i}"] = {
+        "norm_dict": _norm(sd, f"{b}.0.norm"),
+        "dictionary": {"kernel": sd[f"{b}.0.fn.weight"].T},
+        "norm_mssa": _norm(sd, f"{b}.1.norm"),
+        "mssa": _mssa(sd, f"{b}.1.fn", heads, {})}
+  params = {"encoder": encoder, "decoder": decoder}
+  import jax
+  params = jax.tree_util.tree_map(lambda x: np.ascontiguousarray(x, np.float32), params)
+  from crate_mae_jax.checkpoints import check_compatible
+  check_compatible(params, models.abstract_params(cfg, image_size=r["patch_size"] * 2),
+                   where="converted state dict")
+  return params
+
+
+def convert(checkpoint: str, output: str, heads: int | None = None, **overrides) -> str:
+  """Reads an official `.pth`, writes an Orbax checkpoint; returns its path."""
+  from crate_mae_jax import checkpoints, models
+  sd = load_torch_state_dict(checkpoint)
+  cfg = infer_model_config(sd, heads, **overrides)
+  params = torch_to_flax(sd, cfg)
+  meta = {"model": models.resolve(cfg), "task": "pretrain",
+          "source": {"converted_from": checkpoint, "format": "official PyTorch CRATE-MAE"}}
+  return checkpoints.save_params(output, params, meta)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True, help="official .pth file")
+  parser.add_argument("--output", required=True, help="Orbax checkpoint directory to write")
+  parser.add_argument("--heads", type=int, default=None,
+                      help="attention heads (default: the named variant of the same width)")
+  parser.add_argument("--ista_lambda", type=float, default=None, help="λ (default 0.5)")
+  parser.add_argument("--ista_step", type=float, default=None, help="η (default 0.1)")
+  parser.add_argument("--norm_pix_loss", action="store_true", default=None)
+  args = parser.parse_args(argv)
+  try:
+    path = convert(args.checkpoint, args.output, args.heads, ista_lambda=args.ista_lambda,
+                   ista_step=args.ista_step, norm_pix_loss=args.norm_pix_loss)
+  except (ConversionError, FileNotFoundError) as e:
+    print(f"convert_torch: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
