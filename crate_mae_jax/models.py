@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from crate_mae_jax.crate_mae import CrateMAE
-from crate_mae_jax.vit_mae import ViTMAE
+from crate_mae_jax.crate_mae import CrateEncoder, CrateMAE
+from crate_mae_jax.vit_mae import ViTEncoder, ViTMAE
 
 ARCHS = ("crate_mae", "vit_mae")
 
@@ -119,6 +119,28 @@ def build_mae(cfg: ml_collections.ConfigDict):
                     ista_fused=r["ista_fused"], **common)
   return ViTMAE(decoder_width=r["decoder_width"], decoder_heads=r["decoder_heads"],
                 mlp_ratio=r["mlp_ratio"], **common)
+
+
+def build_encoder(cfg: ml_collections.ConfigDict):
+  """The encoder alone (for probing and fine-tuning), with `drop_path` applied."""
+  r = resolve(cfg)
+  common = dict(patch_size=r["patch_size"], width=r["width"], depth=r["depth"],
+                heads=r["heads"], drop_path=r["drop_path"], dtype=DTYPES[r["dtype"]],
+                param_dtype=DTYPES[r["param_dtype"]], attention_impl=r["attention_impl"],
+                remat_policy=r["remat_policy"])
+  if r["arch"] == "crate_mae":
+    return CrateEncoder(ista_step=r["ista_step"], ista_lambda=r["ista_lambda"],
+                        ista_fused=r["ista_fused"], **common)
+  return ViTEncoder(mlp_ratio=r["mlp_ratio"], **common)
+
+
+def build_classifier(cfg: ml_collections.ConfigDict, num_classes: int, *, pool: str = "cls",
+                     head_norm: bool = False, frozen: bool = False,
+                     head_init_std: float = 0.01):
+  from crate_mae_jax.classifier import Classifier
+  if pool not in ("cls", "mean"):
+    raise ValueError(f"pool={pool!r} is unknown; use 'cls' or 'mean'")
+  return Classifier(build_encoder(cfg), num_classes, pool, head_norm, frozen, head_init_std)
 
 
 def count_params(params) -> int:

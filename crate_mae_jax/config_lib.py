@@ -1,0 +1,203 @@
+"""The one config schema every run uses, and the checks that guard it.
+
+`configs/*.py` start from `default_config()` and change what their recipe needs.
+Every field is overridable on the command line (`--config.optim.base_lr=1e-4`).
+`validate()` runs before anything is compiled and raises `ConfigError` with one
+line naming the field and the fix.
+"""
+import os
+
+import ml_collections
+
+from crate_mae_jax import models
+
+TASKS = ("pretrain", "linear_probe", "finetune")
+SOURCES = ("tfds", "image_folder", "fashion_mnist", "quickstart", "arrays")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+  """A config or argument mistake; the message names the field and the fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  placeholder = ml_collections.config_dict.placeholder
+  c = ml_collections.ConfigDict()
+  c.task = "pretrain"
+  c.seed = 0
+  c.model = models.model_config("base", "crate_mae")
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="tfds",                 # one of SOURCES
+      name="imagenet2012",           # TFDS name (source='tfds')
+      data_dir=placeholder(str),     # TFDS data dir, local or gs://
+      manual_dir=placeholder(str),   # TFDS manual dir (imagenet2012)
+      path=placeholder(str),         # image folder root / Fashion-MNIST IDX folder
+      train_split="train",
+      eval_split="validation",
+      image_size=224,
+      num_classes=placeholder(int),  # from the dataset when unset
+      mean=IMAGENET_MEAN,            # per-channel normalisation of inputs
+      std=IMAGENET_STD,
+      crop_scale=(0.2, 1.0),         # random resized crop (pre-training: 0.2–1)
+      flip=True,
+      in_memory=False,               # hold arrays on device, augment there (no TF)
+      shuffle_buffer=16_384,
+      cache=False,
+      prefetch=2,                    # batches prefetched to the devices
+      bad_images="skip",             # image folders: 'skip' (count, log) or 'fail'
+      max_examples=placeholder(int), # truncate the train split (quick runs)
+  ))
+  c.augment = ml_collections.ConfigDict(dict(
+      randaugment_layers=0,          # fine-tuning: 2
+      randaugment_magnitude=9,
+      mixup=0.0,                     # fine-tuning: 0.8
+      cutmix=0.0,                    # fine-tuning: 1.0
+      label_smoothing=0.0,           # fine-tuning: 0.1
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw",                  # 'adamw', 'lars' or 'sgd'
+      base_lr=1.5e-4,                # lr = base_lr * batch_size / 256
+      lr=placeholder(float),         # absolute lr; overrides base_lr when set
+      b1=0.9,
+      b2=0.95,
+      momentum=0.9,                  # lars / sgd
+      weight_decay=0.05,             # not applied to norms, biases, tokens
+      warmup_epochs=40.0,
+      min_lr=0.0,
+      layer_decay=placeholder(float),  # fine-tuning: layer-wise lr decay, e.g. 0.65
+      clip_grad_norm=placeholder(float),
+  ))
+  c.batch_size = 4096                # global batch (all hosts, all accumulation steps)
+  c.accum_steps = 1                  # gradient accumulation micro-steps per update
+  c.num_epochs = 800.0
+  c.num_train_steps = -1             # > 0 overrides num_epochs
+  c.log_every_steps = 100
+  c.eval_every_steps = 5_000
+  c.checkpoint_every_steps = 1_000
+  c.keep_checkpoints = 3
+  c.keep_best = True                 # also keep the best checkpoint by c.best_metric
+  c.best_metric = ""                 # '' = the task's default (loss / top-1)
+  c.profile_steps = 0                # > 0: trace this many steps (clu Profile)
+
+  c.init_from = placeholder(str)     # probe / fine-tune: pre-training workdir or checkpoint
+  c.probe = ml_collections.ConfigDict(dict(pool="cls", head_norm=True))
+  c.finetune = ml_collections.ConfigDict(dict(pool="mean", head_init_std=2e-5))
+
+  c.nonfinite = "stop"               # 'stop' (keep last good checkpoint) or 'skip'
+  c.eval = ml_collections.ConfigDict(dict(
+      num_images=8,                  # reconstruction grid images
+      diagnostics=True,              # compression / sparsity per layer
+      max_batches=placeholder(int),
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(
+      # Axis sizes; -1 takes the remaining devices.
+      shape=(("data", -1), ("fsdp", 1), ("tensor", 1)),
+      # Logical axis -> mesh axes. Data parallel by default; FSDP shards
+      # parameters and optimizer state over 'fsdp' when that axis is > 1.
+      rules=(
+          ("activation_batch", ("data", "fsdp")),
+          ("activation_length", None),
+          ("activation_embed", "tensor"),
+          ("embed", "fsdp"),
+          ("heads", "tensor"),
+          ("head_dim", None),
+          ("dict", "tensor"),
+          ("mlp", "tensor"),
+          ("patch", None),
+          ("pixels", None),
+          ("classes", None),
+          ("norm", None),
+      ),
+  ))
+  return c
+
+
+def _fail(field: str, message: str):
+  raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(c: ml_collections.ConfigDict) -> dict:
+  """Checks a config before any compile; returns the resolved model dict."""
+  if c.task not in TASKS:
+    _fail("task", f"{c.task!r} is unknown; use one of {TASKS}")
+  try:
+    resolved = models.resolve(c.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  d = c.data
+  if d.source not in SOURCES:
+    _fail("data.source", f"{d.source!r} is unknown; use one of {SOURCES}")
+  if not isinstance(d.image_size, int) or d.image_size <= 0:
+    _fail("data.image_size", f"{d.image_size!r} must be a positive integer")
+  if d.image_size % resolved["patch_size"]:
+    _fail("data.image_size", f"{d.image_size} is not divisible by model.patch_size="
+          f"{resolved['patch_size']}; pick a multiple of the patch size")
+  if len(d.mean) != resolved["channels"] or len(d.std) != resolved["channels"]:
+    _fail("data.mean", f"mean/std have {len(d.mean)}/{len(d.std)} entries but "
+          f"model.channels={resolved['channels']}; give one per channel")
+  lo, hi = d.crop_scale
+  if not 0 < lo <= hi <= 1:
+    _fail("data.crop_scale", f"{tuple(d.crop_scale)} must satisfy 0 < min <= max <= 1")
+  if d.bad_images not in ("skip", "fail"):
+    _fail("data.bad_images", f"{d.bad_images!r} is unknown; use 'skip' or 'fail'")
+  if d.source in ("image_folder",) and not d.path:
+    _fail("data.path", "source='image_folder' needs data.path (a folder with one "
+          "sub-folder per class)")
+  if d.path and d.source in ("image_folder", "fashion_mnist") and not d.path.startswith(
+      "gs://") and not os.path.isdir(d.path):
+    _fail("data.path", f"{d.path!r} does not exist")
+  if not isinstance(c.batch_size, int) or c.batch_size <= 0:
+    _fail("batch_size", f"{c.batch_size!r} must be a positive integer")
+  if not isinstance(c.accum_steps, int) or c.accum_steps <= 0:
+    _fail("accum_steps", f"{c.accum_steps!r} must be a positive integer")
+  if c.batch_size % c.accum_steps:
+    _fail("accum_steps", f"{c.accum_steps} does not divide batch_size={c.batch_size}")
+  o = c.optim
+  if o.name not in ("adamw", "lars", "sgd"):
+    _fail("optim.name", f"{o.name!r} is unknown; use 'adamw', 'lars' or 'sgd'")
+  if (o.lr is None and o.base_lr <= 0) or (o.lr is not None and o.lr <= 0):
+    _fail("optim.base_lr", "the learning rate must be positive")
+  if o.weight_decay < 0:
+    _fail("optim.weight_decay", f"{o.weight_decay} must be >= 0")
+  if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
+    _fail("optim.b2", f"betas ({o.b1}, {o.b2}) must lie in [0, 1)")
+  if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
+    _fail("optim.layer_decay", f"{o.layer_decay} must lie in (0, 1]")
+  if o.warmup_epochs < 0:
+    _fail("optim.warmup_epochs", f"{o.warmup_epochs} must be >= 0")
+  if c.num_train_steps <= 0 and c.num_epochs <= 0:
+    _fail("num_epochs", "set num_epochs > 0 or num_train_steps > 0")
+  for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints"):
+    if not isinstance(c[key], int) or c[key] <= 0:
+      _fail(key, f"{c[key]!r} must be a positive integer")
+  if c.nonfinite not in ("stop", "skip"):
+    _fail("nonfinite", f"{c.nonfinite!r} is unknown; use 'stop' or 'skip'")
+  if c.task != "pretrain" and not c.init_from and c.task == "linear_probe":
+    _fail("init_from", "linear_probe needs init_from: a pre-training workdir or a "
+          "checkpoint written by crate_mae_jax.convert_torch")
+  if c.init_from and not c.init_from.startswith("gs://") and not os.path.exists(c.init_from):
+    _fail("init_from", f"{c.init_from!r} does not exist")
+  if c.task != "pretrain":
+    pool = c.probe.pool if c.task == "linear_probe" else c.finetune.pool
+    if pool not in ("cls", "mean"):
+      _fail(f"{'probe' if c.task == 'linear_probe' else 'finetune'}.pool",
+            f"{pool!r} is unknown; use 'cls' or 'mean'")
+  a = c.augment
+  if not 0 <= a.label_smoothing < 1:
+    _fail("augment.label_smoothing", f"{a.label_smoothing} must lie in [0, 1)")
+  if a.mixup < 0 or a.cutmix < 0:
+    _fail("augment.mixup", "mixup/cutmix alphas must be >= 0")
+  if c.task == "pretrain" and (a.mixup or a.cutmix):
+    _fail("augment.mixup", "mixup/cutmix need labels; use them with task='finetune'")
+  names = [name for name, _ in c.mesh.shape]
+  if len(set(names)) != len(names):
+    _fail("mesh.shape", f"axis names {names} repeat")
+  if sum(1 for _, size in c.mesh.shape if size == -1) > 1:
+    _fail("mesh.shape", "at most one axis may be -1")
+  for name, size in c.mesh.shape:
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      _fail("mesh.shape", f"axis {name!r} has size {size!r}; use a positive int or -1")
+  return resolved
