@@ -54,21 +54,33 @@ def masking_from_noise(noise: jax.Array, mask_ratio: float):
   return mask, ids_restore, ids_shuffle[:, :keep]
 
 
-def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array,
-               norm_pix_loss: bool) -> jax.Array:
-  """Mean squared error per patch, averaged over the masked patches.
+def per_patch_mse(pred: jax.Array, target: jax.Array, norm_pix_loss: bool) -> jax.Array:
+  """Mean squared error of each patch, (N, L).
 
   With `norm_pix_loss` each target patch is standardised by its own mean and
-  (unbiased, as torch.var) variance. When nothing is masked (mask ratio 0) the
-  official loss is 0/0; here it is then the mean over *all* patches, i.e. the
-  plain autoencoding error, so evaluation at ratio 0 stays meaningful.
+  (unbiased, as torch.var) variance.
   """
   target = target.astype(jnp.float32)
   if norm_pix_loss:
     mean = target.mean(axis=-1, keepdims=True)
     var = target.var(axis=-1, keepdims=True, ddof=1)
     target = (target - mean) / jnp.sqrt(var + 1e-6)
-  per_patch = jnp.mean((pred.astype(jnp.float32) - target)**2, axis=-1)
-  masked = mask.sum()
-  masked_mean = (per_patch * mask).sum() / jnp.maximum(masked, 1.0)
-  return jnp.where(masked > 0, masked_mean, per_patch.mean())
+  return jnp.mean((pred.astype(jnp.float32) - target)**2, axis=-1)
+
+
+def masked_mean(per_patch: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+  """Mean over masked patches; the mean over all patches where none is masked."""
+  masked = mask.sum(axis=axis)
+  masked_mean_ = (per_patch * mask).sum(axis=axis) / jnp.maximum(masked, 1.0)
+  return jnp.where(masked > 0, masked_mean_, per_patch.mean(axis=axis))
+
+
+def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array,
+               norm_pix_loss: bool) -> jax.Array:
+  """The MAE loss: per-patch MSE averaged over the masked patches of the batch.
+
+  When nothing is masked (mask ratio 0) the official loss is 0/0; here it is then
+  the mean over *all* patches, i.e. the plain autoencoding error, so evaluation
+  at ratio 0 stays meaningful.
+  """
+  return masked_mean(per_patch_mse(pred, target, norm_pix_loss), mask)

@@ -1,0 +1,96 @@
+"""Device meshes and the mapping from logical axis names to mesh axes.
+
+Parameters carry logical names (see `layers`); `config.mesh.rules` maps them onto
+the axes of a mesh built from `config.mesh.shape`. Pure data parallelism, FSDP
+and data × fsdp × tensor mixes are therefore config changes. JAX (GSPMD through
+`jax.jit` with shardings) does the rest.
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Mesh axes over which the batch is split (all that exist in the mesh).
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(shape_cfg, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """Resolves a (name, size) list with at most one -1 against the device count."""
+  names = tuple(name for name, _ in shape_cfg)
+  sizes = [int(size) for _, size in shape_cfg]
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"config.mesh.shape: fixed axes multiply to {known}, which does not "
+                       f"divide the {num_devices} devices; change the axis sizes")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh.shape {dict(zip(names, sizes))} needs "
+                     f"{math.prod(sizes)} devices but {num_devices} are available; use -1 "
+                     "for one axis to take the remaining devices")
+  return names, tuple(sizes)
+
+
+def create_mesh(shape_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  names, sizes = mesh_shape(shape_cfg, len(devices))
+  try:
+    grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(sizes)
+  return Mesh(grid, names)
+
+
+def rules(mesh_cfg) -> tuple[tuple[str, Any], ...]:
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in mesh_cfg.rules)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide a dimension (that dim is replicated)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    names = tuple(a for a in names if mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(None if not names or dim % size else (names if len(names) > 1 else names[0]))
+  return P(*fitted)
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, logical_rules) -> Any:
+  """NamedShardings for a tree that may hold `nn.LogicallyPartitioned` boxes.
+
+  Unboxed leaves are replicated. The result has the structure of the unboxed tree.
+  """
+  specs = nn.get_partition_spec(abstract_boxed)
+  mesh_specs = nn.logical_to_mesh(specs, logical_rules)
+  shapes = nn.meta.unbox(abstract_boxed)
+  return jax.tree_util.tree_map(
+      lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+      mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+  """Assembles the global batch from each process's local slice (multi-host)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
+          for k, v in local.items()}

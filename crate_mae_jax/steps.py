@@ -1,0 +1,187 @@
+"""Train state and the jitted steps: pure functions of (state, batch).
+
+No TensorFlow, no host synchronisation: metrics stay on the device until the
+loop fetches them at logging time. A step with a non-finite loss or gradient
+leaves parameters and optimizer state untouched and is counted in the state;
+the loop then stops or carries on as `config.nonfinite` says.
+"""
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from crate_mae_jax.patches import masked_mean, patchify, per_patch_mse
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array               # int32 (), optimizer updates done
+  params: Any
+  opt_state: Any
+  batch_stats: Any              # BatchNorm statistics of a probe head ({} otherwise)
+  rng: jax.Array                # uint32 key data; per-step keys are fold_in(rng, step)
+  nonfinite_count: jax.Array    # int32 (), updates skipped for non-finite values
+  first_nonfinite_step: jax.Array  # int32 (), -1 when none
+
+
+def new_state(params, opt_state, rng_key, batch_stats=None) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    batch_stats={} if batch_stats is None else batch_stats,
+                    rng=jax.random.key_data(rng_key),
+                    nonfinite_count=jnp.zeros((), jnp.int32),
+                    first_nonfinite_step=-jnp.ones((), jnp.int32))
+
+
+def step_keys(state: TrainState, n: int):
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  return jax.random.split(key, n)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _apply(state: TrainState, tx, grads, loss, batch_stats=None) -> tuple[TrainState, dict]:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_stats = state.batch_stats if batch_stats is None else keep(batch_stats, state.batch_stats)
+  state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state), batch_stats=new_stats,
+      nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
+      first_nonfinite_step=jnp.where(~finite & (state.first_nonfinite_step < 0),
+                                     state.step, state.first_nonfinite_step))
+  return state, {"grad_norm": optax.global_norm(grads), "finite": finite.astype(jnp.float32)}
+
+
+def _accumulate(loss_and_grad: Callable, params, batch: dict, keys, accum_steps: int):
+  """Mean loss/grads/aux over `accum_steps` micro-batches (lax.scan, one update)."""
+  if accum_steps == 1:
+    return loss_and_grad(params, batch, keys[0])
+  micro = jax.tree_util.tree_map(
+      lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+
+  def body(carry, inputs):
+    mb, key = inputs
+    (loss, aux), grads = loss_and_grad(params, mb, key)
+    acc_loss, acc_aux, acc_grads = carry
+    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+    return (acc_loss + loss, add(acc_aux, aux), add(acc_grads, grads)), None
+
+  first_mb = jax.tree_util.tree_map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(loss_and_grad, params, first_mb, keys[0])
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  init = (zeros[0][0], zeros[0][1], zeros[1])
+  (loss, aux, grads), _ = jax.lax.scan(body, init, (micro, keys[:accum_steps]))
+  scale = lambda t: jax.tree_util.tree_map(lambda x: x / accum_steps, t)
+  return (loss / accum_steps, scale(aux)), scale(grads)
+
+
+def make_pretrain_step(model: nn.Module, tx, mask_ratio: float, accum_steps: int = 1,
+                       device_augment: Callable | None = None, schedule=None):
+  """(state, batch) -> (state, metrics) for masked autoencoding."""
+
+  def loss_and_grad(params, batch, key):
+    aug_key, mask_key = jax.random.split(key)
+    images = batch["image"]
+    if device_augment is not None:
+      images = device_augment(aug_key, images, True)
+
+    def loss_fn(p):
+      out = model.apply({"params": p}, images, mask_ratio=mask_ratio, train=True,
+                        rngs={"masking": mask_key, "dropout": aug_key})
+      return out["loss"], {}
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  def step(state: TrainState, batch: dict):
+    keys = step_keys(state, max(accum_steps, 1))
+    (loss, _), grads = _accumulate(loss_and_grad, state.params, batch, keys, accum_steps)
+    lr = schedule(state.step) if schedule is not None else 0.0
+    state, extra = _apply(state, tx, grads, loss)
+    return state, {"loss": loss, "learning_rate": lr, **extra}
+  return step
+
+
+def make_classify_step(model: nn.Module, tx, num_classes: int, accum_steps: int = 1,
+                       label_smoothing: float = 0.0, mix: Callable | None = None,
+                       device_augment: Callable | None = None, schedule=None):
+  """(state, batch) -> (state, metrics) for linear probing / fine-tuning.
+
+  `mix(key, images, onehot) -> (images, targets)` applies mixup/cutmix.
+  """
+
+  def loss_and_grad(params_and_stats, batch, key):
+    params, batch_stats = params_and_stats
+    aug_key, mix_key, drop_key = jax.random.split(key, 3)
+    images = batch["image"]
+    if device_augment is not None:
+      images = device_augment(aug_key, images, True)
+    targets = jax.nn.one_hot(batch["label"], num_classes)
+    if mix is not None:
+      images, targets = mix(mix_key, images, targets)
+    if label_smoothing:
+      targets = optax.smooth_labels(targets, label_smoothing)
+
+    def loss_fn(p):
+      variables = {"params": p}
+      if batch_stats:
+        variables["batch_stats"] = batch_stats
+        logits, new = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": drop_key})
+        new_stats = new["batch_stats"]
+      else:
+        logits = model.apply(variables, images, train=True, rngs={"dropout": drop_key})
+        new_stats = batch_stats
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
+      correct = (jnp.argmax(logits, -1) == batch["label"]).mean()
+      return loss, {"accuracy": correct, "batch_stats": new_stats}
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  def step(state: TrainState, batch: dict):
+    keys = step_keys(state, max(accum_steps, 1))
+    fn = lambda p, b, k: loss_and_grad((p, state.batch_stats), b, k)
+    (loss, aux), grads = _accumulate(fn, state.params, batch, keys, accum_steps)
+    lr = schedule(state.step) if schedule is not None else 0.0
+    state, extra = _apply(state, tx, grads, loss, aux["batch_stats"] or None)
+    return state, {"loss": loss, "accuracy": aux["accuracy"], "learning_rate": lr, **extra}
+  return step
+
+
+def make_pretrain_eval_step(model: nn.Module, mask_ratio: float, seed: int = 0):
+  """Masked loss on an eval batch with a fixed masking key: repeatable numbers."""
+
+  def step(params, batch: dict, index: jax.Array):
+    key = jax.random.fold_in(jax.random.key(seed), index)
+    out = model.apply({"params": params}, batch["image"], mask_ratio=mask_ratio,
+                      rngs={"masking": key})
+    per_image = _per_image_loss(out, batch["image"], model)
+    mask = batch.get("mask", jnp.ones(per_image.shape))
+    return {"loss_sum": (per_image * mask).sum(), "count": mask.sum()}
+  return step
+
+
+def _per_image_loss(out, images, model):
+  per_patch = per_patch_mse(out["pred"], patchify(images, model.patch_size),
+                            model.norm_pix_loss)
+  return masked_mean(per_patch, out["mask"], axis=-1)
+
+
+def make_classify_eval_step(model: nn.Module):
+  def step(variables, batch: dict, index):
+    del index
+    logits = model.apply(variables, batch["image"], train=False)
+    mask = batch.get("mask", jnp.ones(logits.shape[:1]))
+    labels = batch["label"]
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"loss_sum": (loss * mask).sum(),
+            "top1": ((jnp.argmax(logits, -1) == labels) * mask).sum(),
+            "top5": ((top5 == labels[:, None]).any(-1) * mask).sum(),
+            "count": mask.sum()}
+  return step
