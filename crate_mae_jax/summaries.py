@@ -1,0 +1,93 @@
+"""Metric writers and progress hooks (the only non-data module touching TF).
+
+CLU's writers (TensorBoard + logging) and periodic actions are used when they
+import; on hosts without TensorFlow the same interface falls back to logging
+scalars and writing images as PNG files, so training never needs TF.
+"""
+import os
+import time
+
+from absl import logging
+import numpy as np
+
+
+class _LoggingWriter:
+  """Minimal stand-in for clu.metric_writers when TensorFlow is absent."""
+
+  def __init__(self, logdir: str | None):
+    self.logdir = logdir
+
+  def write_scalars(self, step, scalars):
+    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
+
+  def write_images(self, step, images):
+    if not self.logdir:
+      return
+    from PIL import Image
+    os.makedirs(self.logdir, exist_ok=True)
+    for name, img in images.items():
+      arr = np.asarray(img)
+      arr = arr[0] if arr.ndim == 4 else arr
+      Image.fromarray(arr.astype(np.uint8).squeeze()).save(
+          os.path.join(self.logdir, f"{name.replace('/', '_')}_{step}.png"))
+
+  def write_texts(self, step, texts):
+    for k, v in texts.items():
+      logging.info("[%d] %s: %s", step, k, v)
+
+  def write_hparams(self, hparams):
+    logging.info("hparams: %s", hparams)
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def create_writer(logdir: str, is_chief: bool):
+  """TensorBoard + logging writer on the chief, logging-only elsewhere."""
+  try:
+    from clu import metric_writers
+  except ImportError:
+    logging.warning("clu.metric_writers unavailable (no TensorFlow?): logging only")
+    return _LoggingWriter(logdir if is_chief else None)
+  return metric_writers.create_default_writer(logdir, just_logging=not is_chief,
+                                              asynchronous=True)
+
+
+class _Progress:
+  """steps/s and ETA in the log, for hosts without clu.periodic_actions."""
+
+  def __init__(self, num_train_steps: int, writer, every_secs: float = 30.0):
+    self.total, self.writer, self.every = num_train_steps, writer, every_secs
+    self.last_time, self.last_step = None, None
+
+  def __call__(self, step: int):
+    now = time.monotonic()
+    if self.last_time is None:
+      self.last_time, self.last_step = now, step
+      return
+    if now - self.last_time < self.every:
+      return
+    rate = (step - self.last_step) / (now - self.last_time)
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    logging.info("step %d/%d (%.1f%%): %.2f steps/s, ETA %.0f min", step, self.total,
+                 100 * step / self.total, rate, eta / 60)
+    self.writer.write_scalars(step, {"steps_per_sec": rate})
+    self.last_time, self.last_step = now, step
+
+
+def progress_hooks(num_train_steps: int, writer, logdir: str, is_chief: bool,
+                   profile_steps: int = 0, every_secs: float = 30.0) -> list:
+  """ReportProgress (steps/s, ETA) and, when asked, a profiler trace."""
+  try:
+    from clu import periodic_actions
+  except ImportError:
+    return [_Progress(num_train_steps, writer, every_secs)]
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer,
+                                           every_secs=every_secs)]
+  if is_chief and profile_steps:
+    hooks.append(periodic_actions.Profile(logdir=logdir, num_profile_steps=profile_steps,
+                                          first_profile=10))
+  return hooks

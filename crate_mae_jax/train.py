@@ -1,0 +1,367 @@
+"""The one train loop: masked pre-training, linear probing and fine-tuning.
+
+`train_and_evaluate(config, workdir)` validates the config, builds a mesh, the
+data source and a sharded train state, restores the latest checkpoint in
+`workdir` if there is one (parameters, optimizer state, RNG, data position), and
+runs the jitted step until `num_train_steps`, logging, evaluating and saving as
+configured. SIGTERM saves a checkpoint at the current step and returns cleanly.
+"""
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from crate_mae_jax import (checkpoints, config_lib, models, optim, sharding, state_lib,
+                           steps)
+from crate_mae_jax.config_lib import ConfigError
+
+
+class TrainingStopped(RuntimeError):
+  """Raised when training cannot go on (non-finite values with nonfinite='stop')."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _dtype_of(name: str):
+  return models.DTYPES[name]
+
+
+def _sample_shape(config, resolved):
+  size = config.data.image_size
+  return (1, size, size, resolved["channels"])
+
+
+def build_model(config, num_classes: int | None):
+  """(module, init inputs, init kwargs) for the config's task."""
+  resolved = models.resolve(config.model)
+  x = jnp.zeros(_sample_shape(config, resolved), jnp.float32)
+  if config.task == "pretrain":
+    return models.build_mae(config.model), (x,), dict(mask_ratio=resolved["mask_ratio"])
+  if config.task == "linear_probe":
+    model = models.build_classifier(config.model, num_classes, pool=config.probe.pool,
+                                    head_norm=config.probe.head_norm, frozen=True)
+  else:
+    model = models.build_classifier(config.model, num_classes, pool=config.finetune.pool,
+                                    head_init_std=config.finetune.head_init_std)
+  return model, (x,), {}
+
+
+def check_against_checkpoint(config, meta: dict, path: str) -> None:
+  """Refuses, before any compile, a checkpoint of another model size or arch."""
+  saved = meta.get("model", {})
+  ours = models.resolve(config.model)
+  for key in ("arch", "width", "depth", "heads", "patch_size", "channels"):
+    if key in saved and saved[key] != ours[key]:
+      raise ConfigError(
+          f"config.model.{key}={ours[key]!r} but checkpoint {path!r} has {saved[key]!r}; "
+          f"set --config.model.{key}={saved[key]!r} (or pick the matching variant)")
+
+
+def _checkpoint_manager(directory: str, config, best: bool = False):
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=1 if best else config.keep_checkpoints,
+      create=True, enable_async_checkpointing=not best,
+      save_interval_steps=1)
+  items = (checkpoints.PARAMS, checkpoints.TRAIN_STATE, checkpoints.META)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=items)
+
+
+def _split_state(state: steps.TrainState) -> tuple[Any, dict]:
+  rest = dict(step=state.step, opt_state=state.opt_state, batch_stats=state.batch_stats,
+              rng=state.rng, nonfinite_count=state.nonfinite_count,
+              first_nonfinite_step=state.first_nonfinite_step)
+  return state.params, rest
+
+
+def _abstract_with_sharding(abstract, shard):
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+
+
+def save(manager, state, meta: dict, force: bool = False) -> bool:
+  params, rest = _split_state(state)
+  step = int(jax.device_get(state.step))
+  return manager.save(step, args=ocp.args.Composite(**{
+      checkpoints.PARAMS: ocp.args.StandardSave(params),
+      checkpoints.TRAIN_STATE: ocp.args.StandardSave(rest),
+      checkpoints.META: ocp.args.JsonSave(meta)}), force=force)
+
+
+def restore(manager, step: int, abstract, shard) -> steps.TrainState:
+  target = _abstract_with_sharding(abstract, shard)
+  params_t, rest_t = _split_state(target)
+  saved = manager.item_metadata(step)
+  if saved is not None and saved.get(checkpoints.PARAMS) is not None:
+    checkpoints.check_compatible(saved[checkpoints.PARAMS], params_t,
+                                 where=f"{manager.directory}/{step}")
+  out = manager.restore(step, args=ocp.args.Composite(**{
+      checkpoints.PARAMS: ocp.args.StandardRestore(params_t),
+      checkpoints.TRAIN_STATE: ocp.args.StandardRestore(rest_t)}))
+  return steps.TrainState(params=out[checkpoints.PARAMS], **out[checkpoints.TRAIN_STATE])
+
+
+def _num_steps(config, num_examples: int) -> tuple[int, float]:
+  steps_per_epoch = num_examples / config.batch_size
+  if config.num_train_steps > 0:
+    return config.num_train_steps, steps_per_epoch
+  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch))), steps_per_epoch
+
+
+def _check_batch(config, mesh) -> int:
+  """Per-process batch; refuses a batch that does not split over devices/hosts."""
+  shards = sharding.num_batch_shards(mesh)
+  micro = config.batch_size // config.accum_steps
+  if micro % shards:
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} (÷ accum_steps={config.accum_steps}) is "
+        f"not divisible by the {shards} data-parallel devices; use a multiple of "
+        f"{shards * config.accum_steps}")
+  if config.batch_size % jax.process_count():
+    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
+                      f"{jax.process_count()} processes")
+  return config.batch_size // jax.process_count()
+
+
+def _encoder_from(path: str, config) -> tuple[Any, dict]:
+  meta, _ = checkpoints.read_meta(path)
+  check_against_checkpoint(config, meta, path)
+  params, meta = checkpoints.restore_params(path)
+  if "encoder" not in params:
+    raise ConfigError(f"config.init_from={path!r} holds no 'encoder' parameters")
+  return params["encoder"], meta
+
+
+def _eval_iterator(source, config):
+  for i, batch in enumerate(source.eval_batches()):
+    if config.eval.max_batches is not None and i >= config.eval.max_batches:
+      return
+    yield i, batch
+
+
+def evaluate(config, source, mesh, eval_step, variables, device_augment=None) -> dict:
+  totals: dict[str, float] = {}
+  for i, batch in _eval_iterator(source, config):
+    batch = dict(batch)
+    if device_augment is not None:
+      batch["image"] = np.asarray(device_augment(jax.random.key(0), batch["image"], False))
+    out = jax.device_get(eval_step(variables, sharding.global_batch(batch, mesh), i))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = max(totals.pop("count", 0.0), 1.0)
+  result = {"loss": totals.pop("loss_sum", 0.0) / count}
+  result.update({k: v / count for k, v in totals.items()})
+  result["examples"] = count
+  return result
+
+
+def _reconstruction_summaries(config, model, params, source, mesh, writer, step):
+  """Reconstruction grid and layer-wise measures on the first eval batch."""
+  try:
+    from crate_mae_jax import diagnostics, figures
+  except ImportError:
+    return {}
+  batch = next(iter(source.eval_batches()))
+  images = jnp.asarray(batch["image"][: config.eval.num_images])
+  if source.device_augment is not None:
+    images = source.device_augment(jax.random.key(0), images, False)
+  resolved = models.resolve(config.model)
+  with mesh, nn.logical_axis_rules(sharding.rules(config.mesh)):
+    out = jax.jit(lambda p, x: model.apply({"params": p}, x, mask_ratio=resolved["mask_ratio"],
+                                           rngs={"masking": jax.random.key(config.seed)})
+                  )(params, images)
+  panels = diagnostics.reconstruction_panels(
+      np.asarray(images), np.asarray(out["pred"]), np.asarray(out["mask"]),
+      resolved["patch_size"], config.data.mean, config.data.std, resolved["norm_pix_loss"])
+  writer.write_images(step, {"reconstruction": figures.grid_image(panels)[None]})
+  scalars = {}
+  if config.eval.diagnostics and resolved["arch"] == "crate_mae":
+    measures = diagnostics.layerwise_measures(model, params, images)
+    scalars = diagnostics.summary_scalars(measures)
+  return scalars
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the configured task in `workdir`; returns the final metrics."""
+  resolved = config_lib.validate(config)
+  from crate_mae_jax import input_pipeline, summaries
+  is_chief = jax.process_index() == 0
+  mesh = sharding.create_mesh(config.mesh.shape)
+  rules = sharding.rules(config.mesh)
+  local_batch = _check_batch(config, mesh)
+
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  latest = None
+  if os.path.isdir(ckpt_dir) or ckpt_dir.startswith("gs://"):
+    latest = checkpoints.latest_step(ckpt_dir)
+  encoder_params = None
+  if latest is None and config.task != "pretrain" and config.init_from:
+    encoder_params, _ = _encoder_from(config.init_from, config)
+
+  source = input_pipeline.create(config.data, config.augment, task=config.task,
+                                 batch_size=local_batch, seed=config.seed,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  num_classes = config.data.num_classes or source.num_classes
+  total_steps, steps_per_epoch = _num_steps(config, source.num_train_examples)
+  model, init_inputs, init_kwargs = build_model(config, num_classes)
+
+  depth = resolved["depth"] if config.task == "finetune" else None
+  boxed = state_lib.abstract_variables(model, init_inputs, init_kwargs)
+  abstract_params = nn.meta.unbox(boxed["params"])
+  trainable = None
+  if config.task == "linear_probe":
+    trainable = {k: jax.tree_util.tree_map(lambda _: k != "encoder", v)
+                 for k, v in abstract_params.items()}
+  tx, lr_schedule = optim.create(config, abstract_params, total_steps, steps_per_epoch,
+                                 trainable=trainable, depth=depth)
+  if encoder_params is not None:
+    checkpoints.check_compatible(encoder_params, abstract_params["encoder"],
+                                 where=config.init_from)
+
+  def override(params):
+    if encoder_params is None:
+      return params
+    return {**params, "encoder": encoder_params}
+
+  abstract, shard = state_lib.state_shardings(model, tx, mesh, rules, init_inputs, init_kwargs)
+  manager = _checkpoint_manager(ckpt_dir, config)
+  if latest is not None:
+    logging.info("Resuming from %s/%d", ckpt_dir, latest)
+    state = restore(manager, latest, abstract, shard)
+  else:
+    state, _ = state_lib.init_state(model, tx, mesh, rules, init_inputs, init_kwargs,
+                                    jax.random.key(config.seed), params_override=override)
+  start_step = int(jax.device_get(state.step))
+
+  mix = None
+  if config.task == "finetune" and (config.augment.mixup or config.augment.cutmix):
+    from crate_mae_jax import augment_jax
+    mix = lambda k, x, y: augment_jax.mixup_cutmix(k, x, y, config.augment.mixup,
+                                                   config.augment.cutmix)
+  if config.task == "pretrain":
+    step_fn = steps.make_pretrain_step(model, tx, resolved["mask_ratio"], config.accum_steps,
+                                       source.device_augment, lr_schedule)
+    eval_fn = steps.make_pretrain_eval_step(model, resolved["mask_ratio"], config.seed)
+    variables_of = lambda s: s.params
+    best_mode = "min"
+  else:
+    step_fn = steps.make_classify_step(model, tx, num_classes, config.accum_steps,
+                                       config.augment.label_smoothing, mix,
+                                       source.device_augment, lr_schedule)
+    eval_fn = steps.make_classify_eval_step(model)
+    variables_of = lambda s: ({"params": s.params, "batch_stats": s.batch_stats}
+                              if s.batch_stats else {"params": s.params})
+    best_mode = "max"
+  best_metric = config.best_metric or ("loss" if config.task == "pretrain" else "top1")
+  train_step = state_lib.jit_train_step(step_fn, shard, mesh, rules)
+  variables_shard = (shard.params if config.task == "pretrain" else
+                     ({"params": shard.params, "batch_stats": shard.batch_stats}
+                      if state.batch_stats else {"params": shard.params}))
+  eval_step = state_lib.jit_eval_step(eval_fn, variables_shard, mesh, rules)
+
+  writer = summaries.create_writer(workdir, is_chief)
+  hooks = summaries.progress_hooks(total_steps, writer, workdir, is_chief,
+                                   config.profile_steps,
+                                   every_secs=10.0 if total_steps < 5000 else 60.0)
+  meta = {"model": resolved, "task": config.task, "config": config.to_json_best_effort(),
+          "num_classes": num_classes if config.task != "pretrain" else None,
+          "data_position": "step"}
+  best_value = None
+  best_manager = None
+  results: dict = {}
+  logging.info("%s: %d steps (%.1f per epoch), global batch %d on %d devices, mesh %s",
+               config.task, total_steps, steps_per_epoch, config.batch_size,
+               jax.device_count(), dict(mesh.shape))
+
+  def maybe_stop(state):
+    if config.nonfinite == "stop" and int(jax.device_get(state.nonfinite_count)):
+      bad = int(jax.device_get(state.first_nonfinite_step))
+      raise TrainingStopped(
+          f"non-finite loss or gradient at step {bad}; training stopped, the last good "
+          f"checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to skip such "
+          "updates, or lower config.optim.base_lr)")
+
+  train_iter = source.train_batches(start_step)
+  pending: list = []
+  step = start_step
+  with _Preemption() as preemption:
+    while step < total_steps:
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      pending.append(metrics)
+      for hook in hooks:
+        hook(step)
+      last = step == total_steps
+      if step % config.log_every_steps == 0 or last:
+        fetched = jax.device_get(pending)
+        pending = []
+        scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        scalars["train/nonfinite_count"] = float(jax.device_get(state.nonfinite_count))
+        writer.write_scalars(step, scalars)
+        maybe_stop(state)
+      if step % config.eval_every_steps == 0 or last:
+        maybe_stop(state)
+        results = evaluate(config, source, mesh, eval_step, variables_of(state))
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        if config.task == "pretrain":
+          writer.write_scalars(step, _reconstruction_summaries(
+              config, model, state.params, source, mesh, writer, step) or {})
+        value = results.get(best_metric)
+        improved = value is not None and (best_value is None or (
+            value < best_value if best_mode == "min" else value > best_value))
+        if config.keep_best and improved:
+          best_value = value
+          best_manager = best_manager or _checkpoint_manager(
+              os.path.join(workdir, "checkpoints_best"), config, best=True)
+          save(best_manager, state, {**meta, "best": {best_metric: value}}, force=True)
+      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
+        maybe_stop(state)
+        save(manager, state, meta, force=True)
+      if preemption.requested:
+        logging.warning("Pre-empted at step %d: checkpoint saved", step)
+        break
+  manager.wait_until_finished()
+  manager.close()
+  if best_manager is not None:
+    best_manager.wait_until_finished()
+    best_manager.close()
+  writer.flush()
+  results = {k: float(v) for k, v in results.items()}
+  results.update(step=step, preempted=preemption.requested,
+                 nonfinite_count=int(jax.device_get(state.nonfinite_count)))
+  if is_chief:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
