@@ -25,7 +25,7 @@ def _multi_process_env() -> bool:
   env = os.environ
   if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
     return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1:
+  if int(env.get("JAX_NUM_PROCESSES", "1")) > 1 or int(env.get("SLURM_NTASKS", "1")) > 1:
     return True
   hosts = env.get("TPU_WORKER_HOSTNAMES", "")
   return "," in hosts
@@ -43,7 +43,14 @@ def main(argv):
     _fail("--workdir is required (a local folder or gs:// path for checkpoints and logs)")
   if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and _multi_process_env()):
     import jax
-    jax.distributed.initialize()
+    # Explicit settings (launch/gpu_cluster.sh) win; otherwise JAX detects
+    # Cloud TPU and SLURM by itself.
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+      kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+      kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
   from crate_mae_jax import checkpoints, config_lib, train
   config = FLAGS.config
   try:
