@@ -72,10 +72,15 @@ def restore_params(path: str, step: int | None = None, target: Any = None) -> tu
   mismatch raises a CheckpointError naming the differing entries."""
   meta, step = read_meta(path, step)
   directory = os.path.abspath(checkpoint_dir(path))
-  with ocp.CheckpointManager(directory, item_names=(PARAMS, META)) as manager:
+  # Handlers, not just item names: without them `item_metadata` returns None
+  # for every item and the compatibility check could not see the saved tree.
+  handlers = {PARAMS: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
     if target is not None:
       saved = manager.item_metadata(step)[PARAMS]
-      check_compatible(saved, target, where=directory)
+      if saved is None:
+        raise CheckpointError(f"checkpoint {directory!r} step {step} has no params")
+      check_compatible(getattr(saved, "tree", saved), target, where=directory)
     restored = manager.restore(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardRestore(target)}))
   return restored[PARAMS], meta

@@ -14,7 +14,11 @@ official `rearrange('b n (h d) -> b h n d')`; the patch conv (D, C, p, p) become
 a (p*p*C, D) kernel in `patchify` order. The ISTA dictionary is kept as stored.
 The fixed `pos_embed`/`decoder_pos_embed` buffers are checked against the sin-cos
 table and dropped; `decoder_embed.*`, which the official forward never calls, is
-dropped too.
+dropped too. A one-head model has no official output projection (`to_out` is
+`nn.Identity` there); it becomes an identity kernel with a zero bias.
+
+Errors (a state dict that does not fit, an unreadable file, a bad --heads) end
+the CLI with exit code 2 and one line on stderr naming every offending key.
 """
 import argparse
 import re
@@ -55,7 +59,26 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ConversionError("reading .pth files needs PyTorch: pip install "
                           "'crate-mae-jax[torch]'") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  # Checkpoints written by the MAE training code (which the official README
+  # points to for CRATE-MAE) also pickle the run's `argparse.Namespace` under
+  # 'args'; the weights-only unpickler refuses it unless it is allow-listed.
+  import argparse
+  import contextlib
+  serialization = torch.serialization
+  if hasattr(serialization, "safe_globals"):
+    allow = serialization.safe_globals([argparse.Namespace])
+  else:  # torch 2.4
+    serialization.add_safe_globals([argparse.Namespace])
+    allow = contextlib.nullcontext()
+  try:
+    with allow:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError as e:
+    raise ConversionError(f"checkpoint {path!r} does not exist") from e
+  except Exception as e:  # unpickling / zip errors: not a readable .pth
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise ConversionError(f"cannot read {path!r} as a PyTorch checkpoint "
+                          f"({type(e).__name__}: {first})") from e
   return unwrap_state_dict(obj)
 
 
@@ -96,6 +119,12 @@ def _mssa(sd, prefix, heads, out):
   width = qkv.shape[1]
   head_dim = qkv.shape[0] // heads
   out["subspaces"] = {"kernel": qkv.T.reshape(width, heads, head_dim)}
+  if f"{prefix}.to_out.0.weight" not in sd:
+    # One head as wide as the model: the official Attention has no output
+    # projection (`to_out` is nn.Identity), i.e. an identity map without bias.
+    out["out"] = {"kernel": np.eye(width, dtype=np.float32).reshape(heads, head_dim, width),
+                  "bias": np.zeros(width, np.float32)}
+    return out
   w_out = sd[f"{prefix}.to_out.0.weight"]
   out["out"] = {"kernel": w_out.T.reshape(heads, head_dim, w_out.shape[0]),
                 "bias": sd[f"{prefix}.to_out.0.bias"]}
@@ -116,6 +145,9 @@ def _expected_shapes(cfg) -> dict[str, tuple]:
             "norm.weight": (d,), "norm.bias": (d,), "decoder_norm.weight": (d,),
             "decoder_norm.bias": (d,), "decoder_pred.weight": (p * p * c, d),
             "decoder_pred.bias": (p * p * c,)}
+  # The official Attention drops its output projection when one head spans the
+  # whole width (`project_out = not (heads == 1 and dim_head == dim)`).
+  out_proj = r["heads"] != 1
   for i in range(r["depth"]):
     b = f"blocks.{i}.layers.0"
     shapes.update({f"{b}.0.norm.weight": (d,), f"{b}.0.norm.bias": (d,),
@@ -128,6 +160,8 @@ def _expected_shapes(cfg) -> dict[str, tuple]:
                    f"{b}.0.fn.weight": (d, d), f"{b}.1.norm.weight": (d,),
                    f"{b}.1.norm.bias": (d,), f"{b}.1.fn.qkv.weight": (d, d),
                    f"{b}.1.fn.to_out.0.weight": (d, d), f"{b}.1.fn.to_out.0.bias": (d,)})
+  if not out_proj:
+    shapes = {k: v for k, v in shapes.items() if ".fn.to_out.0." not in k}
   return shapes
 
 
@@ -141,15 +175,17 @@ def check_state_dict(sd: Mapping[str, np.ndarray], cfg) -> None:
                  for k in set(expected) & present if tuple(sd[k].shape) != expected[k])
   if missing or unexpected or wrong:
     raise ConversionError(
-        "state dict does not match the CRATE-MAE config (check --heads/--variant and "
-        f"that this is a model/crate_ae checkpoint):\n  missing: {missing}\n"
-        f"  unexpected: {unexpected}\n  wrong shape: {wrong}")
+        "state dict does not match the CRATE-MAE config (check --heads and that this "
+        f"is a model/crate_ae checkpoint): missing {missing}; unexpected {unexpected}; "
+        f"wrong shape {wrong}")
   from crate_mae_jax.pos_embed import sincos_2d
   for key in ("pos_embed", "decoder_pos_embed"):
     if key in sd:
-      table = sincos_2d(sd[key].shape[-1], int(round((sd[key].shape[1] - 1)**0.5)))
-      if sd[key].reshape(table.shape).shape != table.shape or not np.allclose(
-          sd[key].reshape(table.shape), table, atol=1e-4):
+      buf = sd[key]
+      side = int(round(max(buf.size // max(buf.shape[-1], 1) - 1, 0)**0.5))
+      table = sincos_2d(buf.shape[-1], side) if buf.shape[-1] % 4 == 0 else None
+      if table is None or buf.size != table.size or not np.allclose(
+          buf.reshape(table.shape), table, atol=1e-4):
         raise ConversionError(f"{key} is not the fixed 2-D sin-cos table this model "
                               "uses; the checkpoint was trained with another embedding")
 
@@ -218,8 +254,8 @@ def main(argv=None) -> int:
   try:
     path = convert(args.checkpoint, args.output, args.heads, ista_lambda=args.ista_lambda,
                    ista_step=args.ista_step, norm_pix_loss=args.norm_pix_loss)
-  except (ConversionError, FileNotFoundError) as e:
-    print(f"convert_torch: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:  # ConversionError, CheckpointError, config errors
+    print("convert_torch: error: " + " ".join(str(e).split()), file=sys.stderr)
     return 2
   print(f"wrote {path}")
   return 0
