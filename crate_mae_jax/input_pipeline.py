@@ -1,0 +1,772 @@
+"""Input pipelines: one contract over TFDS, image folders and in-memory arrays.
+
+    source = create(config.data, config.augment, task=..., batch_size=per_process_batch,
+                    seed=..., process_index=..., process_count=...)
+
+Every source has `num_train_examples` (whole train split, all processes),
+`num_classes`, `image_shape` (H, W, C after preprocessing), `num_eval_examples`,
+`num_eval_batches` (the same on every process), `stats` (counters, e.g.
+'skipped_bad_images'), `device_augment`, `train_batches(start_step)` (infinite)
+and `eval_batches()` (one pass, last batch padded, float32 'mask' 0 on padding).
+
+Two kinds of source:
+
+* tf.data (`data.source` 'tfds' with in_memory=False, 'image_folder'):
+  `device_augment` is None; batches hold float32 images, already augmented and
+  normalised by data.mean/std, and int32 labels. TensorFlow is imported lazily
+  in these branches only.
+  - train: random resized crop (scale data.crop_scale, ratio 3/4-4/3, Inception
+    box sampler, bicubic antialiased resize; JPEGs are decoded cropped), flip
+    (data.flip), and for task='finetune' RandAugment (augment.randaugment_layers
+    /magnitude; timm's rand-m9-mstd0.5-inc1 op set, see augment_jax).
+    Mixup/cutmix/label smoothing are the train step's (augment_jax.mixup_cutmix).
+  - eval: images with both sides <= 64 px are resized to image_size; larger ones
+    have the shorter side resized to image_size/0.875 and are centre-cropped.
+* in-memory arrays (`data_arrays.ArraySource`; 'fashion_mnist', 'quickstart',
+  'arrays', and 'tfds' with data.in_memory=True): TensorFlow-free; train and
+  eval batches hold the raw uint8 images (B, H, W, C0) and `device_augment(rng,
+  images, train)` does all of the above in JAX. Whenever `source.device_augment
+  is not None` the consumer must call it: `device_augment(key, batch['image'],
+  True)` inside the jitted train step, `device_augment(key, batch['image'],
+  False)` (eval resize + normalisation; key unused) on every eval batch.
+
+Determinism and resumption (train_batches(k) yields exactly the batches an
+uninterrupted run yields from step k on):
+
+* 'tfds': each process reads its own shard (`tfds.split_for_jax_process`) in
+  file order (shuffle_files=False), numbered 0..n-1 by `enumerate`. The stream is
+  `Dataset.range(epoch0, inf).flat_map(epoch)`, where `epoch(e)` is the shard
+  shuffled with `shuffle(buffer, seed=f(seed, process, e),
+  reshuffle_each_iteration=False)`; resuming at step k starts at epoch
+  (k*B)//n and skips (k*B)%n examples of it (encoded records: the skip reads,
+  but does not decode, up to one epoch). All random augmentation uses stateless
+  TF ops keyed on (f(seed, process), e*n + i), i.e. on the example's position
+  in the stream; `tf.data.Options.deterministic=True` keeps parallel maps in
+  order. (The shuffle's op seed pairs with TF's global seed: do not call
+  tf.random.set_seed between runs you want to match.)
+* 'image_folder' and the arrays: a global stream shared by all processes
+  (`data_arrays.stream_indices`): epoch e visits the files in the numpy
+  permutation seeded by (seed, e), global step s covers stream positions
+  [s*G, (s+1)*G) (G = B * process_count) and process p takes its slice
+  [s*G + p*B, s*G + (p+1)*B); augmentation keys are stream positions. A pure
+  function of (seed, step, process), nothing to skip.
+
+Image folders (`data.path`): one sub-folder per class (class index = sorted
+folder names); `path/<train_split>` and `path/<eval_split>` (or `val`,
+`validation`) sub-folders are used when present, else 10% of every class is held
+out for eval (a fixed per-class permutation, independent of the seed). Every
+file is checked up front on the host (PIL verify + a draft-mode full decode, in
+threads) so the count of bad files is exact: zero-byte, truncated, non-image or
+otherwise undecodable files are skipped, logged with their path and counted in
+`stats['skipped_bad_images']` (data.bad_images='skip'), or raise ValueError
+naming the path ('fail'). Grayscale/RGBA/palette images are converted to the
+model's channels; formats or modes TF cannot decode (CMYK JPEG, TIFF, WebP...)
+are decoded with PIL.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+import warnings
+import zlib
+from typing import Iterator
+
+import numpy as np
+from absl import logging
+
+from crate_mae_jax import augment_jax, data_arrays
+
+TASKS = ("pretrain", "linear_probe", "finetune")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".pbm", ".jfif")
+HOLDOUT_FRACTION = 0.1
+_EVAL_ALIASES = ("val", "validation")
+
+
+def _get(cfg, key: str, default=None):
+  if cfg is None:
+    return default
+  try:
+    value = cfg[key]
+  except (KeyError, AttributeError, TypeError):
+    value = getattr(cfg, key, default)
+  return default if value is None else value
+
+
+# ============================================================================ create
+def create(data_cfg, augment_cfg=None, *, task: str, batch_size: int, seed: int,
+           process_index: int = 0, process_count: int = 1, arrays: dict | None = None):
+  """Builds the input source described by `config.data` / `config.augment`.
+
+  `batch_size` is the per-process batch. `arrays` (source='arrays' only):
+  {split: (images, labels)} or {'<split>_images': ..., '<split>_labels': ...};
+  without it data.path must name such an .npz file.
+  """
+  if task not in TASKS:
+    raise ValueError(f"task={task!r} is unknown; use one of {TASKS}")
+  if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+    raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+  source = _get(data_cfg, "source", "tfds")
+  common = dict(task=task, batch_size=int(batch_size), seed=int(seed),
+                process_index=int(process_index), process_count=int(process_count))
+  path = _get(data_cfg, "path")
+  if source == "quickstart":
+    loaded = data_arrays.load_quickstart(path if path and path.endswith(".npz") else None)
+  elif source == "fashion_mnist":
+    loaded = data_arrays.load_fashion_mnist(path)
+  elif source == "arrays":
+    if arrays is not None:
+      loaded = _normalise_arrays(arrays)
+    elif path:
+      loaded = data_arrays.load_npz(path)
+    else:
+      raise ValueError("source='arrays' needs create(..., arrays={...}) or data.path naming "
+                       "an .npz with <split>_images / <split>_labels")
+  elif source == "tfds":
+    if _get(data_cfg, "in_memory", False):
+      loaded = _tfds_arrays(data_cfg)
+    else:
+      return TfdsSource(data_cfg, augment_cfg, **common)
+  elif source == "image_folder":
+    if _get(data_cfg, "in_memory", False):
+      raise ValueError("config.data.in_memory=True is not supported for source='image_folder'"
+                       " (images of any size); set it False")
+    return ImageFolderSource(data_cfg, augment_cfg, **common)
+  else:
+    raise ValueError(f"config.data.source={source!r} is unknown")
+  return _array_source(loaded, data_cfg, augment_cfg, **common)
+
+
+def _normalise_arrays(arrays: dict) -> dict:
+  out = {}
+  for key, value in arrays.items():
+    if key.endswith("_images"):
+      split = key[:-len("_images")]
+      out[split] = (np.asarray(value), np.asarray(arrays[f"{split}_labels"]))
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+      out[key] = (np.asarray(value[0]), np.asarray(value[1]))
+  if not out:
+    raise ValueError("arrays: expected {split: (images, labels)} or <split>_images keys")
+  return out
+
+
+def _array_source(loaded: dict, data_cfg, augment_cfg, *, task, batch_size, seed,
+                  process_index, process_count, stats=None):
+  train = data_arrays.pick_split(loaded, _get(data_cfg, "train_split", "train"), "train_split")
+  eval_ = data_arrays.pick_split(loaded, _get(data_cfg, "eval_split", "test"), "eval_split")
+  return data_arrays.ArraySource(
+      train, eval_, batch_size=batch_size, seed=seed,
+      image_size=_get(data_cfg, "image_size"), mean=tuple(_get(data_cfg, "mean")),
+      std=tuple(_get(data_cfg, "std")), crop_scale=tuple(_get(data_cfg, "crop_scale",
+                                                             (0.2, 1.0))),
+      flip=bool(_get(data_cfg, "flip", True)),
+      randaugment_layers=(int(_get(augment_cfg, "randaugment_layers", 0))
+                          if task == "finetune" else 0),
+      randaugment_magnitude=float(_get(augment_cfg, "randaugment_magnitude", 9)),
+      num_classes=_get(data_cfg, "num_classes"), process_index=process_index,
+      process_count=process_count, max_examples=_get(data_cfg, "max_examples"), stats=stats)
+
+
+# ============================================================================ TF helpers
+def _tf():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf
+
+
+def _options():
+  tf = _tf()
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _fix_channels(image, channels: int):
+  """uint8 (h, w, c) with c in 1..4 -> (h, w, channels)."""
+  tf = _tf()
+  n = tf.shape(image)[-1]
+  if channels == 3:
+    image = tf.cond(n >= 3, lambda: image[..., :3], lambda: tf.tile(image[..., :1], [1, 1, 3]))
+  elif channels == 1:
+    def luminance():
+      rgb = tf.cast(image[..., :3], tf.float32)
+      y = tf.reduce_sum(rgb * tf.constant([0.299, 0.587, 0.114]), -1, keepdims=True)
+      return tf.cast(tf.clip_by_value(tf.round(y), 0, 255), tf.uint8)
+    image = tf.cond(n >= 3, luminance, lambda: image[..., :1])
+  else:
+    raise ValueError(f"tf.data sources support 1 or 3 channels, not {channels}")
+  image.set_shape([None, None, channels])
+  return image
+
+
+def _resize(image, size, method: str = "bicubic"):
+  tf = _tf()
+  out = tf.image.resize(image, size, method=method, antialias=True)
+  return tf.clip_by_value(out, 0.0, 255.0)
+
+
+# ----------------------------------------------------------------------------- RandAugment (TF)
+def _tf_blend(degenerate, image, factor):
+  tf = _tf()
+  return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
+
+
+def _tf_gray(image):
+  tf = _tf()
+  if image.shape[-1] == 1:
+    return image
+  return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), -1, keepdims=True)
+
+
+def _tf_equalize_channel(c):
+  tf = _tf()
+  q = tf.cast(tf.clip_by_value(tf.round(c), 0, 255), tf.int32)
+  hist = tf.math.bincount(tf.reshape(q, [-1]), minlength=256, maxlength=256)
+  nonzero = tf.reshape(tf.where(hist > 0), [-1])
+  last = tf.gather(hist, nonzero[-1])
+  step = (tf.reduce_sum(hist) - last) // 255
+  lut = (tf.cumsum(hist, exclusive=True) + step // 2) // tf.maximum(step, 1)
+  lut = tf.cast(tf.clip_by_value(lut, 0, 255), tf.float32)
+  return tf.where(step == 0, c, tf.gather(lut, q))
+
+
+def _tf_sharpness(image, factor):
+  tf = _tf()
+  h, w, c = image.shape
+  if h < 3 or w < 3:
+    return image
+  k = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.0
+  k = tf.tile(k[:, :, None, None], [1, 1, c, 1])
+  smooth = tf.nn.depthwise_conv2d(image[None], k, [1, 1, 1, 1], "VALID")[0]
+  inner = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
+  degenerate = tf.where(inner > 0, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
+  return _tf_blend(degenerate, image, factor)
+
+
+def _tf_op(name: str, image, level, sign):
+  tf = _tf()
+  h, w, _ = image.shape
+  aj = augment_jax
+  if name in aj.AFFINE_OPS:
+    p = aj.affine_params(name, level, sign, h, w, xp=tf)
+    transform = tf.cast(tf.stack(list(p) + [0.0, 0.0]), tf.float32)[None]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform, output_shape=tf.constant([h, w]),
+        fill_value=tf.constant(aj.FILL_VALUE), interpolation="BILINEAR",
+        fill_mode="CONSTANT")[0]
+    return out
+  if name == "AutoContrast":
+    lo = tf.reduce_min(image, [0, 1], keepdims=True)
+    hi = tf.reduce_max(image, [0, 1], keepdims=True)
+    return tf.where(hi > lo, (image - lo) * 255.0 / tf.where(hi > lo, hi - lo, 1.0), image)
+  if name == "Equalize":
+    return tf.stack([_tf_equalize_channel(image[..., i]) for i in range(image.shape[-1])], -1)
+  if name == "Invert":
+    return 255.0 - image
+  if name == "Posterize":
+    shift = tf.cast(8 - aj.posterize_bits(level, tf.floor), tf.int32)
+    q = tf.cast(tf.clip_by_value(image, 0, 255), tf.int32)
+    return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(q, shift), shift), tf.float32)
+  if name == "Solarize":
+    return tf.where(image >= aj.solarize_threshold(level), 255.0 - image, image)
+  if name == "SolarizeAdd":
+    return tf.where(image < 128.0,
+                    tf.clip_by_value(image + aj.solarize_add(level), 0.0, 255.0), image)
+  if name == "Color":
+    return _tf_blend(tf.broadcast_to(_tf_gray(image), tf.shape(image)), image,
+                     aj.enhance_factor(level, sign))
+  if name == "Contrast":
+    mean = tf.reduce_mean(_tf_gray(image))
+    return _tf_blend(tf.fill(tf.shape(image), mean), image, aj.enhance_factor(level, sign))
+  if name == "Brightness":
+    return _tf_blend(tf.zeros_like(image), image, aj.enhance_factor(level, sign))
+  if name == "Sharpness":
+    return _tf_sharpness(image, aj.enhance_factor(level, sign))
+  raise ValueError(name)
+
+
+def _tf_randaugment(image, seed, layers: int, magnitude: float):
+  """timm-style RandAugment of a float (S, S, C) image in [0, 255], stateless."""
+  tf = _tf()
+  aj = augment_jax
+  shape = image.shape
+  for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, layers)):
+    s = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 4))
+    op = tf.random.stateless_uniform([], s[0], 0, len(aj.RANDAUGMENT_OPS), dtype=tf.int32)
+    apply = tf.random.stateless_uniform([], s[1]) < aj.RANDAUGMENT_PROB
+    level = tf.clip_by_value(
+        magnitude + aj.RANDAUGMENT_MAGNITUDE_STD * tf.random.stateless_normal([], s[2]),
+        0.0, 10.0) / 10.0
+    sign = tf.where(tf.random.stateless_uniform([], s[3]) < 0.5, -1.0, 1.0)
+    branches = [functools.partial(_tf_op, name, image, level, sign)
+                for name in aj.RANDAUGMENT_OPS]
+    current = image
+    image = tf.cond(apply, lambda: tf.switch_case(op, branches), lambda: current)
+    image.set_shape(shape)
+  return image
+
+
+# ============================================================================ tf.data sources
+class _TFSource:
+  """Shared tf.data preprocessing; subclasses provide the example streams.
+
+  Examples are dicts with 'bytes' (encoded image), 'label', and for training
+  'key' (the example's stream position, keying its stateless randomness).
+  """
+  device_augment = None
+  _jpeg_fast_path = True
+
+  def __init__(self, data_cfg, augment_cfg, *, task, batch_size, seed, process_index,
+               process_count):
+    self.task = task
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    self.image_size = int(_get(data_cfg, "image_size"))
+    self.mean = tuple(float(m) for m in _get(data_cfg, "mean"))
+    self.std = tuple(float(s) for s in _get(data_cfg, "std"))
+    self.channels = len(self.mean)
+    if self.channels not in (1, 3):
+      raise ValueError(f"config.data.mean has {self.channels} entries; tf.data sources "
+                       "support 1 or 3 channels")
+    self.image_shape = (self.image_size, self.image_size, self.channels)
+    self.crop_scale = tuple(float(s) for s in _get(data_cfg, "crop_scale", (0.2, 1.0)))
+    self.flip = bool(_get(data_cfg, "flip", True))
+    self.randaugment_layers = (int(_get(augment_cfg, "randaugment_layers", 0))
+                               if task == "finetune" else 0)
+    self.randaugment_magnitude = float(_get(augment_cfg, "randaugment_magnitude", 9))
+    self.shuffle_buffer = int(_get(data_cfg, "shuffle_buffer", 16_384))
+    self.cache = bool(_get(data_cfg, "cache", False))
+    self.stats = {"skipped_bad_images": 0}
+    # Per (seed, process) key of all stateless randomness; 31 bits.
+    state = np.random.SeedSequence([self.seed % (1 << 63), self.process_index, 0x5EED])
+    self._key0 = int(state.generate_state(1, np.uint32)[0] >> 1)
+
+  # --- subclass hooks
+  def _decode(self, ex):
+    raise NotImplementedError
+
+  def _train_examples(self, start_step: int):
+    raise NotImplementedError
+
+  def _eval_examples(self):
+    """(dataset of this process's eval examples, their count)."""
+    raise NotImplementedError
+
+  # --- preprocessing
+  def _decode_random_crop(self, ex, seed):
+    tf = _tf()
+    data = ex["bytes"]
+
+    def box(shape):
+      begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+          shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, min_object_covered=0.0,
+          aspect_ratio_range=augment_jax.RATIO, area_range=self.crop_scale, max_attempts=10,
+          use_image_if_no_bounding_boxes=True)
+      return begin, size
+
+    def jpeg():
+      begin, size = box(tf.image.extract_jpeg_shape(data))
+      window = tf.stack([begin[0], begin[1], size[0], size[1]])
+      return _fix_channels(tf.io.decode_and_crop_jpeg(data, window, channels=self.channels),
+                           self.channels)
+
+    def other():
+      image = self._decode(ex)
+      begin, size = box(tf.shape(image))
+      return tf.slice(image, begin, size)
+
+    if not self._jpeg_fast_path:
+      return other()
+    use_jpeg = tf.io.is_jpeg(data)
+    if "pil" in ex:
+      use_jpeg = tf.logical_and(use_jpeg, tf.logical_not(ex["pil"]))
+    image = tf.cond(use_jpeg, jpeg, other)
+    image.set_shape([None, None, self.channels])
+    return image
+
+  def _normalise(self, image):
+    tf = _tf()
+    mean = tf.constant(self.mean, tf.float32) * 255.0
+    std = tf.constant(self.std, tf.float32) * 255.0
+    return (image - mean) / std
+
+  def _preprocess_train(self, ex):
+    tf = _tf()
+    seed = tf.stack([tf.constant(self._key0, tf.int64), tf.cast(ex["key"], tf.int64)])
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    image = self._decode_random_crop(ex, seeds[0])
+    image = _resize(image, [self.image_size, self.image_size])
+    if self.flip:
+      image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    if self.randaugment_layers > 0:
+      image = _tf_randaugment(image, seeds[2], self.randaugment_layers,
+                              self.randaugment_magnitude)
+    image = tf.ensure_shape(self._normalise(image), self.image_shape)
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
+
+  def _preprocess_eval(self, ex):
+    tf = _tf()
+    image = self._decode(ex)
+    s = self.image_size
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+
+    def small():
+      return _resize(image, [s, s])
+
+    def large():
+      short = tf.cast(tf.minimum(h, w), tf.float32)
+      target = float(round(s / augment_jax.EVAL_CROP_FRACTION))
+      nh = tf.maximum(tf.cast(tf.round(tf.cast(h, tf.float32) * target / short), tf.int32), s)
+      nw = tf.maximum(tf.cast(tf.round(tf.cast(w, tf.float32) * target / short), tf.int32), s)
+      resized = _resize(image, tf.stack([nh, nw]))
+      top = tf.cast(tf.round(tf.cast(nh - s, tf.float32) / 2.0), tf.int32)
+      left = tf.cast(tf.round(tf.cast(nw - s, tf.float32) / 2.0), tf.int32)
+      return tf.slice(resized, [top, left, 0], [s, s, self.channels])
+
+    image = tf.cond(tf.maximum(h, w) <= augment_jax.SMALL_IMAGE, small, large)
+    image = tf.ensure_shape(self._normalise(image), self.image_shape)
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32),
+            "mask": tf.constant(1.0, tf.float32)}
+
+  # --- the contract
+  def train_batches(self, start_step: int = 0) -> Iterator[dict]:
+    """Infinite {'image': float32 (B, S, S, C), 'label': int32 (B,)} from step start_step."""
+    tf = _tf()
+    ds = self._train_examples(int(start_step))
+    ds = ds.map(self._preprocess_train, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    yield from ds.with_options(_options()).as_numpy_iterator()
+
+  def eval_batches(self) -> Iterator[dict]:
+    """One pass over this process's eval shard: `num_eval_batches` batches of
+    {'image', 'label', 'mask'}; the tail is padded with zeros and mask 0."""
+    tf = _tf()
+    ds, count = self._eval_examples()
+    total = self.num_eval_batches * self.batch_size
+    if total == 0:
+      return
+    ds = ds.map(self._preprocess_eval, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    pad = {"image": tf.zeros(self.image_shape, tf.float32), "label": tf.constant(0, tf.int32),
+           "mask": tf.constant(0.0, tf.float32)}
+    if total > count:
+      ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(total - count))
+    ds = ds.batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    yield from ds.with_options(_options()).as_numpy_iterator()
+
+
+# ----------------------------------------------------------------------------- TFDS
+def _limit_split(split: str, max_examples) -> str:
+  if max_examples is None:
+    return split
+  if "[" in split or "+" in split:
+    raise ValueError(f"config.data.max_examples needs a plain train_split name, not {split!r}"
+                     f"; write the slice yourself, e.g. '{split.split('[')[0]}[:N]'")
+  return f"{split}[:{int(max_examples)}]"
+
+
+def _tfds_builder(data_cfg):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  name = _get(data_cfg, "name")
+  data_dir = _get(data_cfg, "data_dir")
+  manual_dir = _get(data_cfg, "manual_dir")
+  builder = tfds.builder(name, data_dir=data_dir)
+  if manual_dir:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  features = builder.info.features
+  for key in ("image", "label"):
+    if key not in features:
+      raise ValueError(f"TFDS dataset {name!r} has no {key!r} feature (features: "
+                       f"{list(features)})")
+  return builder
+
+
+def _tfds_dataset(builder, split, decoders=None):
+  try:
+    return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+  except (AssertionError, FileNotFoundError) as e:
+    raise ValueError(f"TFDS dataset {builder.name!r} split {split!r} is not available in "
+                     f"{builder.data_dir} ({e}); prepare it first (imagenet2012: set "
+                     "config.data.manual_dir to the folder with the ILSVRC2012 tars)") from e
+
+
+def _cardinality(builder, ds, split) -> int:
+  n = int(ds.cardinality())
+  if n >= 0:
+    return n
+  return int(builder.info.splits[split].num_examples)
+
+
+def _tfds_arrays(data_cfg) -> dict:
+  """Loads the train and eval splits of a small TFDS dataset into numpy, once."""
+  tf = _tf()
+  builder = _tfds_builder(data_cfg)
+  out = {}
+  for split in (_get(data_cfg, "train_split", "train"), _get(data_cfg, "eval_split", "test")):
+    ds = _tfds_dataset(builder, split).map(lambda ex: (ex["image"], ex["label"]))
+    images, labels = [], []
+    for x, y in ds.batch(4096).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+      images.append(x)
+      labels.append(y)
+    shapes = {tuple(x.shape[1:]) for x in images}
+    if len(shapes) > 1:
+      raise ValueError(f"data.in_memory=True needs same-size images; {builder.name} has "
+                       f"{sorted(shapes)[:4]}...; set config.data.in_memory=False")
+    out[split] = (np.concatenate(images), np.concatenate(labels).astype(np.int32))
+  return out
+
+
+class TfdsSource(_TFSource):
+  """`tfds.builder(data.name, data_dir=data.data_dir)`; see the module docstring."""
+
+  def __init__(self, data_cfg, augment_cfg, **kwargs):
+    super().__init__(data_cfg, augment_cfg, **kwargs)
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    self._builder = _tfds_builder(data_cfg)
+    self._feature = self._builder.info.features["image"]
+    self._decoders = {"image": tfds.decode.SkipDecoding()}
+    num_classes = _get(data_cfg, "num_classes")
+    self.num_classes = int(num_classes or self._builder.info.features["label"].num_classes)
+    train_split = _limit_split(_get(data_cfg, "train_split", "train"),
+                               _get(data_cfg, "max_examples"))
+    eval_split = _get(data_cfg, "eval_split", "validation")
+    split = functools.partial(tfds.split_for_jax_process, process_index=self.process_index,
+                              process_count=self.process_count)
+    self._train_split, self._eval_split = split(train_split), split(eval_split)
+    count = lambda s: _cardinality(self._builder, self._dataset(s), s)
+    self.num_train_examples = count(train_split)
+    self._num_local = count(self._train_split)
+    if self._num_local == 0:
+      raise ValueError(f"TFDS {self._builder.name} {train_split!r}: process "
+                       f"{self.process_index} of {self.process_count} has no examples")
+    self.num_eval_examples = count(eval_split)
+    self._num_eval_local = count(self._eval_split)
+    self.num_eval_batches = data_arrays.num_eval_batches(
+        self.num_eval_examples, self.batch_size, self.process_count)
+
+  def _dataset(self, split):
+    ds = _tfds_dataset(self._builder, split, self._decoders)
+    return ds.map(lambda ex: {"bytes": ex["image"], "label": ex["label"]})
+
+  def _decode(self, ex):
+    return _fix_channels(self._feature.decode_example(ex["bytes"]), self.channels)
+
+  def _train_examples(self, start_step):
+    tf = _tf()
+    n = self._num_local
+    epoch0, offset = divmod(start_step * self.batch_size, n)
+    base = self._dataset(self._train_split).enumerate()
+    if self.cache:
+      base = base.cache()
+    buffer = min(self.shuffle_buffer, n)
+    key0 = self._key0
+
+    def epoch(e):
+      ds = base
+      if buffer > 1:
+        ds = ds.shuffle(buffer, seed=key0 * 1_000_003 + e, reshuffle_each_iteration=False)
+      return ds.map(lambda i, ex: {**ex, "key": e * n + i})
+
+    ds = tf.data.Dataset.range(epoch0, 1 << 62).flat_map(epoch)
+    return ds.skip(offset)
+
+  def _eval_examples(self):
+    return self._dataset(self._eval_split), self._num_eval_local
+
+
+# ----------------------------------------------------------------------------- image folders
+def _inspect_image(path: str):
+  """-> (None, needs_pil) for a usable file, or (reason, None)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    if os.path.getsize(path) == 0:
+      return "empty file (0 bytes)", None
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      with Image.open(path) as im:
+        im.verify()
+      with Image.open(path) as im:
+        fmt, mode = im.format, im.mode
+        width, height = im.size
+        if width < 1 or height < 1:
+          return f"empty image ({width}x{height})", None
+        if fmt == "JPEG":
+          im.draft(None, (max(1, width // 8), max(1, height // 8)))
+        im.load()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {e}", None
+  if fmt == "PNG" or fmt == "GIF":
+    needs_pil = False
+  elif fmt == "JPEG":
+    needs_pil = mode not in ("L", "RGB")
+  elif fmt == "BMP":
+    needs_pil = mode not in ("RGB", "RGBA")
+  else:
+    needs_pil = True
+  return None, needs_pil
+
+
+def _class_files(folder: str, classes: list[str] | None = None):
+  if not os.path.isdir(folder):
+    raise ValueError(f"image folder {folder!r} does not exist")
+  found = sorted(d for d in os.listdir(folder)
+                 if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+  if classes is None:
+    classes = found
+  else:
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+      raise ValueError(f"image folder {folder!r} has classes {unknown[:5]} that the train "
+                       "folder lacks")
+  per_class = []
+  for c in classes:
+    files = []
+    root = os.path.join(folder, c)
+    for dirpath, dirnames, names in os.walk(root, followlinks=True):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+      files.extend(os.path.join(dirpath, f) for f in sorted(names)
+                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    per_class.append(sorted(files))
+  if not classes or not any(per_class):
+    raise ValueError(f"image folder {folder!r} is empty: expected one sub-folder per class "
+                     f"holding images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+  return classes, per_class
+
+
+def _holdout(classes, per_class):
+  train, held = [], []
+  for c, files in zip(classes, per_class):
+    rng = np.random.default_rng(zlib.crc32(c.encode("utf-8")))
+    order = rng.permutation(len(files))
+    n_eval = int(round(len(files) * HOLDOUT_FRACTION))
+    chosen = set(order[:n_eval].tolist())
+    train.append([f for i, f in enumerate(files) if i not in chosen])
+    held.append([f for i, f in enumerate(files) if i in chosen])
+  return train, held
+
+
+class ImageFolderSource(_TFSource):
+  """Class sub-folders of images under data.path; see the module docstring."""
+
+  def __init__(self, data_cfg, augment_cfg, **kwargs):
+    super().__init__(data_cfg, augment_cfg, **kwargs)
+    root = _get(data_cfg, "path")
+    if not root:
+      raise ValueError("source='image_folder' needs config.data.path")
+    self.root = root
+    train_dir = os.path.join(root, _get(data_cfg, "train_split", "train"))
+    if os.path.isdir(train_dir):
+      classes, train = _class_files(train_dir)
+      eval_name = _get(data_cfg, "eval_split", "validation")
+      eval_dir = next((os.path.join(root, n) for n in (eval_name,) + _EVAL_ALIASES
+                       if os.path.isdir(os.path.join(root, n))), None)
+      if eval_dir is not None:
+        _, held = _class_files(eval_dir, classes)
+      else:
+        train, held = _holdout(classes, train)
+    else:
+      classes, train = _class_files(root)
+      train, held = _holdout(classes, train)
+    self.class_names = tuple(classes)
+    mode = _get(data_cfg, "bad_images", "skip")
+    if mode not in ("skip", "fail"):
+      raise ValueError(f"config.data.bad_images={mode!r}: use 'skip' or 'fail'")
+    self._train = self._validate(train, mode)
+    self._eval = self._validate(held, mode)
+    max_examples = _get(data_cfg, "max_examples")
+    if max_examples is not None:
+      keep = np.sort(data_arrays.epoch_permutation(0, 0, len(self._train[0]))[:max_examples])
+      self._train = tuple(a[keep] for a in self._train)
+    if len(self._train[0]) == 0:
+      raise ValueError(f"image folder {root!r}: no decodable training images")
+    self.num_classes = int(_get(data_cfg, "num_classes") or len(classes))
+    self.num_train_examples = len(self._train[0])
+    self.num_eval_examples = len(self._eval[0])
+    self.num_eval_batches = data_arrays.num_eval_batches(
+        self.num_eval_examples, self.batch_size, self.process_count)
+
+  def _validate(self, per_class, mode):
+    items = [(path, label) for label, files in enumerate(per_class) for path in files]
+    workers = min(32, 4 * (os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      results = list(pool.map(_inspect_image, [p for p, _ in items]))
+    paths, labels, pil = [], [], []
+    for (path, label), (reason, needs_pil) in zip(items, results):
+      if reason is not None:
+        if mode == "fail":
+          raise ValueError(f"bad image {path}: {reason} (config.data.bad_images='skip' "
+                           "skips and counts such files)")
+        logging.warning("Skipping bad image %s: %s", path, reason)
+        self.stats["skipped_bad_images"] += 1
+        continue
+      paths.append(path)
+      labels.append(label)
+      pil.append(needs_pil)
+    self.stats["pil_decoded_images"] = self.stats.get("pil_decoded_images", 0) + sum(pil)
+    return (np.asarray(paths, dtype=object).astype(str) if paths else np.zeros((0,), str),
+            np.asarray(labels, np.int64), np.asarray(pil, bool))
+
+  def _decode(self, ex):
+    tf = _tf()
+    channels = self.channels
+
+    def pil_decode(path):
+      from PIL import Image  # pylint: disable=import-outside-toplevel
+      with Image.open(path.decode("utf-8")) as im:
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), np.uint8)
+      return arr.reshape(arr.shape[0], arr.shape[1], channels)
+
+    def with_pil():
+      out = tf.numpy_function(pil_decode, [ex["path"]], tf.uint8, stateful=False)
+      out.set_shape([None, None, channels])
+      return out
+
+    def with_tf():
+      return _fix_channels(tf.io.decode_image(ex["bytes"], channels=0, dtype=tf.uint8,
+                                              expand_animations=False), channels)
+
+    image = tf.cond(ex["pil"], with_pil, with_tf)
+    image.set_shape([None, None, channels])
+    return image
+
+  def _lookup(self, files):
+    tf = _tf()
+    paths, labels, pil = (tf.constant(a) for a in files)
+
+    def load(i):
+      path = tf.gather(paths, i)
+      return {"path": path, "bytes": tf.io.read_file(path), "label": tf.gather(labels, i),
+              "pil": tf.gather(pil, i)}
+    return load
+
+  def _train_examples(self, start_step):
+    tf = _tf()
+    n, b = self.num_train_examples, self.batch_size
+    seed, p, count = self.seed, self.process_index, self.process_count
+
+    def steps():
+      step = start_step
+      while True:
+        yield data_arrays.stream_indices(step, num_examples=n, batch_size=b, seed=seed,
+                                         process_index=p, process_count=count)
+        step += 1
+
+    spec = tf.TensorSpec([b], tf.int64)
+    ds = tf.data.Dataset.from_generator(steps, output_signature=(spec, spec)).unbatch()
+    load = self._lookup(self._train)
+    return ds.map(lambda i, pos: {**load(i), "key": pos},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def _eval_examples(self):
+    tf = _tf()
+    start, end = data_arrays.eval_shard(self.num_eval_examples, self.process_index,
+                                        self.process_count)
+    ds = tf.data.Dataset.range(start, end)
+    return ds.map(self._lookup(self._eval), num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True), end - start
+
