@@ -115,7 +115,11 @@ def load_images_pipeline(config, num_images: int, seed: int) -> np.ndarray:
     data = input_pipeline.create(config.data, config.augment, task="pretrain",
                                  batch_size=num_images, seed=seed)
     for batch in data.eval_batches():
-      images = np.asarray(batch["image"], np.float32)
+      images = batch["image"]
+      if data.device_augment is not None:  # in-memory sources hold raw pixels
+        import jax
+        images = data.device_augment(jax.random.key(seed), images, False)
+      images = np.asarray(images, np.float32)
       valid = np.asarray(batch.get("mask", np.ones(len(images))), bool).reshape(-1)
       kept.extend(images[valid])
       if len(kept) >= num_images:

@@ -77,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 5_000
   c.checkpoint_every_steps = 1_000
   c.keep_checkpoints = 3
+  c.checkpoint_async = True          # write checkpoints in a background thread
   c.keep_best = True                 # also keep the best checkpoint by c.best_metric
   c.best_metric = ""                 # '' = the task's default (loss / top-1)
   c.profile_steps = 0                # > 0: trace this many steps (clu Profile)

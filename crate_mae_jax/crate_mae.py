@@ -110,6 +110,7 @@ class CrateMAE(nn.Module):
   depth: int
   heads: int
   decoder_depth: int
+  decoder_heads: int | None = None   # None: as many as the encoder
   ista_step: float = 0.1
   ista_lambda: float = 0.5
   ista_fused: bool = True
@@ -125,7 +126,7 @@ class CrateMAE(nn.Module):
     self.encoder = CrateEncoder(self.patch_size, self.width, self.depth, self.heads,
                                 self.ista_step, self.ista_lambda, self.ista_fused, **kw)
     self.decoder = CrateDecoder(self.patch_size, self.channels, self.width,
-                                self.decoder_depth, self.heads, **kw)
+                                self.decoder_depth, self.decoder_heads or self.heads, **kw)
 
   def __call__(self, images: jax.Array, *, mask_ratio: float,
                noise: jax.Array | None = None, train: bool = False) -> dict:

@@ -44,7 +44,7 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
       heads=placeholder(int),
       decoder_depth=placeholder(int),    # CRATE: = depth; ViT-MAE: 8
       decoder_width=placeholder(int),    # ViT-MAE only: = width
-      decoder_heads=placeholder(int),    # ViT-MAE only: 16
+      decoder_heads=placeholder(int),    # CRATE: = heads; ViT-MAE: 16
       mlp_ratio=4.0,                     # ViT-MAE only
       ista_step=0.1,                     # η
       ista_lambda=0.5,                   # λ
@@ -85,6 +85,10 @@ def resolve(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   if out["width"] % out["heads"]:
     raise ValueError(f"config.model.heads={out['heads']} does not divide "
                      f"config.model.width={out['width']}; pick heads that divide the width")
+  if cfg.arch == "crate_mae" and out["decoder_width"] != out["width"]:
+    raise ValueError(f"config.model.decoder_width={out['decoder_width']} must equal "
+                     f"config.model.width={out['width']} for CRATE-MAE (its decoder inverts "
+                     "the encoder); leave it unset")
   if out["decoder_width"] % out["decoder_heads"]:
     raise ValueError(f"config.model.decoder_heads={out['decoder_heads']} does not divide "
                      f"config.model.decoder_width={out['decoder_width']}")
@@ -115,8 +119,8 @@ def build_mae(cfg: ml_collections.ConfigDict):
                 param_dtype=DTYPES[r["param_dtype"]], attention_impl=r["attention_impl"],
                 remat_policy=r["remat_policy"])
   if r["arch"] == "crate_mae":
-    return CrateMAE(ista_step=r["ista_step"], ista_lambda=r["ista_lambda"],
-                    ista_fused=r["ista_fused"], **common)
+    return CrateMAE(decoder_heads=r["decoder_heads"], ista_step=r["ista_step"],
+                    ista_lambda=r["ista_lambda"], ista_fused=r["ista_fused"], **common)
   return ViTMAE(decoder_width=r["decoder_width"], decoder_heads=r["decoder_heads"],
                 mlp_ratio=r["mlp_ratio"], **common)
 

@@ -153,14 +153,22 @@ def make_classify_step(model: nn.Module, tx, num_classes: int, accum_steps: int 
   return step
 
 
-def make_pretrain_eval_step(model: nn.Module, mask_ratio: float, seed: int = 0):
+def _eval_images(batch: dict, device_augment: Callable | None) -> jax.Array:
+  if device_augment is None:
+    return batch["image"]
+  return device_augment(jax.random.key(0), batch["image"], False)
+
+
+def make_pretrain_eval_step(model: nn.Module, mask_ratio: float, seed: int = 0,
+                            device_augment: Callable | None = None):
   """Masked loss on an eval batch with a fixed masking key: repeatable numbers."""
 
   def step(params, batch: dict, index: jax.Array):
     key = jax.random.fold_in(jax.random.key(seed), index)
-    out = model.apply({"params": params}, batch["image"], mask_ratio=mask_ratio,
+    images = _eval_images(batch, device_augment)
+    out = model.apply({"params": params}, images, mask_ratio=mask_ratio,
                       rngs={"masking": key})
-    per_image = _per_image_loss(out, batch["image"], model)
+    per_image = _per_image_loss(out, images, model)
     mask = batch.get("mask", jnp.ones(per_image.shape))
     return {"loss_sum": (per_image * mask).sum(), "count": mask.sum()}
   return step
@@ -172,10 +180,10 @@ def _per_image_loss(out, images, model):
   return masked_mean(per_patch, out["mask"], axis=-1)
 
 
-def make_classify_eval_step(model: nn.Module):
+def make_classify_eval_step(model: nn.Module, device_augment: Callable | None = None):
   def step(variables, batch: dict, index):
     del index
-    logits = model.apply(variables, batch["image"], train=False)
+    logits = model.apply(variables, _eval_images(batch, device_augment), train=False)
     mask = batch.get("mask", jnp.ones(logits.shape[:1]))
     labels = batch["label"]
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]

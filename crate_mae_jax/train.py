@@ -91,10 +91,13 @@ def check_against_checkpoint(config, meta: dict, path: str) -> None:
 def _checkpoint_manager(directory: str, config, best: bool = False):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=1 if best else config.keep_checkpoints,
-      create=True, enable_async_checkpointing=not best,
+      create=True, enable_async_checkpointing=config.checkpoint_async and not best,
       save_interval_steps=1)
-  items = (checkpoints.PARAMS, checkpoints.TRAIN_STATE, checkpoints.META)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=items)
+  handlers = {checkpoints.PARAMS: ocp.StandardCheckpointHandler(),
+              checkpoints.TRAIN_STATE: ocp.StandardCheckpointHandler(),
+              checkpoints.META: ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_handlers=handlers)
 
 
 def _split_state(state: steps.TrainState) -> tuple[Any, dict]:
@@ -169,12 +172,9 @@ def _eval_iterator(source, config):
     yield i, batch
 
 
-def evaluate(config, source, mesh, eval_step, variables, device_augment=None) -> dict:
+def evaluate(config, source, mesh, eval_step, variables) -> dict:
   totals: dict[str, float] = {}
   for i, batch in _eval_iterator(source, config):
-    batch = dict(batch)
-    if device_augment is not None:
-      batch["image"] = np.asarray(device_augment(jax.random.key(0), batch["image"], False))
     out = jax.device_get(eval_step(variables, sharding.global_batch(batch, mesh), i))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
@@ -272,14 +272,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.task == "pretrain":
     step_fn = steps.make_pretrain_step(model, tx, resolved["mask_ratio"], config.accum_steps,
                                        source.device_augment, lr_schedule)
-    eval_fn = steps.make_pretrain_eval_step(model, resolved["mask_ratio"], config.seed)
+    eval_fn = steps.make_pretrain_eval_step(model, resolved["mask_ratio"], config.seed,
+                                            source.device_augment)
     variables_of = lambda s: s.params
     best_mode = "min"
   else:
     step_fn = steps.make_classify_step(model, tx, num_classes, config.accum_steps,
                                        config.augment.label_smoothing, mix,
                                        source.device_augment, lr_schedule)
-    eval_fn = steps.make_classify_eval_step(model)
+    eval_fn = steps.make_classify_eval_step(model, source.device_augment)
     variables_of = lambda s: ({"params": s.params, "batch_stats": s.batch_stats}
                               if s.batch_stats else {"params": s.params})
     best_mode = "max"

@@ -23,3 +23,35 @@ def official_tiny():
 @pytest.fixture(scope="session")
 def official_tiny_pth():
   return FIXTURES / "crate_mae_official_tiny.pth"
+
+
+def tiny_train_config(task: str = "pretrain", source: str = "tfds", **overrides):
+  """A seconds-sized config: 32 px (28 for Fashion-MNIST), patch 4, width 32."""
+  from crate_mae_jax import recipes
+  c = recipes.quickstart(task)
+  c.model.update(width=32, depth=2, heads=2, decoder_depth=2)
+  if source == "tfds":
+    c.data.update(source="tfds", name="cifar10", image_size=32, in_memory=False,
+                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), train_split="train",
+                  eval_split="test", shuffle_buffer=64)
+    c.model.channels = 3
+    # tfds.testing.mock_data swaps the file system while a dataset is built; a
+    # background checkpoint write at that moment would see a fake one.
+    c.checkpoint_async = False
+  else:
+    c.data.source = source
+  c.batch_size = 8
+  c.num_train_steps = 4
+  c.log_every_steps = 2
+  c.eval_every_steps = 4
+  c.checkpoint_every_steps = 2
+  c.eval.max_batches = 1
+  c.eval.num_images = 2
+  c.optim.warmup_epochs = 0.0
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
