@@ -76,11 +76,18 @@ def restore_params(path: str, step: int | None = None, target: Any = None) -> tu
   # for every item and the compatibility check could not see the saved tree.
   handlers = {PARAMS: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
   with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+    saved = manager.item_metadata(step)[PARAMS]
+    if saved is None:
+      raise CheckpointError(f"checkpoint {directory!r} step {step} has no params")
+    saved = getattr(saved, "tree", saved)
     if target is not None:
-      saved = manager.item_metadata(step)[PARAMS]
-      if saved is None:
-        raise CheckpointError(f"checkpoint {directory!r} step {step} has no params")
-      check_compatible(getattr(saved, "tree", saved), target, where=directory)
+      check_compatible(saved, target, where=directory)
+    else:
+      # Restore onto this host's first device, whatever mesh wrote the
+      # checkpoint (e.g. pre-trained on a pod slice, probed on one host).
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
     restored = manager.restore(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardRestore(target)}))
   return restored[PARAMS], meta

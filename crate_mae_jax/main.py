@@ -51,7 +51,8 @@ def main(argv):
     if os.environ.get("JAX_PROCESS_ID"):
       kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
     jax.distributed.initialize(**kwargs)
-  from crate_mae_jax import checkpoints, config_lib, train
+  from crate_mae_jax import checkpoints, config_lib, summaries, train
+  summaries.quiet_library_logs()
   config = FLAGS.config
   try:
     config_lib.validate(config)

@@ -55,7 +55,8 @@ def reconstruction_figure(pre_cfg, workdir: str) -> str:
 
 def main(argv):
   del argv
-  from crate_mae_jax import train
+  from crate_mae_jax import summaries, train
+  summaries.quiet_library_logs()
   start = time.time()
   pre_dir = os.path.join(FLAGS.workdir, "pretrain")
   probe_dir = os.path.join(FLAGS.workdir, "linear_probe")

@@ -91,3 +91,19 @@ def progress_hooks(num_train_steps: int, writer, logdir: str, is_chief: bool,
     hooks.append(periodic_actions.Profile(logdir=logdir, num_profile_steps=profile_steps,
                                           first_profile=10))
   return hooks
+
+
+class _DropLibraryInfo:
+  """Keeps warnings and errors of the named libraries, drops their info lines."""
+
+  def __init__(self, libraries: tuple[str, ...]):
+    self.markers = tuple(f"/{name}/" for name in libraries)
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(m in record.pathname for m in self.markers)
+
+
+def quiet_library_logs(libraries: tuple[str, ...] = ("orbax", "tensorflow_datasets")) -> None:
+  """Orbax logs several info lines per checkpoint; keep the training log readable."""
+  import logging as std_logging
+  std_logging.getLogger("absl").addFilter(_DropLibraryInfo(libraries))

@@ -274,11 +274,6 @@ def test_one_process_resumes_and_matches_an_uninterrupted_single_process_run(run
   assert max(float(np.max(np.abs(resumed[k] - two[k]))) for k in two) > 100 * TOL
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "checkpoints.restore_params(path) without a target restores the shardings "
-    "saved with the checkpoint, so a checkpoint written on 4 devices / 2 processes "
-    "does not restore on 1 device (orbax: 'Topology mismatch detected'); this also "
-    "hits config.init_from (train._encoder_from) after multi-device pre-training"))
 def test_restore_params_without_target_on_another_topology(runs):
   assert runs["one"]["untargeted_restore_error"] is None, runs["one"]["untargeted_restore_error"]
   for k, v in runs["two_final"].items():
