@@ -97,3 +97,17 @@ def test_probe_refuses_checkpoint_of_another_size(pretrained, tmp_path):
   cfg.model.width = 64
   with pytest.raises(train.ConfigError, match="config.model.width=64"):
     train.train_and_evaluate(cfg, str(tmp_path))
+
+
+def test_probe_and_finetune_on_shipped_subset(tmp_path):
+  """The TF-free path: in-memory arrays, augmentation (RandAugment, mixup) on device."""
+  pre = tmp_path / "pre"
+  train.train_and_evaluate(tiny_train_config("pretrain", source="quickstart"), str(pre))
+  probe = train.train_and_evaluate(
+      tiny_train_config("linear_probe", source="quickstart", init_from=str(pre)),
+      str(tmp_path / "probe"))
+  assert 0.0 <= probe["top1"] <= 1.0 and probe["examples"] == 8  # eval.max_batches=1
+  cfg = tiny_train_config("finetune", source="quickstart", init_from=str(pre))
+  cfg.augment.update(randaugment_layers=2, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+  tuned = train.train_and_evaluate(cfg, str(tmp_path / "finetune"))
+  assert np.isfinite(tuned["loss"]) and 0.0 <= tuned["top1"] <= tuned["top5"] <= 1.0
