@@ -114,7 +114,7 @@ def quickstart(task: str = "pretrain") -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 100
     c.eval_every_steps = 10_000  # once, at the end
   else:
-    c.batch_size, c.num_epochs = 256, 25.0
+    c.batch_size, c.num_epochs = 256, 12.0
     c.data.crop_scale = (0.8, 1.0)
     c.probe.pool = "mean"
     c.optim.update(name="adamw", base_lr=2e-3, b2=0.999, weight_decay=0.0,
