@@ -119,6 +119,36 @@ def _fail(field: str, message: str):
   raise ConfigError(f"config.{field}: {message}")
 
 
+def _numbers(value) -> bool:
+  return (isinstance(value, (tuple, list)) and len(value) > 0
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+
+def check_against_data(c: ml_collections.ConfigDict, source) -> None:
+  """Checks that need the dataset (after it is read, before any compile)."""
+  if c.task == "pretrain" or c.data.num_classes is None:
+    return
+  found = dataset_num_classes(source)
+  if found is not None and c.data.num_classes < found:
+    _fail("data.num_classes", f"{c.data.num_classes} but the dataset has {found} classes "
+          f"(labels 0..{found - 1}); set --config.data.num_classes={found} or leave it unset")
+
+
+def dataset_num_classes(source) -> int | None:
+  """Classes the dataset itself holds, whatever config.data.num_classes says."""
+  names = getattr(source, "class_names", None)
+  if names:
+    return len(names)
+  builder = getattr(source, "_builder", None)
+  if builder is not None:
+    return int(builder.info.features["label"].num_classes)
+  labels = [getattr(source, name, None) for name in ("_y", "_ey")]
+  labels = [y for y in labels if y is not None and len(y)]
+  if labels:
+    return int(max(int(y.max()) for y in labels)) + 1
+  return None
+
+
 def validate(c: ml_collections.ConfigDict) -> dict:
   """Checks a config before any compile; returns the resolved model dict."""
   if c.task not in TASKS:
@@ -135,12 +165,26 @@ def validate(c: ml_collections.ConfigDict) -> dict:
   if d.image_size % resolved["patch_size"]:
     _fail("data.image_size", f"{d.image_size} is not divisible by model.patch_size="
           f"{resolved['patch_size']}; pick a multiple of the patch size")
+  for key in ("mean", "std", "crop_scale"):
+    if not _numbers(d[key]):
+      _fail(f"data.{key}", f"{d[key]!r} must be a tuple of numbers, e.g. "
+            f"--config.data.{key}='{tuple(default_config().data[key])}'")
   if len(d.mean) != resolved["channels"] or len(d.std) != resolved["channels"]:
     _fail("data.mean", f"mean/std have {len(d.mean)}/{len(d.std)} entries but "
           f"model.channels={resolved['channels']}; give one per channel")
+  if min(d.std) <= 0:
+    _fail("data.std", f"{tuple(d.std)}: every std must be > 0 (inputs are divided by it)")
+  if len(d.crop_scale) != 2:
+    _fail("data.crop_scale", f"{tuple(d.crop_scale)} must be a pair (min, max)")
   lo, hi = d.crop_scale
   if not 0 < lo <= hi <= 1:
     _fail("data.crop_scale", f"{tuple(d.crop_scale)} must satisfy 0 < min <= max <= 1")
+  if d.num_classes is not None and (not isinstance(d.num_classes, int) or d.num_classes < 1):
+    _fail("data.num_classes", f"{d.num_classes!r} must be a positive integer (or unset: "
+          "taken from the dataset)")
+  if d.max_examples is not None and (not isinstance(d.max_examples, int)
+                                     or d.max_examples < 1):
+    _fail("data.max_examples", f"{d.max_examples!r} must be a positive integer (or unset)")
   if d.bad_images not in ("skip", "fail"):
     _fail("data.bad_images", f"{d.bad_images!r} is unknown; use 'skip' or 'fail'")
   if d.source in ("image_folder",) and not d.path:
@@ -148,7 +192,20 @@ def validate(c: ml_collections.ConfigDict) -> dict:
           "sub-folder per class)")
   if d.path and d.source in ("image_folder", "fashion_mnist") and not d.path.startswith(
       "gs://") and not os.path.isdir(d.path):
-    _fail("data.path", f"{d.path!r} does not exist")
+    _fail("data.path", f"{d.path!r} does not exist"
+          + ("" if not os.path.exists(d.path) else " as a folder")
+          + "; point it at the dataset folder")
+  if d.source == "image_folder" and d.in_memory:
+    _fail("data.in_memory", "True is not supported for source='image_folder' (images of "
+          "any size); set --config.data.in_memory=False")
+  if d.source == "arrays" and not d.path:
+    _fail("data.path", "source='arrays' needs data.path naming an .npz with "
+          "<split>_images / <split>_labels arrays")
+  if d.path and d.source in ("arrays", "quickstart") and not os.path.isfile(d.path) and (
+      d.source == "arrays" or d.path.endswith(".npz")):
+    _fail("data.path", f"{d.path!r} does not exist; point it at an .npz file")
+  if not isinstance(c.seed, int):
+    _fail("seed", f"{c.seed!r} must be an integer")
   if not isinstance(c.batch_size, int) or c.batch_size <= 0:
     _fail("batch_size", f"{c.batch_size!r} must be a positive integer")
   if not isinstance(c.accum_steps, int) or c.accum_steps <= 0:
@@ -191,8 +248,12 @@ def validate(c: ml_collections.ConfigDict) -> dict:
     _fail("augment.label_smoothing", f"{a.label_smoothing} must lie in [0, 1)")
   if a.mixup < 0 or a.cutmix < 0:
     _fail("augment.mixup", "mixup/cutmix alphas must be >= 0")
-  if c.task == "pretrain" and (a.mixup or a.cutmix):
-    _fail("augment.mixup", "mixup/cutmix need labels; use them with task='finetune'")
+  if c.task != "finetune" and (a.mixup or a.cutmix):
+    _fail("augment.mixup", f"mixup/cutmix apply to task='finetune' only, not "
+          f"{c.task!r}; set --config.augment.mixup=0 --config.augment.cutmix=0")
+  if c.eval.max_batches is not None and (not isinstance(c.eval.max_batches, int)
+                                         or c.eval.max_batches < 1):
+    _fail("eval.max_batches", f"{c.eval.max_batches!r} must be a positive integer (or unset)")
   names = [name for name, _ in c.mesh.shape]
   if len(set(names)) != len(names):
     _fail("mesh.shape", f"axis names {names} repeat")

@@ -3,11 +3,19 @@
     python -m crate_mae_jax.main --config=configs/base.py --workdir=DIR \
         [--config.optim.base_lr=1e-4 ...]
 
-Mistakes in the config or arguments are reported as one line naming the field
-and the fix, with exit code 2, before anything is compiled.
+Mistakes in the config or arguments (flag parsing included: unknown fields,
+wrong types, a missing config file) and data that cannot be used are reported
+as one line `error: ...` naming the field and the fix, with exit code 2, before
+anything is compiled. Training that has to stop (non-finite values with
+config.nonfinite='stop', a workdir that became read-only or full) ends with one
+line `error: ...` and exit code 1; the last complete checkpoint is kept. SIGTERM
+saves a checkpoint at the current step and exits with 0.
 """
+import errno
 import os
+import re
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -31,14 +39,152 @@ def _multi_process_env() -> bool:
   return "," in hosts
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+  message = " ".join(str(message).split())  # one line, whatever the exception held
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
+
+
+# ------------------------------------------------------------------ flag parsing
+_FIELD_HELP = "the fields are in crate_mae_jax/config_lib.py (default_config)"
+
+
+def _config_override(argv, missing: str) -> str | None:
+  """The --config.a.b=v argument whose path names the missing field."""
+  for arg in argv:
+    if arg.startswith("--config."):
+      path = arg[len("--config."):].split("=", 1)[0].split(".")
+      if missing in path:
+        return arg
+  return None
+
+
+def _flag_error_message(e: Exception, argv) -> str:
+  """One line naming the flag and the fix for an error raised while parsing."""
+  text = str(e)
+  if isinstance(e, (KeyError, AttributeError)):
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
+      e = e.args[0]
+    text = str(e.args[0]) if e.args else str(e)
+    # ml_collections: "'modle'\nDid you mean "model" instead of "modle"?"
+    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    match = re.search(r"""['"]([^'"\\\n]+)['"]""", text)
+    field = (suggestion.group(2) if suggestion else match.group(1) if match
+             else " ".join(text.split()))
+    arg = _config_override(argv, field) or "--config"
+    hint = (f"did you mean {suggestion.group(1)!r}?" if suggestion else _FIELD_HELP)
+    return f"{arg}: the config has no field {field!r}; {hint}"
+  if isinstance(e, flags.UnrecognizedFlagError):
+    return (f"{' '.join(text.split())}; settings go through --config.FIELD=VALUE, the "
+            "other flags are --config, --workdir and --distributed")
+  if isinstance(e, flags.IllegalFlagValueError):
+    one = " ".join(text.split())
+    if one.startswith("flag --config=") or "parsing config file" in one:
+      return _config_file_message(e, argv)
+    kind = re.search(r"for (int|float)\(\)|convert string to (float|int)", one)
+    if kind:
+      return f"{one}; give a value of type {kind.group(1) or kind.group(2)}"
+    return one
+  if isinstance(e, (OSError, SyntaxError)) or "parsing config file" in text:
+    return _config_file_message(e, argv)
+  return f"{type(e).__name__}: {' '.join(text.split())}"
+
+
+def _config_file_message(e, argv) -> str:
+  value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  text = str(e or "")
+  if "No such file" in text:
+    what = "no such config file"
+  else:
+    last = [line.strip() for line in text.splitlines() if line.strip()]
+    what = (f"the config file cannot be loaded ({type(e).__name__}: "
+            f"{last[-1] if last else ''})")
+  return (f"--config={value}: {what}; pass one of configs/*.py (optionally with :ARG, "
+          "e.g. configs/quickstart.py:linear_probe)")
+
+
+def _parse_flags(argv):
+  """absl's parser, but every mistake is one line and exit code 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(_flag_error_message(e, argv))
+  except (KeyError, AttributeError, ValueError, TypeError, OSError, SyntaxError) as e:
+    # ml_collections raises these for unknown fields, bad overrides and bad files.
+    _fail(_flag_error_message(e, argv))
+
+
+# ------------------------------------------------------------------ the workdir
+_DISK_ERRNOS = {
+    errno.EROFS: "is on a read-only file system",
+    errno.ENOSPC: "has no space left on its device",
+    errno.EDQUOT: "is over its disk quota (no space left for this user)",
+    errno.EACCES: "is not writable (permission denied)",
+    errno.EPERM: "is not writable (operation not permitted)",
+    errno.ENOTDIR: "cannot be created: part of its path is a file, not a folder",
+    errno.ENOENT: "cannot be created (a parent folder is missing or vanished)",
+}
+# Orbax/TensorStore report OS failures in background threads as ValueError text.
+_DISK_TEXT = {
+    errno.EROFS: ("Read-only file system", "os_error_code='30'"),
+    errno.ENOSPC: ("No space left on device", "os_error_code='28'"),
+    errno.EDQUOT: ("Disk quota exceeded", "os_error_code='122'"),
+}
+
+
+def disk_problem(e: BaseException) -> int | None:
+  """The errno of a full or read-only disk behind `e` (its chain included)."""
+  seen = set()
+  stack = [e]
+  while stack:
+    x = stack.pop()
+    if x is None or id(x) in seen:
+      continue
+    seen.add(id(x))
+    if isinstance(x, OSError) and x.errno in _DISK_TEXT:
+      return x.errno
+    text = str(x)
+    for code, needles in _DISK_TEXT.items():
+      if any(n in text for n in needles):
+        return code
+    stack.extend([x.__cause__, x.__context__])
+    stack.extend(getattr(x, "exceptions", ()) or ())
+  return None
+
+
+def _check_workdir(workdir: str) -> None:
+  """Creates the workdir and proves it writable (root ignores permission bits,
+  so try a write rather than asking os.access)."""
+  if workdir.startswith("gs://"):
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=workdir)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    reason = _DISK_ERRNOS.get(e.errno, f"is not usable ({e.strerror})")
+    _fail(f"--workdir {workdir!r} {reason}; pick a folder on a writable disk "
+          "with free space")
+
+
+def _last_complete_step(workdir: str) -> int | None:
+  """Newest finalised step folder, read without writing anything."""
+  try:
+    steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  except OSError:
+    return None
+  return max(steps, default=None)
 
 
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; settings go through --config.FIELD=VALUE")
+  config = FLAGS.config
+  if type(config).__name__ == "_ErrorConfig":  # ml_collections defers file errors
+    _fail(_config_file_message(vars(config).get("_error"), sys.argv))
+  if config is None:
+    _fail("--config is required: a configs/*.py file, e.g. --config=configs/quickstart.py")
   if FLAGS.workdir is None:
     _fail("--workdir is required (a local folder or gs:// path for checkpoints and logs)")
   if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and _multi_process_env()):
@@ -53,27 +199,43 @@ def main(argv):
     jax.distributed.initialize(**kwargs)
   from crate_mae_jax import checkpoints, config_lib, summaries, train
   summaries.quiet_library_logs()
-  config = FLAGS.config
+  workdir = FLAGS.workdir
   try:
     config_lib.validate(config)
-    if not FLAGS.workdir.startswith("gs://"):
-      os.makedirs(FLAGS.workdir, exist_ok=True)
-      if not os.access(FLAGS.workdir, os.W_OK):
-        _fail(f"--workdir {FLAGS.workdir!r} is not writable; pick a writable folder")
-    results = train.train_and_evaluate(config, FLAGS.workdir)
+    _check_workdir(workdir)
+    results = train.train_and_evaluate(config, workdir)
   except (config_lib.ConfigError, checkpoints.CheckpointError) as e:
     _fail(str(e))
   except train.TrainingStopped as e:
     logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e), code=1)
+  except Exception as e:  # pylint: disable=broad-except
+    code = disk_problem(e)
+    if code is None:
+      raise
+    last = _last_complete_step(workdir)
+    kept = (f"the last complete checkpoint, step {last} in "
+            f"{os.path.join(workdir, 'checkpoints')!r}, is intact" if last is not None
+            else "no checkpoint had been completed")
+    logging.error("%s", e)
+    message = (f"cannot write to --workdir {workdir!r}: it {_DISK_ERRNOS[code]} "
+               f"({os.strerror(code)}); training stopped, {kept}; free space or make the "
+               "disk writable, then rerun the same command to resume")
+    # The failed save's writer threads cannot finish on this disk. Leave them,
+    # with stderr closed to them, so that their teardown tracebacks do not
+    # follow (or interleave with) the one line that says what happened.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    err = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os.write(err, f"error: {' '.join(message.split())}\n".encode())
+    os._exit(1)  # pylint: disable=protected-access
   logging.info("final: %s", results)
 
 
 def run():
   """Console-script entry point."""
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

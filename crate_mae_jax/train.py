@@ -92,7 +92,8 @@ def _checkpoint_manager(directory: str, config, best: bool = False):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=1 if best else config.keep_checkpoints,
       create=True, enable_async_checkpointing=config.checkpoint_async and not best,
-      save_interval_steps=1)
+      save_interval_steps=1,
+      cleanup_tmp_directories=True)  # partial saves of a killed run: never restored, removed
   handlers = {checkpoints.PARAMS: ocp.StandardCheckpointHandler(),
               checkpoints.TRAIN_STATE: ocp.StandardCheckpointHandler(),
               checkpoints.META: ocp.JsonCheckpointHandler()}
@@ -228,10 +229,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if latest is None and config.task != "pretrain" and config.init_from:
     encoder_params, _ = _encoder_from(config.init_from, config)
 
-  source = input_pipeline.create(config.data, config.augment, task=config.task,
-                                 batch_size=local_batch, seed=config.seed,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+  try:
+    source = input_pipeline.create(config.data, config.augment, task=config.task,
+                                   batch_size=local_batch, seed=config.seed,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  except ValueError as e:  # missing/empty dataset, a bad image with bad_images='fail'
+    raise ConfigError(str(e) if str(e).startswith("config.") else f"config.data: {e}") from e
+  config_lib.check_against_data(config, source)
+  if source.stats.get("skipped_bad_images"):
+    logging.warning("Skipped %d bad images (logged above with their paths)",
+                    source.stats["skipped_bad_images"])
   num_classes = config.data.num_classes or source.num_classes
   total_steps, steps_per_epoch = _num_steps(config, source.num_train_examples)
   model, init_inputs, init_kwargs = build_model(config, num_classes)
@@ -308,6 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def maybe_stop(state):
     if config.nonfinite == "stop" and int(jax.device_get(state.nonfinite_count)):
       bad = int(jax.device_get(state.first_nonfinite_step))
+      manager.wait_until_finished()  # the last good checkpoint may still be in flight
       raise TrainingStopped(
           f"non-finite loss or gradient at step {bad}; training stopped, the last good "
           f"checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to skip such "
@@ -361,7 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.flush()
   results = {k: float(v) for k, v in results.items()}
   results.update(step=step, preempted=preemption.requested,
-                 nonfinite_count=int(jax.device_get(state.nonfinite_count)))
+                 nonfinite_count=int(jax.device_get(state.nonfinite_count)),
+                 skipped_bad_images=int(source.stats.get("skipped_bad_images", 0)))
   if is_chief:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)

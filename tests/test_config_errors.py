@@ -1,0 +1,170 @@
+"""Config and argument mistakes through the real command line (issue 7, item 5).
+
+Each row of MISTAKES runs `python -m crate_mae_jax.main` with one mistake on top
+of a tiny quick-start config. Every one must end, before anything is compiled,
+with exit code 2 and exactly one line on stderr, `error: ...`, naming the field
+(or flag) and the fix; no traceback. JAX_LOG_COMPILES=1 makes any compilation
+visible on stderr, so "one line" also proves "nothing compiled". The processes
+run a few at a time: each costs little more than importing JAX.
+"""
+import concurrent.futures
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROBE = "configs/quickstart.py:linear_probe"
+
+TINY = ["--config.model.width=32", "--config.model.depth=2", "--config.model.heads=2",
+        "--config.model.decoder_depth=2", "--config.batch_size=8",
+        "--config.num_train_steps=2"]
+
+# (id, argv after the entry point, substrings the one error line must hold).
+# {workdir} / {ckpt32} / {ckpt64} / {file} are filled in per run.
+MISTAKES = [
+    ("unknown_field", ["--config.modle.width=3"],
+     ["--config.modle.width", "no field 'modle'", "did you mean 'model'"]),
+    ("unknown_nested_field", ["--config.model.widht=32"],
+     ["--config.model.widht", "no field 'widht'", "did you mean 'width'"]),
+    ("wrong_type_int", ["--config.model.width=abc"],
+     ["--config.model.width=abc", "type int"]),
+    ("wrong_type_float", ["--config.optim.base_lr=fast"],
+     ["--config.optim.base_lr=fast", "type float"]),
+    ("unknown_variant", ["--config.model.variant=huge"],
+     ["config.model.variant='huge'", "use one of", "tiny"]),
+    ("unknown_task", ["--config.task=pretrian"],
+     ["config.task", "'pretrian' is unknown", "pretrain"]),
+    ("mixup_with_pretrain", ["--config.augment.mixup=0.8"],
+     ["config.augment.mixup", "task='finetune' only", "--config.augment.mixup=0"]),
+    ("decoder_width_crate", ["--config.model.decoder_width=64"],
+     ["config.model.decoder_width=64", "must equal", "leave it unset"]),
+    ("heads_not_dividing_width", ["--config.model.heads=5"],
+     ["config.model.heads=5", "does not divide", "width=32"]),
+    ("image_size_vs_patch", ["--config.data.image_size=30"],
+     ["config.data.image_size", "not divisible by model.patch_size=4",
+      "multiple of the patch size"]),
+    ("mask_ratio_one", ["--config.model.mask_ratio=1.0"],
+     ["config.model.mask_ratio=1.0", "[0, 1)"]),
+    ("negative_lr", ["--config.optim.base_lr=-0.1"],
+     ["config.optim.base_lr", "must be positive"]),
+    ("zero_batch", ["--config.batch_size=0"],
+     ["config.batch_size", "positive integer"]),
+    ("accum_not_dividing_batch", ["--config.accum_steps=3"],
+     ["config.accum_steps", "does not divide batch_size=8"]),
+    ("zero_std", ["--config.data.std=(0.0,)"],
+     ["config.data.std", "must be > 0"]),
+    ("crop_scale_range", ["--config.data.crop_scale=(0.5,2.0)"],
+     ["config.data.crop_scale", "0 < min <= max <= 1"]),
+    ("unknown_nonfinite_mode", ["--config.nonfinite=ignore"],
+     ["config.nonfinite", "'stop' or 'skip'"]),
+    ("data_path_missing", ["--config.data.source=image_folder",
+                           "--config.data.path=/nope/images"],
+     ["config.data.path", "'/nope/images' does not exist"]),
+    ("image_folder_in_memory", ["--config.data.source=image_folder",
+                                "--config.data.path={tmpdir}"],
+     ["config.data.in_memory", "--config.data.in_memory=False"]),
+    ("init_from_missing", ["--config=" + PROBE, "--config.init_from=/nope"],
+     ["config.init_from", "'/nope' does not exist"]),
+    ("probe_without_init_from", ["--config=" + PROBE],
+     ["config.init_from", "linear_probe needs init_from"]),
+    ("init_from_other_size", ["--config=" + PROBE, "--config.init_from={ckpt64}"],
+     ["config.model.width=32", "has 64", "--config.model.width=64"]),
+    ("num_classes_below_dataset", ["--config=" + PROBE, "--config.init_from={ckpt32}",
+                                   "--config.data.num_classes=5"],
+     ["config.data.num_classes", "dataset has 10 classes", "--config.data.num_classes=10"]),
+    ("batch_vs_devices", ["--config.batch_size=3", "DEVICES=2"],
+     ["config.batch_size=3", "not divisible by the 2 data-parallel devices",
+      "multiple of 2"]),
+    ("missing_workdir", ["NO_WORKDIR"],
+     ["--workdir is required"]),
+    ("missing_config", ["NO_CONFIG"],
+     ["--config is required", "configs/quickstart.py"]),
+    ("config_file_missing", ["--config=configs/nope.py"],
+     ["--config=configs/nope.py", "no such config file"]),
+    ("unknown_flag", ["--lerning_rate=3"],
+     ["lerning_rate", "--config.FIELD=VALUE"]),
+    ("stray_argument", ["pretrain"],
+     ["unexpected arguments", "--config.FIELD=VALUE"]),
+    ("workdir_under_a_file", ["--workdir={file}/run"],
+     ["--workdir", "part of its path is a file"]),
+]
+
+
+def _fake_checkpoint(path: pathlib.Path, width: int) -> str:
+  """A params checkpoint whose meta says it holds a CRATE-MAE of `width`."""
+  from crate_mae_jax import checkpoints
+  meta = {"model": {"arch": "crate_mae", "width": width, "depth": 2, "heads": 2,
+                    "patch_size": 4, "channels": 1}, "task": "pretrain"}
+  params = {"encoder": {"w": np.zeros((width,), np.float32)}}
+  checkpoints.save_params(str(path), params, meta)
+  return str(path)
+
+
+def _run(case, tmp: pathlib.Path) -> dict:
+  name, args, _ = case
+  workdir = tmp / name
+  fill = dict(workdir=str(workdir), ckpt32=str(tmp / "ckpt32"), ckpt64=str(tmp / "ckpt64"),
+              file=str(tmp / "a_file"), tmpdir=str(tmp))
+  argv = ["--config=configs/quickstart.py", f"--workdir={workdir}"] + TINY
+  devices = 1
+  for a in args:
+    if a == "NO_WORKDIR":
+      argv = [x for x in argv if not x.startswith("--workdir=")]
+    elif a == "NO_CONFIG":
+      argv = [x for x in argv if not x.startswith("--config")]
+    elif a.startswith("DEVICES="):
+      devices = int(a.split("=")[1])
+    elif a.startswith("--config="):
+      argv[0] = a
+    elif a.startswith("--workdir="):
+      argv[1] = a.format(**fill)
+    else:
+      argv.append(a.format(**fill))
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1", TF_CPP_MIN_LOG_LEVEL="3",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=str(ROOT))
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.main"] + argv, cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  return dict(rc=proc.returncode, stderr=proc.stderr, stdout=proc.stdout,
+              seconds=time.monotonic() - start, argv=argv, workdir=workdir)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("config_errors")
+  _fake_checkpoint(tmp / "ckpt32", 32)
+  _fake_checkpoint(tmp / "ckpt64", 64)
+  (tmp / "a_file").write_text("not a folder\n")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    futures = {case[0]: pool.submit(_run, case, tmp) for case in MISTAKES}
+    return {name: f.result() for name, f in futures.items()}
+
+
+def test_the_table_is_large_enough():
+  assert len(MISTAKES) >= 15
+  assert len({name for name, _, _ in MISTAKES}) == len(MISTAKES)
+
+
+@pytest.mark.parametrize("case", MISTAKES, ids=[c[0] for c in MISTAKES])
+def test_mistake_is_one_line_and_exit_code_2(case, outcomes):
+  name, _, needles = case
+  out = outcomes[name]
+  lines = [line for line in out["stderr"].splitlines() if line.strip()]
+  context = f"argv={out['argv']}\nstderr:\n{out['stderr'][-3000:]}"
+  assert out["rc"] == 2, context
+  assert "Traceback" not in out["stderr"], context
+  assert len(lines) == 1, context  # no compile log, no usage text, no warnings
+  line = lines[0]
+  assert line.startswith("error: "), context
+  for needle in needles:
+    assert needle in line, f"{needle!r} not in {line!r}"
+  # Before any compilation and any training: nothing was written to the workdir.
+  assert not (out["workdir"] / "checkpoints").exists()
+  assert out["seconds"] < 90, f"{name} took {out['seconds']:.0f}s"
