@@ -85,8 +85,35 @@ def attention(q, k, v, scale: float, implementation: str | None) -> jax.Array:
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  if implementation == "cudnn":
+    return cudnn_attention(q, k, v, scale)
   return jax.nn.dot_product_attention(q, k, v, scale=scale,
                                       implementation=implementation)
+
+
+def cudnn_attention(q, k, v, scale: float, multiple: int = 16) -> jax.Array:
+  """cuDNN fused attention for any sequence length.
+
+  cuDNN's training kernels reject odd lengths such as 197 = 14² + 1 tokens, so
+  the sequences are zero-padded to a multiple of `multiple` and the padding is
+  masked out through the sequence lengths: the softmax runs over the real keys
+  only and the padded query rows are dropped, the same function as unpadded
+  attention. (bf16/fp16 only, as cuDNN.)
+  """
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  tp, sp = -(-t // multiple) * multiple, -(-s // multiple) * multiple
+  if (tp, sp) == (t, s):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+  k_pad = pad(k, sp)
+  q_pad = k_pad if q is k and tp == sp else pad(q, tp)
+  v_pad = k_pad if v is k else pad(v, sp)
+  out = jax.nn.dot_product_attention(
+      q_pad, k_pad, v_pad, scale=scale, implementation="cudnn",
+      query_seq_lengths=jnp.full((b,), t, jnp.int32),
+      key_value_seq_lengths=jnp.full((b,), s, jnp.int32))
+  return out[:, :t]
 
 
 class MSSA(nn.Module):

@@ -5,6 +5,9 @@ import pathlib
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import fcntl
+import json
+
 import numpy as np
 import pytest
 
@@ -55,3 +58,34 @@ def tiny_train_config(task: str = "pretrain", source: str = "tfds", **overrides)
       target = target[p]
     target[last] = value
   return c
+
+
+def once_per_run(tmp_path_factory, name: str, compute) -> pathlib.Path:
+  """`compute(out_dir)` once per test run, even when pytest-xdist spreads this
+  module's tests over several workers (each would otherwise run the module fixture);
+  the others wait for it and share its folder, its skip or its failure."""
+  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if not uid:
+    out = tmp_path_factory.mktemp(name)
+    compute(out)
+    return out
+  out = tmp_path_factory.getbasetemp().parent / f"{name}-{uid}"
+  with open(f"{out}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    outcome = pathlib.Path(f"{out}.outcome.json")
+    if not outcome.exists():
+      out.mkdir(exist_ok=True)
+      result = {"kind": "ok", "message": ""}
+      try:
+        compute(out)
+      except pytest.skip.Exception as e:
+        result = {"kind": "skip", "message": str(e)}
+      except BaseException as e:  # pylint: disable=broad-except
+        result = {"kind": "fail", "message": f"{type(e).__name__}: {e}"}
+      outcome.write_text(json.dumps(result))
+    result = json.loads(outcome.read_text())
+  if result["kind"] == "skip":
+    pytest.skip(result["message"])
+  if result["kind"] == "fail":
+    pytest.fail(result["message"], pytrace=False)
+  return out

@@ -9,7 +9,6 @@ parameter shards live in both processes. The worker records the state the run
 ended with (gathered over both processes) and digests of the examples each process
 fed, so the tests can compare numbers.
 """
-import fcntl
 import json
 import os
 import pathlib
@@ -21,6 +20,8 @@ import time
 
 import numpy as np
 import pytest
+
+from conftest import once_per_run
 
 HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -127,37 +128,6 @@ def _fail(what: str, codes, logs):
   report = "\n".join(f"--- {log.name} (exit {code})\n{_tail(log)}"
                      for code, log in zip(codes, logs))
   pytest.fail(f"{what} failed (exit codes {codes}; None = timed out)\n{report}")
-
-
-def once_per_run(tmp_path_factory, name: str, compute) -> pathlib.Path:
-  """`compute(out_dir)` once per test run, even when pytest-xdist spreads this
-  module's tests over several workers (each would otherwise run the module fixture);
-  the others wait for it and share its folder, its skip or its failure."""
-  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-  if not uid:
-    out = tmp_path_factory.mktemp(name)
-    compute(out)
-    return out
-  out = tmp_path_factory.getbasetemp().parent / f"{name}-{uid}"
-  with open(f"{out}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    outcome = pathlib.Path(f"{out}.outcome.json")
-    if not outcome.exists():
-      out.mkdir(exist_ok=True)
-      result = {"kind": "ok", "message": ""}
-      try:
-        compute(out)
-      except pytest.skip.Exception as e:
-        result = {"kind": "skip", "message": str(e)}
-      except BaseException as e:  # pylint: disable=broad-except
-        result = {"kind": "fail", "message": f"{type(e).__name__}: {e}"}
-      outcome.write_text(json.dumps(result))
-    result = json.loads(outcome.read_text())
-  if result["kind"] == "skip":
-    pytest.skip(result["message"])
-  if result["kind"] == "fail":
-    pytest.fail(result["message"], pytrace=False)
-  return out
 
 
 def _compute(base: pathlib.Path):

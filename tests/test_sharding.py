@@ -6,7 +6,6 @@ JAX starts, and the pytest session has already started it with one device, so ev
 check runs this file as a script in a subprocess with the device count it needs
 (`python tests/test_sharding.py MODE OUT_DIR`); the tests compare what it writes.
 """
-import fcntl
 import json
 import os
 import pathlib
@@ -17,6 +16,8 @@ import time
 
 import numpy as np
 import pytest
+
+from conftest import once_per_run
 
 HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -89,37 +90,6 @@ def assert_trees_close(a: dict, b: dict, tol: float = TOL, what: str = ""):
 def load_flat(path) -> dict:
   with np.load(path) as f:
     return {k: f[k] for k in f.files}
-
-
-def once_per_run(tmp_path_factory, name: str, compute) -> pathlib.Path:
-  """`compute(out_dir)` once per test run, even when pytest-xdist spreads this
-  module's tests over several workers (each would otherwise run the module fixture);
-  the others wait for it and share its folder, its skip or its failure."""
-  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-  if not uid:
-    out = tmp_path_factory.mktemp(name)
-    compute(out)
-    return out
-  out = tmp_path_factory.getbasetemp().parent / f"{name}-{uid}"
-  with open(f"{out}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    outcome = pathlib.Path(f"{out}.outcome.json")
-    if not outcome.exists():
-      out.mkdir(exist_ok=True)
-      result = {"kind": "ok", "message": ""}
-      try:
-        compute(out)
-      except pytest.skip.Exception as e:
-        result = {"kind": "skip", "message": str(e)}
-      except BaseException as e:  # pylint: disable=broad-except
-        result = {"kind": "fail", "message": f"{type(e).__name__}: {e}"}
-      outcome.write_text(json.dumps(result))
-    result = json.loads(outcome.read_text())
-  if result["kind"] == "skip":
-    pytest.skip(result["message"])
-  if result["kind"] == "fail":
-    pytest.fail(result["message"], pytrace=False)
-  return out
 
 
 @pytest.fixture(scope="module")
