@@ -1,0 +1,755 @@
+"""Evidence that it learns (issue 8): CRATE-MAE vs ViT-MAE on full Fashion-MNIST.
+
+    python -m crate_mae_jax.study --workdir=DIR [--data_path=IDX_FOLDER] [--scale=1.0] \\
+        [--archs=crate_mae,vit_mae] [--pixel_floor] [--tiny] [--data_source=quickstart]
+    python -m crate_mae_jax.study --workdir=DIR --report_only   # re-write the report
+
+For each arch (`configs/fashion_mnist.py`: width 192, depth 6, heads 6, patch 4,
+decoder mirroring the encoder, bf16 compute):
+
+1. diagnostics of the untrained model (the exact initial parameters the
+   pre-training run starts from): layer-wise coding rate and sparsity (CRATE-MAE
+   only: ViT-MAE has no subspaces or sparse codes), masked-MSE on a fixed batch;
+2. pre-training (masked autoencoding), then the same diagnostics, the
+   reconstruction grid, the cls attention per head of the last encoder layer and
+   a PCA of the patch features;
+3. a linear probe (frozen encoder, mean-pooled features, BatchNorm + linear head);
+4. end-to-end fine-tuning (layer-wise lr decay, light augmentation);
+
+and, once, the raw-pixel floor: a linear classifier on the normalised pixels of
+the same train/test images (`baselines.linear_classifier`).
+
+Writes into DIR: study.json (everything), study.md (the table), loss_curves.png;
+per arch DIR/ARCH/: summary.json, layerwise.png (before above, after below),
+layerwise_init.png, layerwise_pretrained.png, reconstruction.png, attention.png,
+pca.png, and the train workdirs pretrain/, linear_probe/, finetune/ (checkpoints,
+results.json, scalars.json, reconstruction_<step>.png); DIR/pixel_floor.json.
+
+Loss curves: the train loop writes its scalars through
+`summaries.create_writer(workdir, is_chief)`. While a stage runs, this module
+swaps that function (and `summaries.progress_hooks`) for versions that wrap a
+writer in a recorder keeping every scalar in memory; the stage's scalars are
+then saved to scalars.json. By default the wrapped writer is the logging
+fallback of `summaries` (no clu, no TensorFlow: this module imports neither,
+and study.json records whether TensorFlow was imported); `--tensorboard` wraps
+the clu writer instead (TensorBoard event files, needs TensorFlow).
+
+`--scale` multiplies every epoch count (pre-training, probe, fine-tuning, warm-up,
+pixel floor); 0.01 is a CPU smoke test. A stage whose results.json exists is not
+run again, so an interrupted study resumes where it stopped, and studies of
+single archs run separately (`--archs=vit_mae --nopixel_floor`) can be merged by
+copying their DIR/ARCH folders into one DIR and running `--report_only`.
+"""
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Mapping
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crate_mae_jax import baselines, checkpoints, diagnostics, figures, models
+
+ARCHS = ("crate_mae", "vit_mae")
+TASKS = ("pretrain", "linear_probe", "finetune")
+NAMES = {"crate_mae": "CRATE-MAE", "vit_mae": "ViT-MAE"}
+PIXEL_FLOOR_EPOCHS = 30
+TINY = dict(width=32, depth=2, heads=2, batch_size=64)
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "fashion_mnist.py")
+COLORS = {"crate_mae": (31, 119, 180), "vit_mae": (255, 127, 14), "extra": (44, 160, 44)}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory of the study (created).")
+flags.DEFINE_string("data_path", None, "Fashion-MNIST IDX folder (default: the config's, "
+                    "/usr/share/datasets/fashion-mnist).")
+flags.DEFINE_enum("data_source", "fashion_mnist", ["fashion_mnist", "quickstart"],
+                  "'quickstart': the 5,000 / 1,000 subset shipped in the package (tests).")
+flags.DEFINE_float("scale", 1.0, "Multiplies every epoch count (0.01: CPU smoke test).")
+flags.DEFINE_list("archs", list(ARCHS), "Archs to run: crate_mae, vit_mae.")
+flags.DEFINE_bool("pixel_floor", True, "Also fit the linear classifier on raw pixels.")
+flags.DEFINE_bool("tiny", False, "Width 32, depth 2, heads 2, batch 64, float32 (tests).")
+flags.DEFINE_integer("max_examples", None, "Truncate the train split (tests).")
+flags.DEFINE_string("dtype", None, "Override model.dtype (float32 / bfloat16).")
+flags.DEFINE_integer("batch_size", None, "Override the batch size of every stage.")
+flags.DEFINE_integer("evals", None, "Evaluations per run (default: the config's, 4).")
+flags.DEFINE_integer("diag_images", 64, "Test images for the layer-wise measures.")
+flags.DEFINE_integer("figure_images", 8, "Test images in the figures.")
+flags.DEFINE_bool("tensorboard", False, "Wrap clu's TensorBoard writer (needs TensorFlow).")
+flags.DEFINE_bool("report_only", False, "Only rebuild study.json / study.md / figures "
+                  "from what DIR holds.")
+flags.DEFINE_string("config_file", CONFIG_FILE, "The study's config file.")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def load_config_module(path: str = CONFIG_FILE):
+  spec = importlib.util.spec_from_file_location("fashion_mnist_study_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def study_config(task: str, arch: str, *, scale: float = 1.0, data_source: str = "fashion_mnist",
+                 data_path: str | None = None, tiny: bool = False,
+                 max_examples: int | None = None, dtype: str | None = None,
+                 batch_size: int | None = None, evals: int | None = None,
+                 num_train_examples: int | None = None, config_file: str = CONFIG_FILE):
+  """The config of one stage: `configs/fashion_mnist.py` with the study's overrides,
+  epochs (and warm-up) times `scale`, intervals re-derived for the data size."""
+  module = load_config_module(config_file)
+  c = module.get_config(f"{task},{arch}")
+  if data_source == "quickstart":
+    c.data.source, c.data.path = "quickstart", None
+  elif data_path:
+    c.data.path = os.path.abspath(data_path)
+  if max_examples:
+    c.data.max_examples = int(max_examples)
+  if tiny:
+    module.model(c, arch, width=TINY["width"], depth=TINY["depth"], heads=TINY["heads"])
+    c.model.dtype = "float32"
+    c.batch_size = TINY["batch_size"]
+    if task == "finetune":
+      c.model.drop_path = 0.1
+  if dtype:
+    c.model.dtype = dtype
+  if batch_size:
+    c.batch_size = int(batch_size)
+  c.num_epochs = float(c.num_epochs) * scale
+  c.optim.warmup_epochs = float(c.optim.warmup_epochs) * scale
+  if num_train_examples:
+    module.schedule(c, int(num_train_examples), evals=evals or None)
+  return c
+
+
+def _float32(model_cfg):
+  cfg = model_cfg.copy_and_resolve_references()
+  cfg.dtype = "float32"
+  cfg.drop_path = 0.0
+  return cfg
+
+
+def param_counts(model_cfg, image_size: int) -> dict:
+  params = models.abstract_params(model_cfg, image_size)
+  counts = {k: models.count_params(v) for k, v in params.items()}
+  counts["total"] = int(sum(counts.values()))
+  return counts
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Data:
+  """Normalised, un-augmented train/test images of the study (through the eval path)."""
+
+  def __init__(self, cfg):
+    from crate_mae_jax import input_pipeline
+    self.cfg = cfg
+    source = input_pipeline.create(cfg.data, cfg.augment, task="linear_probe",
+                                   batch_size=500, seed=cfg.seed)
+    self.num_train = int(source.num_train_examples)   # after data.max_examples
+    self.num_test = int(source.num_eval_examples)
+    self.num_classes = int(cfg.data.num_classes or source.num_classes)
+    self._test = None
+    self._train = None
+
+  def split(self, name: str):
+    """(images (N, H, W, C) float32 normalised, labels (N,))."""
+    from crate_mae_jax import input_pipeline
+    cfg = self.cfg.copy_and_resolve_references()
+    cfg.data.eval_split = name
+    source = input_pipeline.create(cfg.data, cfg.augment, task="linear_probe",
+                                   batch_size=500, seed=cfg.seed)
+    prepare = (jax.jit(lambda x: source.device_augment(jax.random.key(0), x, False))
+               if source.device_augment is not None else (lambda x: x))
+    images, labels = [], []
+    for batch in source.eval_batches():
+      keep = np.asarray(batch["mask"]) > 0
+      images.append(np.asarray(prepare(batch["image"]))[keep])
+      labels.append(np.asarray(batch["label"])[keep])
+    return np.concatenate(images).astype(np.float32), np.concatenate(labels)
+
+  @property
+  def test(self):
+    if self._test is None:
+      self._test = self.split(self.cfg.data.eval_split)
+    return self._test
+
+  @property
+  def train(self):
+    if self._train is None:
+      x, y = self.split(self.cfg.data.train_split)
+      self._train = (x[:self.num_train], y[:self.num_train])
+    return self._train
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+class RecordingWriter:
+  """Wraps a metric writer; keeps every scalar as scalars[name] = [[step, value], ...]."""
+
+  def __init__(self, inner):
+    self.inner = inner
+    self.scalars: dict[str, list] = {}
+
+  def write_scalars(self, step, scalars):
+    for key, value in scalars.items():
+      self.scalars.setdefault(key, []).append([int(step), float(value)])
+    self.inner.write_scalars(step, scalars)
+
+  def __getattr__(self, name):  # write_images, write_texts, flush, close, ...
+    return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def recording_writers(tensorboard: bool = False):
+  """Within the block, `summaries.create_writer` returns `RecordingWriter`s (appended
+  to the yielded list) around the TF-free logging writer, or around clu's writer
+  with `tensorboard`; progress hooks are the TF-free ones unless `tensorboard`."""
+  from crate_mae_jax import summaries
+  made: list[RecordingWriter] = []
+  create, hooks = summaries.create_writer, summaries.progress_hooks
+
+  def create_writer(logdir, is_chief):
+    inner = (create(logdir, is_chief) if tensorboard
+             else summaries._LoggingWriter(logdir if is_chief else None))  # pylint: disable=protected-access
+    made.append(RecordingWriter(inner))
+    return made[-1]
+
+  def progress_hooks(num_train_steps, writer, logdir, is_chief, profile_steps=0,
+                     every_secs=30.0):
+    if tensorboard:
+      return hooks(num_train_steps, writer, logdir, is_chief, profile_steps, every_secs)
+    return [summaries._Progress(num_train_steps, writer, every_secs)]  # pylint: disable=protected-access
+
+  summaries.create_writer, summaries.progress_hooks = create_writer, progress_hooks
+  try:
+    yield made
+  finally:
+    summaries.create_writer, summaries.progress_hooks = create, hooks
+
+
+class StudyInterrupted(RuntimeError):
+  """A stage was pre-empted (SIGTERM); its checkpoint is kept for a resumed run."""
+
+
+def run_stage(cfg, workdir: str, tensorboard: bool = False) -> dict:
+  """Runs one train_and_evaluate (unless its results.json exists) and returns
+  {'results', 'scalars', 'seconds', 'steps', ...}."""
+  from crate_mae_jax import train
+  results_path = os.path.join(workdir, "results.json")
+  scalars_path = os.path.join(workdir, "scalars.json")
+  stage_path = os.path.join(workdir, "stage.json")
+  if os.path.exists(results_path) and os.path.exists(stage_path):
+    logging.info("%s: results.json exists, not run again", workdir)
+    with open(stage_path) as f:
+      return json.load(f)
+  start = time.time()
+  with recording_writers(tensorboard) as made:
+    results = train.train_and_evaluate(cfg, workdir)
+  seconds = time.time() - start
+  scalars: dict[str, list] = {}
+  for writer in made:
+    for key, values in writer.scalars.items():
+      scalars.setdefault(key, []).extend(values)
+  with open(scalars_path, "w") as f:
+    json.dump(scalars, f)
+  if results.get("preempted"):  # SIGTERM: checkpoint saved, the stage is not complete
+    raise StudyInterrupted(f"{workdir}: pre-empted at step {results.get('step')}; run the "
+                           "same command again to resume")
+  rates = [v for _, v in scalars.get("steps_per_sec", [])]
+  stage = {
+      "task": cfg.task, "workdir": os.path.abspath(workdir), "results": results,
+      "seconds": seconds, "steps": int(results.get("step", 0)),
+      "epochs": float(cfg.num_epochs), "batch_size": int(cfg.batch_size),
+      "steps_per_sec": float(np.median(rates)) if rates else None,
+      "train_loss": scalars.get("train/loss", []),
+      "eval_loss": scalars.get("eval/loss", []),
+      "eval_top1": scalars.get("eval/top1", []),
+      "lr": scalars.get("train/lr", []),
+  }
+  with open(stage_path, "w") as f:
+    json.dump(stage, f, indent=1, default=_jsonable)
+  return stage
+
+
+def _jsonable(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+def initial_params(cfg):
+  """The exact parameters `train.train_and_evaluate(cfg)` starts from (same module,
+  same seed and key split, through `state_lib.init_state`)."""
+  import optax
+  from crate_mae_jax import sharding, state_lib, train
+  model, init_inputs, init_kwargs = train.build_model(cfg, None)
+  mesh = sharding.create_mesh(cfg.mesh.shape)
+  state, _ = state_lib.init_state(model, optax.identity(), mesh, sharding.rules(cfg.mesh),
+                                  init_inputs, init_kwargs, jax.random.key(cfg.seed))
+  return jax.device_get(state.params)
+
+
+def vit_cls_attention(model, params, images, layer: int = -1) -> np.ndarray:
+  """ViT-MAE: the cls token's softmax(q kᵀ/√d) attention per head over the patches
+  of encoder `layer`, (B, heads, gh, gw), from the captured qkv projections."""
+  _, state = model.apply({"params": params}, jnp.asarray(images), method="encode",
+                         capture_intermediates=lambda mdl, _: mdl.name == "qkv")
+  encoder = state["intermediates"]["encoder"]
+  names = sorted((k for k in encoder if k.startswith("layer_")), key=lambda k: int(k[6:]))
+  qkv = encoder[names[range(len(names))[layer]]]["qkv"]["__call__"][0].astype(jnp.float32)
+  q, k = qkv[:, :, 0], qkv[:, :, 1]                                  # (B, N, H, dh)
+  logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k,
+                      precision=jax.lax.Precision.HIGHEST) * q.shape[-1]**-0.5
+  attn = np.asarray(jax.nn.softmax(logits, axis=-1))[:, :, 1:]
+  p = model.patch_size
+  return attn.reshape(attn.shape[0], attn.shape[1], images.shape[1] // p, images.shape[2] // p)
+
+
+def _nested(measures: Mapping[str, np.ndarray]) -> dict:
+  out: dict = {}
+  for key, values in sorted(measures.items()):
+    part, measure, stat = key.split("/")
+    out.setdefault(part, {}).setdefault(measure, {})[stat] = [float(v) for v in values]
+  return out
+
+
+def _flat(nested: Mapping) -> dict[str, np.ndarray]:
+  return {f"{part}/{measure}/{stat}": np.asarray(values)
+          for part, m in nested.items() for measure, s in m.items() for stat, values in s.items()}
+
+
+def masked_loss(model, params, images, mask_ratio: float, seed: int = 0) -> float:
+  p = model.patch_size
+  noise = jax.random.uniform(jax.random.key(seed), (images.shape[0],
+                             (images.shape[1] // p) * (images.shape[2] // p)))
+  out = model.apply({"params": params}, jnp.asarray(images), mask_ratio=mask_ratio, noise=noise)
+  return float(out["loss"])
+
+
+def diagnose(model_cfg, params, diag_images, figure_images, data_cfg, out_dir: str | None,
+             tag: str, seed: int = 0) -> dict:
+  """Layer-wise measures (CRATE-MAE), masked-MSE on the fixed batch and, with
+  `out_dir`, the reconstruction / attention / PCA figures."""
+  cfg = _float32(model_cfg)
+  r = models.resolve(cfg)
+  model = models.build_mae(cfg)
+  out: dict = {"masked_mse": masked_loss(model, params, diag_images, r["mask_ratio"], seed)}
+  if r["arch"] == "crate_mae":
+    measures = diagnostics.layerwise_measures(model, params, diag_images, mask_ratio=0.0)
+    out["layerwise"] = _nested(measures)
+    out["scalars"] = diagnostics.summary_scalars(measures)
+    if out_dir:
+      out["figures"] = {"layerwise": figures.save_layerwise(
+          measures, os.path.join(out_dir, f"layerwise_{tag}.png"))}
+  if not out_dir:
+    return out
+  x = jnp.asarray(figure_images)
+  p = r["patch_size"]
+  grid = (x.shape[1] // p, x.shape[2] // p)
+  noise = jax.random.uniform(jax.random.key(seed), (x.shape[0], grid[0] * grid[1]))
+  rec = model.apply({"params": params}, x, mask_ratio=r["mask_ratio"], noise=noise)
+  panels = diagnostics.reconstruction_panels(
+      np.asarray(figure_images), np.asarray(rec["pred"]), np.asarray(rec["mask"]), p,
+      data_cfg.mean, data_cfg.std, r["norm_pix_loss"])
+  if r["arch"] == "crate_mae":
+    features, intermediates = diagnostics.encode_with_intermediates(model, params, x)
+    attention = diagnostics.cls_attention_from_intermediates(intermediates, -1, grid)
+  else:
+    features = model.apply({"params": params}, x, method="encode")
+    attention = vit_cls_attention(model, params, x, -1)
+  pca = diagnostics.pca_features(np.asarray(features, np.float32)[:, 1:], 3, grid=grid)
+  figs = out.setdefault("figures", {})
+  figs["reconstruction"] = figures.save_reconstruction(
+      panels, os.path.join(out_dir, "reconstruction.png"))
+  figs["attention"] = figures.save_attention(panels[0], attention,
+                                             os.path.join(out_dir, "attention.png"))
+  figs["pca"] = figures.save_pca(panels[0], pca, os.path.join(out_dir, "pca.png"))
+  out["attention_layer"] = r["depth"] - 1
+  return out
+
+
+def _titled(image: np.ndarray, title: str) -> np.ndarray:
+  from PIL import Image, ImageDraw
+  canvas = Image.new("RGB", (image.shape[1], image.shape[0] + 24), (255, 255, 255))
+  canvas.paste(Image.fromarray(image), (0, 24))
+  ImageDraw.Draw(canvas).text((8, 4), title, fill=(0, 0, 0), font=figures._font(14))  # pylint: disable=protected-access
+  return np.asarray(canvas)
+
+
+def save_layerwise_before_after(init: Mapping, trained: Mapping, path: str, name: str) -> str:
+  """layerwise.png: the untrained model's curves above, the pre-trained model's below."""
+  top = _titled(figures.layerwise_image(_flat(init)), f"{name}: untrained (initialisation)")
+  bottom = _titled(figures.layerwise_image(_flat(trained)), f"{name}: after pre-training")
+  return figures.save_png(np.concatenate([top, bottom], axis=0), path)
+
+
+# ----------------------------------------------------------------------------- line plots
+
+
+_ticks = figures._nice_ticks  # the same axis ticks as every other figure
+
+
+def _label(value: float, step: float) -> str:
+  decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 0
+  if abs(step * 10**decimals - round(step * 10**decimals)) > 1e-9:
+    decimals += 1
+  return f"{value:.{decimals}f}"
+
+
+def line_plot(panels, path: str, panel_size: tuple[int, int] = (480, 340)) -> str:
+  """panels: [(title, xlabel, [(name, xs, ys, color, 'line'|'dots'), ...]), ...]
+  drawn side by side; returns `path`. Pillow only."""
+  from PIL import Image, ImageDraw
+  pw, ph = panel_size
+  image = Image.new("RGB", (pw * max(len(panels), 1), ph), (255, 255, 255))
+  draw = ImageDraw.Draw(image)
+  font, small = figures._font(14), figures._font(11)  # pylint: disable=protected-access
+  for k, (title, xlabel, series) in enumerate(panels):
+    x0 = k * pw
+    left, right, top, bottom = x0 + 58, x0 + pw - 14, 50, ph - 42
+    tb = draw.textbbox((0, 0), title, font=font)
+    draw.text(((left + right - (tb[2] - tb[0])) // 2, 6), title, fill=(0, 0, 0), font=font)
+    series = [s for s in series if len(s[1])]
+    if not series:
+      draw.text((left + 10, (top + bottom) // 2), "no data", fill=(0, 0, 0), font=small)
+      continue
+    xs_all = np.concatenate([np.asarray(s[1], float) for s in series])
+    ys_all = np.concatenate([np.asarray(s[2], float) for s in series])
+    ys_all = ys_all[np.isfinite(ys_all)]
+    xt = _ticks(float(xs_all.min()), float(xs_all.max()))
+    lo, hi = (float(ys_all.min()), float(ys_all.max())) if ys_all.size else (0.0, 1.0)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.5
+    yt = _ticks(lo - pad, hi + pad)
+    xlo, xhi, ylo, yhi = float(xt[0]), float(xt[-1]), float(yt[0]), float(yt[-1])
+    px = lambda v: left + (right - left) * (v - xlo) / ((xhi - xlo) or 1.0)
+    py = lambda v: bottom - (bottom - top) * (v - ylo) / ((yhi - ylo) or 1.0)
+    ystep = float(yt[1] - yt[0]) if len(yt) > 1 else 1.0
+    xstep = float(xt[1] - xt[0]) if len(xt) > 1 else 1.0
+    for t in yt:
+      draw.line([left, py(t), right, py(t)], fill=(228, 228, 228))
+      lab = _label(float(t), ystep)
+      lb = draw.textbbox((0, 0), lab, font=small)
+      draw.text((left - 6 - (lb[2] - lb[0]), py(t) - 7), lab, fill=(0, 0, 0), font=small)
+    for t in xt:
+      draw.line([px(t), bottom, px(t), bottom + 4], fill=(0, 0, 0))
+      lab = _label(float(t), xstep)
+      lb = draw.textbbox((0, 0), lab, font=small)
+      draw.text((px(t) - (lb[2] - lb[0]) / 2, bottom + 6), lab, fill=(0, 0, 0), font=small)
+    xb = draw.textbbox((0, 0), xlabel, font=small)
+    draw.text(((left + right - (xb[2] - xb[0])) / 2, bottom + 22), xlabel, fill=(0, 0, 0),
+              font=small)
+    for name, xs, ys, color, style in series:
+      pts = [(px(x), py(y)) for x, y in zip(xs, ys) if np.isfinite(y)]
+      if style == "line" and len(pts) > 1:
+        draw.line(pts, fill=color, width=2)
+      else:
+        for x, y in pts:
+          draw.ellipse([x - 3.5, y - 3.5, x + 3.5, y + 3.5], outline=color, width=2)
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    lx = left + 6
+    for name, _, _, color, style in series:
+      draw.line([lx, 36, lx + 16, 36], fill=color, width=2 if style == "line" else 1)
+      draw.text((lx + 20, 29), name, fill=(0, 0, 0), font=small)
+      lx += draw.textbbox((0, 0), name, font=small)[2] + 34
+  return figures.save_png(np.asarray(image), path)
+
+
+def save_loss_curves(archs: Mapping[str, dict], path: str) -> str:
+  """Pre-training masked MSE (train line, eval dots) and probe / fine-tune train loss,
+  against epochs."""
+  panels = []
+  for task, title in (("pretrain", "Pre-training loss (masked MSE)"),
+                      ("linear_probe", "Linear probe: train loss"),
+                      ("finetune", "Fine-tuning: train loss")):
+    series = []
+    for arch, summary in archs.items():
+      stage = summary.get("stages", {}).get(task)
+      if not stage:
+        continue
+      steps_per_epoch = max(stage["steps"], 1) / max(stage["epochs"], 1e-9)
+      color = COLORS.get(arch, COLORS["extra"])
+      name = NAMES.get(arch, arch)
+      train_loss = np.asarray(stage.get("train_loss") or np.zeros((0, 2)), float)
+      series.append((f"{name} train", train_loss[:, 0] / steps_per_epoch, train_loss[:, 1],
+                     color, "line"))
+      if task == "pretrain":
+        ev = np.asarray(stage.get("eval_loss") or np.zeros((0, 2)), float)
+        series.append((f"{name} eval", ev[:, 0] / steps_per_epoch, ev[:, 1], color, "dots"))
+    panels.append((title, "epoch", series))
+  return line_plot(panels, path)
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def environment() -> dict:
+  import flax
+  import optax
+  device = jax.devices()[0]
+  return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+          "backend": jax.default_backend(), "device_kind": device.device_kind,
+          "devices": jax.device_count(), "processes": jax.process_count(),
+          "tensorflow_imported": "tensorflow" in sys.modules,
+          "clu_imported": "clu" in sys.modules,
+          "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def run_arch(arch: str, opts: dict, data: Data, workdir: str, tensorboard: bool = False,
+             diag_images: int = 64, figure_images: int = 8) -> dict:
+  root = os.path.join(workdir, arch)
+  os.makedirs(root, exist_ok=True)
+  start = time.time()
+  cfgs = {task: study_config(task, arch, num_train_examples=data.num_train, **opts)
+          for task in TASKS}
+  pre_cfg = cfgs["pretrain"]
+  resolved = models.resolve(pre_cfg.model)
+  test_x, _ = data.test
+  diag_x, fig_x = test_x[:diag_images], test_x[:figure_images]
+  summary: dict = {"arch": arch, "name": NAMES.get(arch, arch),
+                   "model": {k: v for k, v in resolved.items()},
+                   "params": param_counts(pre_cfg.model, pre_cfg.data.image_size),
+                   "configs": {t: json.loads(c.to_json_best_effort()) for t, c in cfgs.items()},
+                   "stages": {}, "diagnostics": {}}
+
+  def save():  # after every step, so that an interrupted study reports what it has
+    summary["seconds"] = time.time() - start
+    summary["environment"] = environment()
+    with open(os.path.join(root, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1, default=_jsonable)
+
+  logging.info("%s: diagnostics of the untrained model", arch)
+  init = initial_params(pre_cfg)
+  summary["diagnostics"]["init"] = diagnose(pre_cfg.model, init, diag_x, fig_x, pre_cfg.data,
+                                            None, "init", pre_cfg.seed)
+  if "layerwise" in summary["diagnostics"]["init"]:
+    figures.save_layerwise(_flat(summary["diagnostics"]["init"]["layerwise"]),
+                           os.path.join(root, "layerwise_init.png"))
+  del init
+  save()
+
+  pre_dir = os.path.join(root, "pretrain")
+  summary["stages"]["pretrain"] = run_stage(pre_cfg, pre_dir, tensorboard)
+  params, _ = checkpoints.restore_params(pre_dir)
+  trained = diagnose(pre_cfg.model, params, diag_x, fig_x, pre_cfg.data, root, "pretrained",
+                     pre_cfg.seed)
+  summary["diagnostics"]["pretrained"] = trained
+  if "layerwise" in trained:
+    trained["figures"]["layerwise_before_after"] = save_layerwise_before_after(
+        summary["diagnostics"]["init"]["layerwise"], trained["layerwise"],
+        os.path.join(root, "layerwise.png"), NAMES.get(arch, arch))
+  del params
+  save()
+
+  for task in ("linear_probe", "finetune"):
+    cfg = cfgs[task]
+    cfg.init_from = pre_dir
+    summary["stages"][task] = run_stage(cfg, os.path.join(root, task), tensorboard)
+    save()
+  return summary
+
+
+def run_pixel_floor(data: Data, workdir: str, scale: float) -> dict:
+  path = os.path.join(workdir, "pixel_floor.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  start = time.time()
+  train_x, train_y = data.train
+  test_x, test_y = data.test
+  epochs = max(1, int(round(PIXEL_FLOOR_EPOCHS * scale)))
+  result = baselines.linear_classifier(train_x, train_y, test_x, test_y, data.num_classes,
+                                       epochs=epochs)
+  result.update(epochs=epochs, num_train=int(len(train_x)), num_test=int(len(test_x)),
+                params=int(np.prod(train_x.shape[1:])) * data.num_classes + data.num_classes,
+                seconds=time.time() - start, environment=environment())
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1, default=_jsonable)
+  return result
+
+
+def _pct(x) -> str:
+  return "–" if x is None else f"{100 * float(x):.2f}%"
+
+
+def _top1(stage: dict | None):
+  return None if not stage else stage.get("results", {}).get("top1")
+
+
+def markdown(study: dict) -> str:
+  p = study["protocol"]
+  env = study.get("environment", {})
+  lines = [
+      "# Fashion-MNIST: CRATE-MAE vs ViT-MAE of the same width, depth and patch size", "",
+      f"Data: {p.get('data_source')} ({p.get('num_train')} train / {p.get('num_test')} test "
+      f"images), scale {p.get('scale')}, tiny={p.get('tiny')}; run on "
+      f"{env.get('devices', '?')} × {env.get('device_kind', '?')} ({env.get('backend', '?')}), "
+      f"JAX {env.get('jax', '?')}, TensorFlow imported: {env.get('tensorflow_imported')}.", "",
+      "| model | params: encoder / MAE total | pre-train eval loss (masked MSE) | "
+      "linear probe top-1 | fine-tune top-1 | pre-train epochs / time |",
+      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  for arch, s in study["archs"].items():
+    stages = s.get("stages", {})
+    pre = stages.get("pretrain") or {}
+    loss = pre.get("results", {}).get("loss")
+    rate = pre.get("steps_per_sec")
+    timing = (f"{pre.get('epochs', 0):g} / {pre.get('seconds', 0):.0f} s"
+              + (f" ({rate:.3g} steps/s)" if rate else "")) if pre else "–"
+    lines.append(
+        f"| {s.get('name', arch)} | {s['params']['encoder']:,} / {s['params']['total']:,} | "
+        f"{'–' if loss is None else f'{loss:.4f}'} | {_pct(_top1(stages.get('linear_probe')))} | "
+        f"{_pct(_top1(stages.get('finetune')))} | {timing} |")
+  floor = study.get("pixel_floor")
+  if floor:
+    lines.append(f"| raw pixels, linear classifier (floor) | {floor['params']:,} (classifier) | "
+                 f"– | {_pct(floor['test_accuracy'])} | – | {floor['epochs']} epochs / "
+                 f"{floor['seconds']:.0f} s |")
+  lines += ["", "Linear probe and fine-tuning: test top-1 of the final model (no selection "
+            "on the test split). Parameters at 28 px; the pixel floor's are its weights "
+            "and biases.", ""]
+  for arch, s in study["archs"].items():
+    d = s.get("diagnostics", {})
+    init, trained = d.get("init", {}), d.get("pretrained", {})
+    if "layerwise" in init and "layerwise" in trained:
+      lines += [f"## Layer-wise compression and sparsity: {s.get('name', arch)} "
+                f"({p.get('diag_images')} test images, no masking)", "",
+                "| part | layer | coding rate: init | after pre-training | "
+                "non-zero fraction: init | after pre-training |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |"]
+      for part in ("encoder", "decoder"):
+        a, b = init["layerwise"].get(part, {}), trained["layerwise"].get(part, {})
+        if not a or not b:
+          continue
+        for i, (ca, cb, sa, sb) in enumerate(zip(a["coding_rate"]["mean"],
+                                                 b["coding_rate"]["mean"],
+                                                 a["sparsity"]["mean"], b["sparsity"]["mean"])):
+          lines.append(f"| {part} | {i} | {ca:.2f} | {cb:.2f} | {sa:.3f} | {sb:.3f} |")
+      lines.append("")
+  lines += ["## Masked MSE on a fixed test batch (same mask) before and after pre-training", "",
+            "| model | untrained | pre-trained |", "| --- | ---: | ---: |"]
+  for arch, s in study["archs"].items():
+    d = s.get("diagnostics", {})
+    a, b = d.get("init", {}).get("masked_mse"), d.get("pretrained", {}).get("masked_mse")
+    if a is not None and b is not None:
+      lines.append(f"| {s.get('name', arch)} | {a:.4f} | {b:.4f} |")
+  lines += ["", "## Figures", "", "- `loss_curves.png`: pre-training loss (train line, eval "
+            "dots), probe and fine-tuning train loss, against epochs"]
+  for arch in study["archs"]:
+    files = [f for f in ("layerwise.png", "reconstruction.png", "attention.png", "pca.png")
+             if os.path.exists(os.path.join(study["workdir"], arch, f))]
+    lines.append(f"- `{arch}/`: " + ", ".join(f"`{f}`" for f in files))
+  return "\n".join(lines) + "\n"
+
+
+def report(workdir: str) -> dict:
+  """Builds study.json, study.md and loss_curves.png from what `workdir` holds."""
+  archs = {}
+  for arch in sorted(os.listdir(workdir), key=lambda a: (ARCHS.index(a) if a in ARCHS else 9, a)):
+    path = os.path.join(workdir, arch, "summary.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        archs[arch] = json.load(f)
+  floor = None
+  if os.path.isfile(os.path.join(workdir, "pixel_floor.json")):
+    with open(os.path.join(workdir, "pixel_floor.json")) as f:
+      floor = json.load(f)
+  protocol = {}
+  if os.path.isfile(os.path.join(workdir, "protocol.json")):
+    with open(os.path.join(workdir, "protocol.json")) as f:
+      protocol = json.load(f)
+  envs = [s.get("environment", {}) for s in archs.values()] + (
+      [floor.get("environment", {})] if floor else [])
+  environment_ = dict(envs[0]) if envs else {}
+  environment_["tensorflow_imported"] = any(e.get("tensorflow_imported") for e in envs)
+  study = {"workdir": os.path.abspath(workdir), "protocol": protocol,
+           "environment": environment_, "archs": archs, "pixel_floor": floor}
+  study["figures"] = {"loss_curves": save_loss_curves(archs, os.path.join(workdir,
+                                                                          "loss_curves.png"))}
+  study["table"] = markdown(study)
+  with open(os.path.join(workdir, "study.md"), "w") as f:
+    f.write(study["table"])
+  with open(os.path.join(workdir, "study.json"), "w") as f:
+    json.dump(study, f, indent=1, default=_jsonable)
+  return study
+
+
+def run_study(workdir: str, archs=ARCHS, pixel_floor: bool = True, tensorboard: bool = False,
+              diag_images: int = 64, figure_images: int = 8, **opts) -> dict:
+  """The whole study; `opts` are `study_config`'s keyword arguments."""
+  for arch in archs:
+    if arch not in ARCHS:
+      raise ValueError(f"--archs: {arch!r} is unknown; use {','.join(ARCHS)}")
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  first = study_config("pretrain", archs[0] if archs else ARCHS[0], **opts)
+  data = Data(first)
+  protocol = {**opts, "data_source": first.data.source, "data_path": first.data.path,
+              "num_train": data.num_train, "num_test": data.num_test,
+              "num_classes": data.num_classes, "diag_images": diag_images,
+              "figure_images": figure_images, "archs": list(archs),
+              "command": " ".join(sys.argv)}
+  with open(os.path.join(workdir, "protocol.json"), "w") as f:
+    json.dump(protocol, f, indent=1, default=_jsonable)
+  try:
+    for arch in archs:
+      run_arch(arch, opts, data, workdir, tensorboard, diag_images, figure_images)
+    if pixel_floor:
+      run_pixel_floor(data, workdir, opts.get("scale", 1.0))
+  except BaseException:
+    logging.exception("study stopped; writing the report of what is complete")
+    try:
+      report(workdir)
+    except Exception:  # pylint: disable=broad-except
+      logging.exception("no report")
+    raise
+  study = report(workdir)
+  logging.info("study done in %.1f min", (time.time() - start) / 60)
+  return study
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  from crate_mae_jax import summaries
+  summaries.quiet_library_logs()
+
+  def on_sigterm(signum, frame):  # outside a train loop (which saves and returns itself)
+    del signum, frame
+    raise StudyInterrupted("SIGTERM")
+  signal.signal(signal.SIGTERM, on_sigterm)
+  if FLAGS.report_only:
+    study = report(FLAGS.workdir)
+  else:
+    study = run_study(
+        FLAGS.workdir, archs=tuple(FLAGS.archs), pixel_floor=FLAGS.pixel_floor,
+        tensorboard=FLAGS.tensorboard, diag_images=FLAGS.diag_images,
+        figure_images=FLAGS.figure_images, scale=FLAGS.scale, data_source=FLAGS.data_source,
+        data_path=FLAGS.data_path, tiny=FLAGS.tiny, max_examples=FLAGS.max_examples,
+        dtype=FLAGS.dtype, batch_size=FLAGS.batch_size, evals=FLAGS.evals,
+        config_file=FLAGS.config_file)
+  print(study["table"])
+  print(f"wrote {os.path.abspath(os.path.join(FLAGS.workdir, 'study.json'))}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST study of issue 8 (crate_mae_jax.study) on one GPU of the
+# workplace's device tool. Three steps; only the second runs on the GPU.
+#
+# 1. Here, in the repo root (no GPU):
+#        bash tools/run_study_on_gpu.sh prepare
+#    copies the Fashion-MNIST IDX files (Debian's dataset-fashion-mnist,
+#    /usr/share/datasets/fashion-mnist, 30 MB) into .fmnist/, which
+#    .git/info/exclude keeps out of git, and checks that .whl/ holds the one
+#    wheel the GPU image lacks (ml_collections; absl-py, flax, jax, optax,
+#    orbax-checkpoint, numpy and pillow are in the image; clu and TensorFlow are
+#    not, and the study needs neither).
+#
+# 2. The device tool's `run`, exactly (an H100 or an H200; one call, ~6-8 min
+#    estimated, see configs/fashion_mnist.py):
+#        run(kind="nvidia-h100-x1", timeout_s=600, carry=[".fmnist", ".whl"],
+#            command="bash tools/run_study_on_gpu.sh device")
+#    It installs the carried wheels, runs
+#        python3 -m crate_mae_jax.study --workdir=/tmp/study --data_path=.fmnist
+#    and returns (under $OUT, at most 8 files): study.json, study.md,
+#    loss_curves.png, study.log and study_files.tar.gz (the study folder without
+#    checkpoints: per-arch summary.json, layerwise / reconstruction / attention /
+#    pca figures, per-stage results.json, scalars.json, stage.json).
+#    Environment knobs: STUDY_SCALE (default 1.0) multiplies every epoch count;
+#    STUDY_ARGS adds flags, e.g. STUDY_ARGS="--archs=crate_mae". Should one call
+#    not fit in 10 minutes, split it in two calls and merge (step 3 twice):
+#        command="STUDY_ARGS=--archs=crate_mae bash tools/run_study_on_gpu.sh device"
+#        command="STUDY_ARGS='--archs=vit_mae --nopixel_floor' bash tools/run_study_on_gpu.sh device"
+#
+# 3. Here, with the folder the tool put the returned files in (its files_at):
+#        bash tools/run_study_on_gpu.sh unpack FILES_AT [DIR]
+#    extracts study_files.tar.gz into DIR (default workdirs/study_gpu) and
+#    rebuilds study.json / study.md / loss_curves.png from everything DIR holds
+#    (python -m crate_mae_jax.study --workdir=DIR --report_only), merging split runs.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+mode="${1:-}"
+FMNIST_SRC="${FMNIST_SRC:-/usr/share/datasets/fashion-mnist}"
+
+case "$mode" in
+  prepare)
+    exclude="$(git rev-parse --git-path info/exclude)"
+    for pattern in /.fmnist/ /.whl/; do
+      grep -qxF "$pattern" "$exclude" 2>/dev/null || echo "$pattern" >>"$exclude"
+    done
+    mkdir -p .fmnist
+    for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte \
+             t10k-labels-idx1-ubyte; do
+      if [ -f "$FMNIST_SRC/$f.gz" ]; then cp -u "$FMNIST_SRC/$f.gz" .fmnist/
+      elif [ -f "$FMNIST_SRC/$f" ]; then cp -u "$FMNIST_SRC/$f" .fmnist/
+      else echo "missing ${FMNIST_SRC}/${f}[.gz] (apt install dataset-fashion-mnist)"; exit 1; fi
+    done
+    if ! ls .whl/ml_collections-*.whl >/dev/null 2>&1; then
+      "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: \
+        --python-version 3.12 -d .whl ml-collections==1.1.0 || exit 1
+    fi
+    for d in .fmnist/ .whl/; do
+      git check-ignore -q "$d" || { echo "$d is not ignored by git"; exit 1; }
+    done
+    du -sh .fmnist .whl
+    echo "ready: run(kind=\"nvidia-h100-x1\", timeout_s=600, carry=[\".fmnist\", \".whl\"]," \
+         "command=\"bash tools/run_study_on_gpu.sh device\")"
+    ;;
+
+  device)
+    set -o pipefail
+    : "${OUT:?OUT is unset: this mode runs on the device machine}"
+    [ -d .fmnist ] || { echo ".fmnist/ missing: run 'prepare' here and carry .fmnist"; exit 1; }
+    export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+    # Recompiles of identical programs (the per-evaluation reconstruction summary)
+    # hit this cache instead of XLA.
+    export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+      export PYTHONPATH="/tmp/site:$PWD"
+    else
+      export PYTHONPATH="$PWD"
+    fi
+    nvidia-smi -L
+    python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" || exit 1
+    study=/tmp/study
+    start=$(date +%s)
+    # A guard under the tool's 600 s: SIGTERM makes a running stage save a
+    # checkpoint and the study write the report of what is complete, so the
+    # files below still come back.
+    # shellcheck disable=SC2086
+    timeout -s TERM "${STUDY_TIMEOUT:-560}" python3 -m crate_mae_jax.study --workdir="$study" \
+      --data_path=.fmnist --scale="${STUDY_SCALE:-1.0}" ${STUDY_ARGS:-} 2>&1 \
+      | tee "$OUT/study.log"
+    rc=$?
+    echo "study exit status $rc after $(( $(date +%s) - start )) s"
+    for f in study.json study.md loss_curves.png; do
+      [ -f "$study/$f" ] && cp "$study/$f" "$OUT/"
+    done
+    tar -C "$study" --exclude=checkpoints -czf "$OUT/study_files.tar.gz" .
+    ls -la "$OUT"
+    exit "$rc"
+    ;;
+
+  unpack)
+    files="${2:?usage: $0 unpack FILES_AT [DIR]}"
+    dir="${3:-workdirs/study_gpu}"
+    mkdir -p "$dir"
+    tar -xzf "$files/study_files.tar.gz" -C "$dir" || exit 1
+    cp "$files/study.log" "$dir/study_$(date +%Y%m%d_%H%M%S).log" 2>/dev/null
+    PYTHON="${PYTHON:-python3}"
+    JAX_PLATFORMS=cpu "$PYTHON" -m crate_mae_jax.study --workdir="$dir" --report_only
+    ;;
+
+  *)
+    sed -n '2,40p' "$0"
+    exit 2
+    ;;
+esac
