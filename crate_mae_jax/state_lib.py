@@ -5,7 +5,7 @@ traces the initialisers abstractly, derives NamedShardings for parameters and
 optimizer state from `config.mesh.rules`, and then materialises every array
 directly in its shard (nothing is built on one device first).
 """
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
