@@ -42,7 +42,7 @@ def test_config_same_size_for_both_archs(task, arch, tmp_path):
   assert (r["arch"], r["width"], r["depth"], r["heads"], r["patch_size"], r["channels"]) == (
       arch, 192, 6, 6, 4, 1)
   assert (r["decoder_width"], r["decoder_depth"], r["decoder_heads"]) == (192, 6, 6)
-  assert (r["dtype"], r["param_dtype"], r["attention_impl"]) == ("bfloat16", "float32", "xla")
+  assert (r["dtype"], r["param_dtype"]) == ("bfloat16", "float32")
   assert c.data.source == "fashion_mnist" and c.data.image_size == 28 and c.data.in_memory
   assert c.batch_size == 512 and c.data.num_classes == 10 and not c.keep_best
   assert c.num_epochs == {"pretrain": 100, "linear_probe": 20, "finetune": 10}[task]

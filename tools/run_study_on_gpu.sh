@@ -11,10 +11,14 @@
 #    orbax-checkpoint, numpy and pillow are in the image; clu and TensorFlow are
 #    not, and the study needs neither).
 #
-# 2. The device tool's `run`, exactly (an H100 or an H200; one call, ~6-8 min
-#    estimated, see configs/fashion_mnist.py):
+# 2. The device tool's `run`, exactly. One call runs everything (measured 9.1 min
+#    of study on one H100, RESULTS.md: it fits the tool's 600 s, only just):
 #        run(kind="nvidia-h100-x1", timeout_s=600, carry=[".fmnist", ".whl"],
 #            command="bash tools/run_study_on_gpu.sh device")
+#    Safer: two calls of about 4.5 min, one arch each, with step 3 after each
+#    call into the same DIR:
+#            command="STUDY_ARGS=--archs=crate_mae bash tools/run_study_on_gpu.sh device"
+#            command="STUDY_ARGS='--archs=vit_mae --nopixel_floor' bash tools/run_study_on_gpu.sh device"
 #    It installs the carried wheels, runs
 #        python3 -m crate_mae_jax.study --workdir=/tmp/study --data_path=.fmnist
 #    and returns (under $OUT, at most 8 files): study.json, study.md,
@@ -22,10 +26,9 @@
 #    checkpoints: per-arch summary.json, layerwise / reconstruction / attention /
 #    pca figures, per-stage results.json, scalars.json, stage.json).
 #    Environment knobs: STUDY_SCALE (default 1.0) multiplies every epoch count;
-#    STUDY_ARGS adds flags, e.g. STUDY_ARGS="--archs=crate_mae". Should one call
-#    not fit in 10 minutes, split it in two calls and merge (step 3 twice):
-#        command="STUDY_ARGS=--archs=crate_mae bash tools/run_study_on_gpu.sh device"
-#        command="STUDY_ARGS='--archs=vit_mae --nopixel_floor' bash tools/run_study_on_gpu.sh device"
+#    STUDY_ARGS adds flags of crate_mae_jax.study; STUDY_TIMEOUT (default 580 s)
+#    is the guard after which SIGTERM makes the study save the running stage
+#    and write the report of what finished.
 #
 # 3. Here, with the folder the tool put the returned files in (its files_at):
 #        bash tools/run_study_on_gpu.sh unpack FILES_AT [DIR]
@@ -78,14 +81,13 @@ case "$mode" in
       export PYTHONPATH="$PWD"
     fi
     nvidia-smi -L
-    python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" || exit 1
     study=/tmp/study
     start=$(date +%s)
-    # A guard under the tool's 600 s: SIGTERM makes a running stage save a
-    # checkpoint and the study write the report of what is complete, so the
-    # files below still come back.
+    # A guard under the tool's 600 s (pip and tar take seconds): SIGTERM makes a
+    # running stage save a checkpoint and the study write the report of what is
+    # complete, so the files below still come back.
     # shellcheck disable=SC2086
-    timeout -s TERM "${STUDY_TIMEOUT:-560}" python3 -m crate_mae_jax.study --workdir="$study" \
+    timeout -s TERM "${STUDY_TIMEOUT:-580}" python3 -m crate_mae_jax.study --workdir="$study" \
       --data_path=.fmnist --scale="${STUDY_SCALE:-1.0}" ${STUDY_ARGS:-} 2>&1 \
       | tee "$OUT/study.log"
     rc=$?
