@@ -144,14 +144,6 @@ def _per_channel(values, channels: int):
 # ----------------------------------------------------------------------------- analysis
 
 
-def _nested(measures: dict[str, np.ndarray]) -> dict:
-  out: dict = {}
-  for key, values in sorted(measures.items()):
-    part, measure, stat = key.split("/")
-    out.setdefault(part, {}).setdefault(measure, {})[stat] = [float(v) for v in values]
-  return out
-
-
 def analyze(checkpoint: str, output: str, config=None, images: str | None = None,
             num_images: int = 8, layer: int = -1, step: int | None = None, seed: int = 0,
             data: str | None = None, eps: float = 0.01, pca_per_image: bool = False) -> dict:
@@ -193,10 +185,8 @@ def analyze(checkpoint: str, output: str, config=None, images: str | None = None
   x = jnp.asarray(batch)
 
   measures = diagnostics.layerwise_measures(model, params, x, mask_ratio=0.0, eps=eps)
-  noise = jax.random.uniform(jax.random.key(seed), (b, grid[0] * grid[1]))
-  out = model.apply({"params": params}, x, mask_ratio=resolved["mask_ratio"], noise=noise)
-  panels = diagnostics.reconstruction_panels(batch, out["pred"], out["mask"], p, mean, std,
-                                             resolved["norm_pix_loss"])
+  panels, out = diagnostics.reconstruct(model, params, batch, resolved["mask_ratio"],
+                                       jax.random.key(seed), mean, std)
   features, intermediates = diagnostics.encode_with_intermediates(model, params, x)
   attention = diagnostics.cls_attention_from_intermediates(intermediates, layer, grid)
   pca = diagnostics.pca_features(np.asarray(features)[:, 1:], 3, per_image=pca_per_image,
@@ -217,7 +207,7 @@ def analyze(checkpoint: str, output: str, config=None, images: str | None = None
       "eps": eps,
       "attention_layer": int(range(resolved["depth"])[layer]),
       "model": resolved,
-      **_nested(measures),
+      **diagnostics.nest_measures(measures),
       "reconstruction": {"mask_ratio": resolved["mask_ratio"], "seed": seed,
                          "loss": float(out["loss"])},
       "scalars": diagnostics.summary_scalars(measures),

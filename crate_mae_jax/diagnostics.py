@@ -403,3 +403,25 @@ def reconstruction_panels(images, pred, mask, patch_size: int,
   masked_input = np.where(masked_pixels, np.float32(fill), original)
   pasted = np.where(masked_pixels, recon, original)
   return original, masked_input.astype(np.float32), recon, pasted.astype(np.float32)
+
+
+def reconstruct(model, params, images, mask_ratio: float, key: jax.Array,
+                mean: Sequence[float], std: Sequence[float]):
+  """A masked reconstruction with a mask drawn from `key`: returns
+  (`reconstruction_panels(...)`, the model outputs). `model` is a CrateMAE or
+  ViTMAE (its patch size and norm_pix_loss set how the panels are undone)."""
+  p = model.patch_size
+  noise = jax.random.uniform(key, (images.shape[0], (images.shape[1] // p) * (images.shape[2] // p)))
+  out = model.apply({"params": params}, jnp.asarray(images), mask_ratio=mask_ratio, noise=noise)
+  panels = reconstruction_panels(np.asarray(images), np.asarray(out["pred"]),
+                                 np.asarray(out["mask"]), p, mean, std, model.norm_pix_loss)
+  return panels, out
+
+
+def nest_measures(measures: Mapping[str, np.ndarray]) -> dict:
+  """{'encoder/coding_rate/mean': values} -> {'encoder': {'coding_rate': {'mean': [...]}}}."""
+  out: dict = {}
+  for key, values in sorted(measures.items()):
+    part, measure, stat = key.split("/")
+    out.setdefault(part, {}).setdefault(measure, {})[stat] = [float(v) for v in values]
+  return out

@@ -45,11 +45,8 @@ def reconstruction_figure(pre_cfg, workdir: str) -> str:
   model = models.build_mae(pre_cfg.model)
   images, _, _ = _arrays(pre_cfg, pre_cfg.data.eval_split)
   images = images[:8]
-  out = model.apply({"params": params}, images, mask_ratio=pre_cfg.model.mask_ratio,
-                    rngs={"masking": jax.random.key(0)})
-  panels = diagnostics.reconstruction_panels(
-      images, np.asarray(out["pred"]), np.asarray(out["mask"]), pre_cfg.model.patch_size,
-      pre_cfg.data.mean, pre_cfg.data.std, pre_cfg.model.norm_pix_loss)
+  panels, _ = diagnostics.reconstruct(model, params, images, pre_cfg.model.mask_ratio,
+                                     jax.random.key(0), pre_cfg.data.mean, pre_cfg.data.std)
   return figures.save_reconstruction(panels, os.path.join(workdir, "reconstruction.png"))
 
 

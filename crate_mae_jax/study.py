@@ -321,14 +321,6 @@ def vit_cls_attention(model, params, images, layer: int = -1) -> np.ndarray:
   return attn.reshape(attn.shape[0], attn.shape[1], images.shape[1] // p, images.shape[2] // p)
 
 
-def _nested(measures: Mapping[str, np.ndarray]) -> dict:
-  out: dict = {}
-  for key, values in sorted(measures.items()):
-    part, measure, stat = key.split("/")
-    out.setdefault(part, {}).setdefault(measure, {})[stat] = [float(v) for v in values]
-  return out
-
-
 def _flat(nested: Mapping) -> dict[str, np.ndarray]:
   return {f"{part}/{measure}/{stat}": np.asarray(values)
           for part, m in nested.items() for measure, s in m.items() for stat, values in s.items()}
@@ -352,7 +344,7 @@ def diagnose(model_cfg, params, diag_images, figure_images, data_cfg, out_dir: s
   out: dict = {"masked_mse": masked_loss(model, params, diag_images, r["mask_ratio"], seed)}
   if r["arch"] == "crate_mae":
     measures = diagnostics.layerwise_measures(model, params, diag_images, mask_ratio=0.0)
-    out["layerwise"] = _nested(measures)
+    out["layerwise"] = diagnostics.nest_measures(measures)
     out["scalars"] = diagnostics.summary_scalars(measures)
     if out_dir:
       out["figures"] = {"layerwise": figures.save_layerwise(
@@ -362,11 +354,8 @@ def diagnose(model_cfg, params, diag_images, figure_images, data_cfg, out_dir: s
   x = jnp.asarray(figure_images)
   p = r["patch_size"]
   grid = (x.shape[1] // p, x.shape[2] // p)
-  noise = jax.random.uniform(jax.random.key(seed), (x.shape[0], grid[0] * grid[1]))
-  rec = model.apply({"params": params}, x, mask_ratio=r["mask_ratio"], noise=noise)
-  panels = diagnostics.reconstruction_panels(
-      np.asarray(figure_images), np.asarray(rec["pred"]), np.asarray(rec["mask"]), p,
-      data_cfg.mean, data_cfg.std, r["norm_pix_loss"])
+  panels, _ = diagnostics.reconstruct(model, params, figure_images, r["mask_ratio"],
+                                     jax.random.key(seed), data_cfg.mean, data_cfg.std)
   if r["arch"] == "crate_mae":
     features, intermediates = diagnostics.encode_with_intermediates(model, params, x)
     attention = diagnostics.cls_attention_from_intermediates(intermediates, -1, grid)

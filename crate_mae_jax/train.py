@@ -197,12 +197,9 @@ def _reconstruction_summaries(config, model, params, source, mesh, writer, step)
     images = source.device_augment(jax.random.key(0), images, False)
   resolved = models.resolve(config.model)
   with mesh, nn.logical_axis_rules(sharding.rules(config.mesh)):
-    out = jax.jit(lambda p, x: model.apply({"params": p}, x, mask_ratio=resolved["mask_ratio"],
-                                           rngs={"masking": jax.random.key(config.seed)})
-                  )(params, images)
-  panels = diagnostics.reconstruction_panels(
-      np.asarray(images), np.asarray(out["pred"]), np.asarray(out["mask"]),
-      resolved["patch_size"], config.data.mean, config.data.std, resolved["norm_pix_loss"])
+    panels, _ = diagnostics.reconstruct(model, params, images, resolved["mask_ratio"],
+                                        jax.random.key(config.seed), config.data.mean,
+                                        config.data.std)
   writer.write_images(step, {"reconstruction": figures.grid_image(panels)[None]})
   scalars = {}
   if config.eval.diagnostics and resolved["arch"] == "crate_mae":
