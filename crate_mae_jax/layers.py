@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from crate_mae_jax.patches import patchify
+from crate_mae_jax.sharding import fit_spec
 
 Dtype = Any
 init = jax.nn.initializers
@@ -23,6 +24,20 @@ FINAL_NORM_EPS = 1e-6
 
 def partitioned(initializer: Callable, names: tuple[str | None, ...]) -> Callable:
   return nn.with_logical_partitioning(initializer, names)
+
+
+def kernel_shaped(initializer: Callable, names: tuple[str | None, ...],
+                  shape: tuple[int, ...]) -> Callable:
+  """A DenseGeneral initialiser whose logical names fit its real shape.
+
+  DenseGeneral calls kernel/bias initialisers with the flattened (in, out)
+  shape (so xavier sees PyTorch's fans) and reshapes the result; a boxed value
+  of that flat shape cannot carry one name per real dimension under a mesh.
+  This one draws the flat matrix and returns it already in `shape`.
+  """
+  def init_fn(key, flat_shape, dtype=jnp.float32):
+    return initializer(key, flat_shape, dtype).reshape(shape)
+  return partitioned(init_fn, names)
 
 
 def xavier() -> Callable:
@@ -46,11 +61,24 @@ def torch_default_bias(fan_in: int) -> Callable:
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-  """Activation sharding hint; a no-op unless logical axis rules are active."""
-  return nn.with_logical_constraint(x, names)
+  """Activation sharding constraint from logical names.
+
+  Applies under a mesh set with `jax.set_mesh` and active logical rules
+  (`sharding.activate`), a no-op otherwise. Mesh axes that do not divide a
+  dimension (a batch of one at init, an odd token count) leave it replicated
+  rather than failing.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return x
+  spec = fit_spec(nn.logical_to_mesh_axes(names, rules), x.shape, mesh.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
+# Per-head activations (batch, tokens, heads, head_dim): heads split over 'tensor'.
+ACT_HEADS = ("activation_batch", "activation_length", "heads", "head_dim")
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -136,13 +164,17 @@ class MSSA(nn.Module):
     w = nn.DenseGeneral(
         (self.heads, self.head_dim), use_bias=False, dtype=self.dtype,
         param_dtype=self.param_dtype,
-        kernel_init=partitioned(xavier(), ("embed", "heads", "head_dim")),
+        kernel_init=kernel_shaped(xavier(), ("embed", "heads", "head_dim"),
+                                  (width, self.heads, self.head_dim)),
         name="subspaces")(x)
     self.sow("intermediates", "subspace_proj", w)
+    w = constrain(w, ACT_HEADS)
     out = attention(w, w, w, self.head_dim**-0.5, self.attention_impl)
+    out = constrain(out, ACT_HEADS)
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=partitioned(xavier(), ("heads", "head_dim", "embed")),
+        kernel_init=kernel_shaped(xavier(), ("heads", "head_dim", "embed"),
+                                  (self.heads, self.head_dim, width)),
         bias_init=partitioned(init.zeros, ("embed",)), name="out")(out)
 
 
@@ -261,14 +293,18 @@ class ViTBlock(nn.Module):
     h = layer_norm(FINAL_NORM_EPS, name="norm_attn", **kw)(x)
     qkv = nn.DenseGeneral(
         (3, self.heads, head_dim),
-        kernel_init=partitioned(xavier(), ("embed", None, "heads", "head_dim")),
-        bias_init=partitioned(init.zeros, (None, "heads", "head_dim")),
+        kernel_init=kernel_shaped(xavier(), ("embed", None, "heads", "head_dim"),
+                                  (width, 3, self.heads, head_dim)),
+        bias_init=kernel_shaped(init.zeros, (None, "heads", "head_dim"),
+                                (3, self.heads, head_dim)),
         name="qkv", **kw)(h)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    h = attention(q, k, v, head_dim**-0.5, self.attention_impl)
+    q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
+    h = constrain(attention(q, k, v, head_dim**-0.5, self.attention_impl), ACT_HEADS)
     h = nn.DenseGeneral(
         width, axis=(-2, -1),
-        kernel_init=partitioned(xavier(), ("heads", "head_dim", "embed")),
+        kernel_init=kernel_shaped(xavier(), ("heads", "head_dim", "embed"),
+                                  (self.heads, head_dim, width)),
         bias_init=partitioned(init.zeros, ("embed",)), name="out", **kw)(h)
     x = constrain(x + DropPath(self.drop_path)(h, deterministic), ACT)
     h = layer_norm(FINAL_NORM_EPS, name="norm_mlp", **kw)(x)

@@ -196,7 +196,7 @@ def _reconstruction_summaries(config, model, params, source, mesh, writer, step)
   if source.device_augment is not None:
     images = source.device_augment(jax.random.key(0), images, False)
   resolved = models.resolve(config.model)
-  with mesh, nn.logical_axis_rules(sharding.rules(config.mesh)):
+  with sharding.activate(mesh, sharding.rules(config.mesh)):
     panels, _ = diagnostics.reconstruct(model, params, images, resolved["mask_ratio"],
                                         jax.random.key(config.seed), config.data.mean,
                                         config.data.std)
