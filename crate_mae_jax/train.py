@@ -31,16 +31,31 @@ class TrainingStopped(RuntimeError):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls between steps."""
+  """Turns SIGTERM into a flag the loop polls between steps.
 
-  def __init__(self):
+  On one process the flag is set by our SIGTERM handler. On several, hosts
+  receive the signal at different steps, so the decision is Orbax's sync
+  point (`CheckpointManager.reached_preemption`, fed by JAX's distributed
+  pre-emption notifier, whose SIGTERM handler we leave in place): every host
+  then saves the same step.
+  """
+
+  def __init__(self, manager=None):
     self.requested = False
+    self._manager = manager
+    self._multi_host = jax.process_count() > 1
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._multi_host and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def check(self, step: int) -> bool:
+    """Whether to save at `step` and stop (the same answer on every host)."""
+    if self._multi_host and not self.requested:
+      self.requested = bool(self._manager.reached_preemption(step))
+    return self.requested
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -321,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = source.train_batches(start_step)
   pending: list = []
   step = start_step
-  with _Preemption() as preemption:
+  with _Preemption(manager) as preemption:
     while step < total_steps:
       batch = sharding.global_batch(next(train_iter), mesh)
       state, metrics = train_step(state, batch)
@@ -352,10 +367,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           best_manager = best_manager or _checkpoint_manager(
               os.path.join(workdir, "checkpoints_best"), config, best=True)
           save(best_manager, state, {**meta, "best": {best_metric: value}}, force=True)
-      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
+      preempted = preemption.check(step)
+      if step % config.checkpoint_every_steps == 0 or last or preempted:
         maybe_stop(state)
         save(manager, state, meta, force=True)
-      if preemption.requested:
+      if preempted:
         logging.warning("Pre-empted at step %d: checkpoint saved", step)
         break
   manager.wait_until_finished()
