@@ -32,12 +32,14 @@ setup(
     extras_require={
         "tf": TF,
         "torch": TORCH,
-        "tpu": ["jax[tpu]>=0.10.2"],
+        # libtpu: training on TPUs, and the pod planner's compiles on any host.
+        "tpu": ["jax[tpu]==0.10.2"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         "dev": TF + TORCH + ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": [
         "crate-mae-train=crate_mae_jax.main:run",
         "crate-mae-convert=crate_mae_jax.convert_torch:main",
+        "crate-mae-plan=crate_mae_jax.plan:run",
     ]},
 )

@@ -19,6 +19,7 @@ the smallest change that would fit.
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from typing import Any
@@ -77,8 +78,9 @@ def topology_devices(name: str):
                       "(install the TPU extra: pip install 'crate-mae-jax[tpu]')") from e
 
 
-def parse_mesh(text: str, num_devices: int) -> tuple[tuple[str, int], ...]:
-  """'data=8,fsdp=8' -> (('data', 8), ('fsdp', 8), ('tensor', 1))."""
+def parse_mesh(text: str, num_devices: int | None) -> tuple[tuple[str, int], ...]:
+  """'data=8,fsdp=8' -> (('data', 8), ('fsdp', 8), ('tensor', 1)); checked
+  against the device count when one is given."""
   sizes = {"data": 1, "fsdp": 1, "tensor": 1}
   for part in filter(None, text.split(",")):
     name, _, size = part.partition("=")
@@ -87,7 +89,8 @@ def parse_mesh(text: str, num_devices: int) -> tuple[tuple[str, int], ...]:
                         "e.g. --mesh=data=8,fsdp=8")
     sizes[name] = int(size)
   shape = tuple(sizes.items())
-  sharding.mesh_shape(shape, num_devices)  # raises on a wrong product
+  if num_devices is not None:
+    sharding.mesh_shape(shape, num_devices)  # raises on a wrong product
   return shape
 
 
@@ -173,8 +176,9 @@ def _array_bytes(text: str) -> list[int]:
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """Collective ops of a compiled HLO module: count and result bytes per kind.
 
-  Async pairs count once (at `-start`, whose tuple also holds the operand: the
-  largest array is the result). Ops in loop bodies count once per program.
+  Async pairs count once, at `-start`: an all-reduce-start yields the reduced
+  arrays, the other starts a tuple that also holds the operand (the largest
+  array is the result). Ops in loop bodies count once per program.
   """
   out: dict[str, dict[str, int]] = {}
   for line in hlo_text.splitlines():
@@ -182,11 +186,24 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     if not m:
       continue
     sizes = _array_bytes(m.group("shape"))
-    nbytes = max(sizes) if m.group("start") else sum(sizes)
+    one_result = m.group("start") and m.group("op") != "all-reduce"
+    nbytes = max(sizes) if one_result else sum(sizes)
     entry = out.setdefault(m.group("op"), {"count": 0, "bytes": 0})
     entry["count"] += 1
     entry["bytes"] += nbytes
   return out
+
+
+def device_share(chip: Chip | None, devices) -> Chip | None:
+  """What one JAX device gets of a chip: all of it, or half where the topology
+  shows each of the chip's two TensorCores as a device (v4 without megacore)."""
+  if chip is None:
+    return None
+  per_chip = len(devices) // len({tuple(d.coords) for d in devices})
+  if per_chip == 1:
+    return chip
+  return Chip(chip.peak_flops / per_chip, chip.hbm_bytes // per_chip,
+              chip.hbm_bandwidth / per_chip, chip.ici_bandwidth / per_chip)
 
 
 def step_time(cost: dict, comm: dict, chip: Chip | None) -> tuple[float | None, str]:
@@ -247,7 +264,7 @@ def plan_one(config, topology: str, devices, mesh_shape,
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   chip_name = devices[0].device_kind
-  chip = CHIPS.get(chip_name)
+  chip = device_share(CHIPS.get(chip_name), devices)
   hbm = chip.hbm_bytes if chip else None
   params = per_device_bytes(abstract.params, shard.params)
   opt = per_device_bytes(abstract.opt_state, shard.opt_state)
@@ -331,6 +348,8 @@ def plan(config, topology: str, mesh_text: str | None = None,
   """Plans for one mesh (`mesh_text`) or the candidate layouts; returns the
   JSON report with every plan and the recommended one."""
   config_lib.validate(config)
+  if mesh_text:
+    parse_mesh(mesh_text, None)  # a typo fails before libtpu is loaded
   config = for_tpu(config)
   devices = topology_devices(topology)
   shapes = ([parse_mesh(mesh_text, len(devices))] if mesh_text else
@@ -368,6 +387,10 @@ flags.DEFINE_integer("num_train_examples", IMAGENET_TRAIN_EXAMPLES,
 
 def main(argv):
   del argv
+  # Compiles for the topology from the host's CPU: never take a TPU this host
+  # may have, and let several planners share libtpu.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if FLAGS.config is None or not FLAGS.topology:
     print("error: --config and --topology are required, e.g. --config=configs/base.py "
           "--topology=v5p:4x4x4", file=sys.stderr)
