@@ -92,6 +92,10 @@ def default_config() -> ml_collections.ConfigDict:
       diagnostics=True,              # compression / sparsity per layer
       max_batches=placeholder(int),
   ))
+  # Evaluations: {name: {type, every_steps, prefix, **options}} (crate_mae_jax.evaluators);
+  # empty: the task's default ('eval': masked loss + reconstruction, or top-1/top-5;
+  # 'diag': coding rate / sparsity per layer of a CRATE-MAE pre-training run).
+  c.evals = ml_collections.ConfigDict()
   c.mesh = ml_collections.ConfigDict(dict(
       # Axis sizes; -1 takes the remaining devices.
       shape=(("data", -1), ("fsdp", 1), ("tensor", 1)),
