@@ -65,16 +65,25 @@ class Context:
       yield
 
 
+def params_of(state):
+  """The parameters of a TrainState, of {'params': ...} or a bare params tree."""
+  if hasattr(state, "params"):
+    return state.params
+  if isinstance(state, dict) and "params" in state and "encoder" not in state:
+    return state["params"]
+  return state
+
+
 def variables_of(state) -> dict:
   """{'params', ['batch_stats']} of a TrainState (or a bare params tree)."""
-  params = getattr(state, "params", state)
+  params = params_of(state)
   stats = getattr(state, "batch_stats", None)
   return {"params": params, "batch_stats": stats} if stats else {"params": params}
 
 
 def encoder_params(state):
   """The 'encoder' sub-tree every model of the package keeps."""
-  params = getattr(state, "params", state)
+  params = params_of(state)
   if "encoder" not in params:
     raise ValueError(f"the parameters hold no 'encoder' sub-tree (keys: {sorted(params)})")
   return params["encoder"]

@@ -50,7 +50,7 @@ class Evaluator:
                                  jnp.asarray(batch["image"][: self.num_images]), False)
 
   def run(self, state) -> dict:
-    params = getattr(state, "params", state)
+    params = common.params_of(state)
     images = self.images()
     out = {}
     for ratio in self.mask_ratios:

@@ -31,7 +31,7 @@ class Evaluator:
         self.model, self.mask_ratio, self.seed, context.source.device_augment))
 
   def run(self, state) -> dict:
-    params = getattr(state, "params", state)
+    params = common.params_of(state)
     out = _batches.averaged(self.context, self.step, params, self.max_batches)
     if self.num_images:
       out["reconstruction"] = self.figure(params)
