@@ -8,7 +8,7 @@
         --workdir=DIR/ft --config.init_from=DIR/pre_vit
 
 Argument: TASK,ARCH with TASK in pretrain | linear_probe | finetune and ARCH in
-crate_mae | vit_mae (default pretrain,crate_mae). `python -m crate_mae_jax.study`
+crate_mae | vit_mae (default pretrain,crate_mae). `python -m crate_mae_jax.experiments.study`
 runs all of them, the raw-pixel floor and the diagnostics (RESULTS.md).
 
 Data: the 60,000 / 10,000 Fashion-MNIST IDX files (source 'fashion_mnist', read

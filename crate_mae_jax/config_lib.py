@@ -143,11 +143,10 @@ def dataset_num_classes(source) -> int | None:
   names = getattr(source, "class_names", None)
   if names:
     return len(names)
-  builder = getattr(source, "_builder", None)
+  builder = getattr(source, "builder", None)
   if builder is not None:
     return int(builder.info.features["label"].num_classes)
-  labels = [getattr(source, name, None) for name in ("_y", "_ey")]
-  labels = [y for y in labels if y is not None and len(y)]
+  labels = [y for y in getattr(source, "label_arrays", ()) if len(y)]
   if labels:
     return int(max(int(y.max()) for y in labels)) + 1
   return None

@@ -564,22 +564,22 @@ class TfdsSource(_TFSource):
   def __init__(self, data_cfg, augment_cfg, **kwargs):
     super().__init__(data_cfg, augment_cfg, **kwargs)
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    self._builder = _tfds_builder(data_cfg)
-    self._feature = self._builder.info.features["image"]
+    self.builder = _tfds_builder(data_cfg)
+    self._feature = self.builder.info.features["image"]
     self._decoders = {"image": tfds.decode.SkipDecoding()}
     num_classes = _get(data_cfg, "num_classes")
-    self.num_classes = int(num_classes or self._builder.info.features["label"].num_classes)
+    self.num_classes = int(num_classes or self.builder.info.features["label"].num_classes)
     train_split = _limit_split(_get(data_cfg, "train_split", "train"),
                                _get(data_cfg, "max_examples"))
     eval_split = _get(data_cfg, "eval_split", "validation")
     split = functools.partial(tfds.split_for_jax_process, process_index=self.process_index,
                               process_count=self.process_count)
     self._train_split, self._eval_split = split(train_split), split(eval_split)
-    count = lambda s: _cardinality(self._builder, self._dataset(s), s)
+    count = lambda s: _cardinality(self.builder, self._dataset(s), s)
     self.num_train_examples = count(train_split)
     self._num_local = count(self._train_split)
     if self._num_local == 0:
-      raise ValueError(f"TFDS {self._builder.name} {train_split!r}: process "
+      raise ValueError(f"TFDS {self.builder.name} {train_split!r}: process "
                        f"{self.process_index} of {self.process_count} has no examples")
     self.num_eval_examples = count(eval_split)
     self._num_eval_local = count(self._eval_split)
@@ -587,7 +587,7 @@ class TfdsSource(_TFSource):
         self.num_eval_examples, self.batch_size, self.process_count)
 
   def _dataset(self, split):
-    ds = _tfds_dataset(self._builder, split, self._decoders)
+    ds = _tfds_dataset(self.builder, split, self._decoders)
     return ds.map(lambda ex: {"bytes": ex["image"], "label": ex["label"]})
 
   def _decode(self, ex):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from crate_mae_jax import layers
-from crate_mae_jax.crate_mae import _grid, add_position
+from crate_mae_jax.crate_mae import add_position, patch_grid
 from crate_mae_jax.patches import masking_from_noise, masked_mse, patchify
 
 
@@ -34,7 +34,7 @@ class ViTEncoder(nn.Module):
     x = layers.PatchEmbed(self.patch_size, self.width, name="patch_embed", **kw)(images)
     cls = layers.token(self, "cls_token", self.width, self.param_dtype)
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
-    x = add_position(jnp.concatenate([cls, x], axis=1), _grid(images, self.patch_size))
+    x = add_position(jnp.concatenate([cls, x], axis=1), patch_grid(images, self.patch_size))
     if ids_keep is not None:
       visible = jnp.take_along_axis(x[:, 1:], ids_keep[..., None], axis=1)
       x = jnp.concatenate([x[:, :1], visible], axis=1)
@@ -115,7 +115,7 @@ class ViTMAE(nn.Module):
 
   def __call__(self, images: jax.Array, *, mask_ratio: float,
                noise: jax.Array | None = None, train: bool = False) -> dict:
-    grid = _grid(images, self.patch_size)
+    grid = patch_grid(images, self.patch_size)
     if noise is None:
       noise = jax.random.uniform(self.make_rng("masking"),
                                  (images.shape[0], grid[0] * grid[1]))

@@ -1,4 +1,4 @@
-"""The issue-8 study driver (crate_mae_jax.study) and its config, on CPU.
+"""The issue-8 study driver (crate_mae_jax.experiments.study) and its config, on CPU.
 
 One end-to-end run of the CLI in a subprocess: tiny models (width 32, depth 2),
 the Fashion-MNIST subset shipped in the package (512 train / 1,000 test),
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_mae_jax import config_lib, models, study
+from crate_mae_jax import config_lib, models
+from crate_mae_jax.experiments import study
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ("--data_source=quickstart", "--tiny", "--scale=0.01", "--max_examples=512",
@@ -83,17 +84,23 @@ def test_study_config_scales_every_epoch_count():
   assert c.eval_every_steps == math.ceil(steps / 2)
 
 
-def test_recording_writers_record_and_restore():
+def test_recording_writer_records_and_forwards():
   from crate_mae_jax import summaries
-  create, hooks = summaries.create_writer, summaries.progress_hooks
-  with study.recording_writers() as made:
-    writer = summaries.create_writer(None, True)
-    writer.write_scalars(3, {"train/loss": 0.5})
-    writer.write_scalars(6, {"train/loss": 0.25, "eval/loss": 0.3})
-    writer.flush()
-    assert len(summaries.progress_hooks(10, writer, None, True)) == 1
-  assert made[0].scalars == {"train/loss": [[3, 0.5], [6, 0.25]], "eval/loss": [[6, 0.3]]}
-  assert summaries.create_writer is create and summaries.progress_hooks is hooks
+  writer = study.RecordingWriter(summaries.LoggingWriter(None))
+  writer.write_scalars(3, {"train/loss": 0.5})
+  writer.write_scalars(6, {"train/loss": 0.25, "eval/loss": 0.3})
+  writer.flush()
+  assert writer.scalars == {"train/loss": [[3, 0.5], [6, 0.25]], "eval/loss": [[6, 0.3]]}
+
+
+def test_run_stage_records_the_learning_rate(tmp_path):
+  """The steps log 'train/learning_rate'; the stage's 'lr' series is read from it."""
+  cfg = study.study_config("pretrain", "crate_mae", scale=0.01, data_source="quickstart",
+                           tiny=True, max_examples=256, num_train_examples=256, evals=1)
+  stage = study.run_stage(cfg, str(tmp_path / "pre"), num_train=256)
+  assert stage["lr"] and len(stage["lr"]) == len(stage["train_loss"])
+  assert all(np.isfinite(v) and v >= 0 for _, v in stage["lr"])
+  assert stage["lr"] == json.load(open(tmp_path / "pre" / "scalars.json"))[study.LEARNING_RATE]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -103,7 +110,7 @@ def test_recording_writers_record_and_restore():
 def study_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("study")
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.study", f"--workdir={workdir}",
+  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.experiments.study", f"--workdir={workdir}",
                          *ARGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]
   with open(workdir / "study.json") as f:
