@@ -83,7 +83,7 @@ def check_against_checkpoint(config, meta: dict, path: str) -> None:
   """Refuses, before any compile, a checkpoint of another model size or arch."""
   saved = meta.get("model", {})
   ours = models.resolve(config.model)
-  for key in ("arch", "width", "depth", "heads", "patch_size", "channels"):
+  for key in ("arch", "width", "depth", "heads", "patch_size", "channels", "encoder_sees"):
     if key in saved and saved[key] != ours[key]:
       raise ConfigError(
           f"config.model.{key}={ours[key]!r} but checkpoint {path!r} has {saved[key]!r}; "

@@ -71,6 +71,28 @@ def test_param_counts_match_the_documented_ones():
   assert round(crate["total"] / 1e6, 2) == 1.35 and round(vit["total"] / 1e6, 2) == 5.38
 
 
+def test_baseline_configs():
+  """Mask tokens in the ViT-MAE encoder; a ViT-MAE parameter-matched to CRATE-MAE
+  (within 1 %); supervised training = the fine-tuning recipe from scratch."""
+  module = _config_module()
+  crate = study.param_counts(module.get_config("pretrain,crate_mae").model, 28)
+  matched_cfg = module.get_config("pretrain,vit_mae_matched")
+  matched = study.param_counts(matched_cfg.model, 28)
+  r = models.resolve(matched_cfg.model)
+  assert (r["depth"], r["patch_size"], r["width"], r["heads"]) == (6, 4, 96, 6)
+  assert r["width"] % r["heads"] == 0 and r["encoder_sees"] == "visible"
+  assert matched["encoder"] == 672_960 and matched["total"] == 1_355_152
+  assert abs(matched["encoder"] / crate["encoder"] - 1) < 0.01
+  assert abs(matched["total"] / crate["total"] - 1) < 0.01
+  everything = module.get_config("pretrain,vit_mae_all")
+  assert everything.model.encoder_sees == "all" and everything.model.width == 192
+  assert study.param_counts(everything.model, 28)["encoder"] == 2_673_216
+  sup = module.get_config("supervised,vit_mae_matched")
+  fine = module.get_config("finetune,vit_mae_matched")
+  assert sup.task == "finetune" and sup.init_from is None
+  assert sup.to_dict() == fine.to_dict()
+
+
 def test_study_config_scales_every_epoch_count():
   base = _config_module().get_config("finetune,vit_mae")
   c = study.study_config("finetune", "vit_mae", scale=0.1, data_source="quickstart",

@@ -7,7 +7,9 @@ import numpy as np
 
 from crate_mae_jax import figures
 
-NAMES = {"crate_mae": "CRATE-MAE", "vit_mae": "ViT-MAE"}
+NAMES = {"crate_mae": "CRATE-MAE", "vit_mae": "ViT-MAE",
+         "vit_mae_all": "ViT-MAE (mask tokens in the encoder)",
+         "vit_mae_matched": "ViT-MAE (parameter-matched)"}
 COLORS = {"crate_mae": (31, 119, 180), "vit_mae": (255, 127, 14), "extra": (44, 160, 44)}
 
 

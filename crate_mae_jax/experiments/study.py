@@ -70,7 +70,8 @@ flags.DEFINE_string("data_path", None, "Fashion-MNIST IDX folder (default: the c
 flags.DEFINE_enum("data_source", "fashion_mnist", ["fashion_mnist", "quickstart"],
                   "'quickstart': the 5,000 / 1,000 subset shipped in the package (tests).")
 flags.DEFINE_float("scale", 1.0, "Multiplies every epoch count (0.01: CPU smoke test).")
-flags.DEFINE_list("archs", list(ARCHS), "Archs to run: crate_mae, vit_mae.")
+flags.DEFINE_list("archs", list(ARCHS), "Archs to run: names in the config's ARCHS "
+                  "(crate_mae, vit_mae, vit_mae_all, vit_mae_matched).")
 flags.DEFINE_bool("pixel_floor", True, "Also fit the linear classifier on raw pixels.")
 flags.DEFINE_bool("tiny", False, "Width 32, depth 2, heads 2, batch 64, float32 (tests).")
 flags.DEFINE_integer("max_examples", None, "Truncate the train split (tests).")
@@ -544,9 +545,10 @@ def report(workdir: str) -> dict:
 def run_study(workdir: str, archs=ARCHS, pixel_floor: bool = True, tensorboard: bool = False,
               diag_images: int = 64, figure_images: int = 8, **opts) -> dict:
   """The whole study; `opts` are `study_config`'s keyword arguments."""
+  known = load_config_module(opts.get("config_file", CONFIG_FILE)).ARCHS
   for arch in archs:
-    if arch not in ARCHS:
-      raise ValueError(f"--archs: {arch!r} is unknown; use {','.join(ARCHS)}")
+    if arch not in known:
+      raise ValueError(f"--archs: {arch!r} is unknown; use {','.join(known)}")
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   first = study_config("pretrain", archs[0] if archs else ARCHS[0], **opts)
