@@ -54,11 +54,14 @@ class ViTEncoder(nn.Module):
     if ids_keep is not None:
       visible = jnp.take_along_axis(x[:, 1:], ids_keep[..., None], axis=1)
       x = jnp.concatenate([x[:, :1], visible], axis=1)
+    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype)
     block = layers.remat_layer(layers.ViTBlock, self.remat_policy)
     for i in range(self.depth):
       x = block(self.heads, self.mlp_ratio,
                 self.drop_path * i / max(self.depth - 1, 1),
-                attention_impl=self.attention_impl, name=f"layer_{i}", **kw)(x, not train)
+                attention_impl=self.attention_impl, name=f"layer_{i}",
+                **kw)(x, not train, valid)
+    x = layers.valid_rows(x, valid)
     return layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
 
 
@@ -86,10 +89,12 @@ class ViTDecoder(nn.Module):
       x = self._embed_and_unshuffle(latent, ids_restore, grid, kw)
     else:
       x = latent
+    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype)
     block = layers.remat_layer(layers.ViTBlock, self.remat_policy)
     for i in range(self.depth):
       x = block(self.heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                name=f"layer_{i}", **kw)(x, not train)
+                name=f"layer_{i}", **kw)(x, not train, valid)
+    x = layers.valid_rows(x, valid)
     x = layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
     pred = nn.Dense(self.patch_size**2 * self.channels,
                     kernel_init=layers.partitioned(layers.xavier(), ("mlp", "pixels")),

@@ -39,7 +39,9 @@ def make_extract_fn(encoder) -> Callable:
     final, state = encoder.apply({"params": params}, images, None, False,
                                  capture_intermediates=_is_block)
     blocks = state["intermediates"]
-    tokens = [blocks[f"layer_{i}"]["__call__"][0] for i in range(encoder.depth)] + [final]
+    n = final.shape[1]   # block outputs may carry attention padding rows at the end
+    tokens = [blocks[f"layer_{i}"]["__call__"][0][:, :n] for i in range(encoder.depth)]
+    tokens.append(final)
     stacked = jnp.stack([t.astype(jnp.float32) for t in tokens])   # (layers, B, N, D)
     return {"cls": stacked[:, :, 0], "mean": stacked[:, :, 1:].mean(axis=2)}
   return jax.jit(fn)
