@@ -169,3 +169,20 @@ def test_cli_on_a_random_init_tiny_model(tmp_path):
 def test_cli_refuses_a_missing_checkpoint(tmp_path):
   proc = _cli(f"--checkpoint={tmp_path / 'none'}")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_split_arrays_are_the_normalised_eval_path():
+  from crate_mae_jax import augment_jax, input_pipeline
+  cfg = _tiny_quickstart()
+  x, y, classes = input_pipeline.split_arrays(cfg.data, "test", max_examples=50, batch_size=16)
+  assert x.shape == (50, 28, 28, 1) and x.dtype == np.float32 and y.shape == (50,)
+  assert classes == 10
+  source = input_pipeline.create(cfg.data, None, task="pretrain", batch_size=64, seed=0)
+  raw = next(iter(source.eval_batches()))
+  expected = source.device_augment(jax.random.key(0), raw["image"][:50], False)
+  np.testing.assert_allclose(x, np.asarray(expected), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(y, raw["label"][:50])
+  train_x, _, _ = input_pipeline.split_arrays(cfg.data, "train", max_examples=7)
+  assert len(train_x) == 7
+  images = np.ones((2, 4, 4, 3), np.float32)
+  assert augment_jax.identity_augment(jax.random.key(0), images, True) is images
