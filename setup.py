@@ -40,6 +40,7 @@ setup(
     entry_points={"console_scripts": [
         "crate-mae-train=crate_mae_jax.main:run",
         "crate-mae-convert=crate_mae_jax.convert_torch:main",
+        "crate-mae-eval=crate_mae_jax.evaluate:run",
         "crate-mae-plan=crate_mae_jax.plan:run",
     ]},
 )
