@@ -30,7 +30,8 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from crate_mae_jax import config_lib, layers, models, optim, sharding, state_lib, steps
+from crate_mae_jax import (augment_jax, config_lib, layers, models, optim, sharding,
+                           state_lib, steps)
 from crate_mae_jax.config_lib import ConfigError
 
 GiB = 2**30
@@ -139,14 +140,16 @@ def lower_train_step(config, mesh, num_train_examples: int = IMAGENET_TRAIN_EXAM
   rules = sharding.rules(config.mesh)
   abstract, shard = state_lib.state_shardings(model, tx, mesh, rules, init_inputs,
                                               init_kwargs)
-  # The tf.data pipeline delivers augmented float32 images (no device augment).
+  # The tf.data pipeline (ImageNet) delivers augmented float32 images.
+  augment = augment_jax.identity_augment
   if config.task == "pretrain":
     step_fn = steps.make_pretrain_step(model, tx, resolved["mask_ratio"],
-                                       config.accum_steps, None, schedule)
+                                       config.accum_steps, augment, schedule)
     batch = {"image": (config.batch_size, *train._sample_shape(config, resolved)[1:])}
   else:
     step_fn = steps.make_classify_step(model, tx, num_classes, config.accum_steps,
-                                       config.augment.label_smoothing, None, None, schedule)
+                                       config.augment.label_smoothing, None, augment,
+                                       schedule)
     batch = {"image": (config.batch_size, *train._sample_shape(config, resolved)[1:]),
              "label": (config.batch_size,)}
   batch = {k: jax.ShapeDtypeStruct(s, jax.numpy.float32 if k == "image" else jax.numpy.int32,
