@@ -1,4 +1,4 @@
-"""Shared test setup: CPU only, the golden fixtures from ../shared/fixtures."""
+"""Shared test setup: CPU only, the golden fixtures in tests/fixtures (see its README)."""
 import os
 import pathlib
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="session")
