@@ -358,6 +358,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if preemption.requested:
         logging.warning("Pre-empted at step %d: checkpoint saved", step)
         break
+  if not results and step >= total_steps:
+    # A finished run started again trains nothing: evaluate the restored final state
+    # (deterministic in seed and batch index) so it reports what the first run did.
+    logging.info("Step %d of %d already done: evaluating the final checkpoint", step,
+                 total_steps)
+    results = evaluate(config, source, mesh, eval_step, variables_of(state))
   manager.wait_until_finished()
   manager.close()
   if best_manager is not None:
