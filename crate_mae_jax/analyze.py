@@ -264,7 +264,14 @@ def main(argv) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run():
+  """Console-script entry point."""
   from absl import app
+  from crate_mae_jax import cli
+  cli.quiet_startup()
   _define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -171,8 +171,15 @@ def _array_source(loaded: dict, data_cfg, augment_cfg, *, task, batch_size, seed
 
 
 # ============================================================================ TF helpers
+@functools.cache
 def _tf():
+  """TensorFlow for tf.data only: hidden from the GPUs, which belong to JAX (TF would
+  otherwise reserve their memory)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF's devices were already initialised by someone else
+    logging.warning("TensorFlow already initialised its devices; it may hold GPU memory")
   return tf
 
 
@@ -470,6 +477,7 @@ def _limit_split(split: str, max_examples) -> str:
 
 
 def _tfds_builder(data_cfg):
+  _tf()  # hides the GPUs before TFDS touches TensorFlow
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   name = _get(data_cfg, "name")
   data_dir = _get(data_cfg, "data_dir")

@@ -1,7 +1,9 @@
-"""Command line entry point: parses flags and hands the config to `train`.
+r"""Command line entry point: parses flags and hands the config to `train`.
 
     python -m crate_mae_jax.main --config=configs/base.py --workdir=DIR \
         [--config.optim.base_lr=1e-4 ...]
+    crate-mae-train --config=base --workdir=DIR        # installed: configs ship with it
+    crate-mae-train --helpfull                         # every flag and config field
 
 Mistakes in the config or arguments (flag parsing included: unknown fields,
 wrong types, a missing config file) and data that cannot be used are reported
@@ -20,13 +22,21 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from crate_mae_jax import cli
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+config_flags.DEFINE_config_file("config", None, "A config file: configs/NAME.py[:ARG], or just "
+                                "NAME[:ARG] for one shipped with the package (base, "
+                                "quickstart, finetune:cifar10,base, ...).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and logs.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Call jax.distributed.initialize(): 'auto' does so when the environment "
                   "shows several processes (Cloud TPU pods, SLURM, JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_string("compilation_cache", None,
+                    "Folder of JAX's persistent compilation cache, or 'off' (default: "
+                    "$CRATE_MAE_JAX_COMPILATION_CACHE, $JAX_COMPILATION_CACHE_DIR, else "
+                    "~/.cache/crate_mae_jax/jax_cache), so that restarts do not recompile.")
 
 
 def _multi_process_env() -> bool:
@@ -76,7 +86,7 @@ def _flag_error_message(e: Exception, argv) -> str:
     return f"{arg}: the config has no field {field!r}; {hint}"
   if isinstance(e, flags.UnrecognizedFlagError):
     return (f"{' '.join(text.split())}; settings go through --config.FIELD=VALUE, the "
-            "other flags are --config, --workdir and --distributed")
+            "other flags are --config, --workdir, --distributed and --compilation_cache")
   if isinstance(e, flags.IllegalFlagValueError):
     one = " ".join(text.split())
     if one.startswith("flag --config=") or "parsing config file" in one:
@@ -104,7 +114,12 @@ def _config_file_message(e, argv) -> str:
 
 
 def _parse_flags(argv):
-  """absl's parser, but every mistake is one line and exit code 2."""
+  """absl's parser, but every mistake is one line and exit code 2; --help exits 0."""
+  argv = cli.rewrite_config_args(argv)
+  if cli.wants_help(argv):
+    from crate_mae_jax import config_lib
+    cli.print_help(argv, FLAGS, config_lib.default_config())
+    sys.exit(0)
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -199,6 +214,7 @@ def main(argv):
     jax.distributed.initialize(**kwargs)
   from crate_mae_jax import checkpoints, config_lib, summaries, train
   summaries.quiet_library_logs()
+  cli.enable_compilation_cache(FLAGS.compilation_cache)
   workdir = FLAGS.workdir
   try:
     config_lib.validate(config)
@@ -235,6 +251,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
+  cli.quiet_startup()
   app.run(main, flags_parser=_parse_flags)
 
 

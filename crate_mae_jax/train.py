@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from absl import logging
@@ -172,12 +173,19 @@ def _eval_iterator(source, config):
     yield i, batch
 
 
-def evaluate(config, source, mesh, eval_step, variables) -> dict:
+def evaluate(config, source, mesh, eval_step, variables, every_secs: float = 30.0) -> dict:
   totals: dict[str, float] = {}
+  num_batches = getattr(source, "num_eval_batches", None)
+  if config.eval.max_batches is not None and num_batches is not None:
+    num_batches = min(num_batches, config.eval.max_batches)
+  start = last = time.monotonic()
   for i, batch in _eval_iterator(source, config):
     out = jax.device_get(eval_step(variables, sharding.global_batch(batch, mesh), i))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
+    if time.monotonic() - last > every_secs:
+      last = time.monotonic()
+      logging.info("evaluating: batch %d/%s, %.0f s", i + 1, num_batches or "?", last - start)
   count = max(totals.pop("count", 0.0), 1.0)
   result = {"loss": totals.pop("loss_sum", 0.0) / count}
   result.update({k: v / count for k, v in totals.items()})
@@ -318,6 +326,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to skip such "
           "updates, or lower config.optim.base_lr)")
 
+  if start_step < total_steps:
+    logging.info("Compiling the %s train step for %d %s device(s) (this can take minutes on "
+                 "CPU; the compilation cache makes restarts faster) ...", config.task,
+                 jax.device_count(), jax.default_backend())
   train_iter = source.train_batches(start_step)
   pending: list = []
   step = start_step
