@@ -4,6 +4,8 @@ import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Tests write no compilation cache into the user's home.
+os.environ.setdefault("CRATE_MAE_JAX_COMPILATION_CACHE", "off")
 
 import fcntl
 import json

@@ -268,6 +268,7 @@ def _image_folder(root: pathlib.Path) -> dict:
 
 
 # ------------------------------------------------------------------ 1. kill -9
+@pytest.mark.slow
 def test_kill9_anywhere_resumes_from_last_complete_checkpoint(cache, baseline, tmp_path):
   """SIGKILL after the log line of a step, while a checkpoint is being written
   (its orbax tmp folder exists) and at random moments; each restart must resume

@@ -99,6 +99,7 @@ def test_probe_refuses_checkpoint_of_another_size(pretrained, tmp_path):
     train.train_and_evaluate(cfg, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_probe_and_finetune_on_shipped_subset(tmp_path):
   """The TF-free path: in-memory arrays, augmentation (RandAugment, mixup) on device."""
   pre = tmp_path / "pre"
