@@ -216,6 +216,18 @@ def _reconstruction_summaries(config, model, params, source, mesh, writer, step)
   return scalars
 
 
+def _record_run(workdir, config, mesh, writer, params, is_chief) -> None:
+  """The workdir's record of this start (config, command, versions, devices), the
+  config as TensorBoard hparams, and a table of the parameters in the log."""
+  from clu import parameter_overview
+  from crate_mae_jax import run_record
+  if is_chief:
+    run_record.record(workdir, config, mesh)
+    writer.write_hparams(run_record.hparams(config))
+  parameter_overview.log_parameter_overview(params, include_stats="sharding",
+                                            jax_logging_process=0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the configured task in `workdir`; returns the final metrics."""
   resolved = config_lib.validate(config)
@@ -304,6 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_step = state_lib.jit_eval_step(eval_fn, variables_shard, mesh, rules)
 
   writer = summaries.create_writer(workdir, is_chief)
+  _record_run(workdir, config, mesh, writer, state.params, is_chief)
   hooks = summaries.progress_hooks(total_steps, writer, workdir, is_chief,
                                    config.profile_steps,
                                    every_secs=10.0 if total_steps < 5000 else 60.0)
