@@ -137,7 +137,7 @@ _NOISE = (
     # JAX probes every installed platform; a CPU or GPU host has no TPU.
     "Unable to initialize backend 'tpu'",
     # Orbax, when a parameters-only restore leaves the other saved items alone.
-    "could not be restored",
+    "was found in the checkpoint, but could not be restored",
 )
 
 

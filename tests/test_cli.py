@@ -93,7 +93,9 @@ def test_quiet_startup_drops_only_the_known_noise(caplog):
   with caplog.at_level(logging.INFO):
     logging.getLogger("jax._src.xla_bridge").info(
         "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so")
-    logging.getLogger("absl").warning("Item 'train_state' could not be restored")
+    logging.getLogger("absl").warning(
+        'Item "%s" was found in the checkpoint, but could not be restored. Please provide',
+        "train_state")
     logging.getLogger("absl").warning("something that matters")
   text = caplog.text
   assert "Unable to initialize" not in text and "could not be restored" not in text
