@@ -57,7 +57,7 @@ def _apply(state: TrainState, tx, grads, loss, batch_stats=None) -> tuple[TrainS
       nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
       first_nonfinite_step=jnp.where(~finite & (state.first_nonfinite_step < 0),
                                      state.step, state.first_nonfinite_step))
-  return state, {"grad_norm": optax.global_norm(grads), "finite": finite.astype(jnp.float32)}
+  return state, {"grad_norm": optax.tree.norm(grads), "finite": finite.astype(jnp.float32)}
 
 
 def _accumulate(loss_and_grad: Callable, params, batch: dict, keys, accum_steps: int):
