@@ -219,11 +219,14 @@ def _reconstruction_summaries(config, model, params, source, mesh, writer, step)
 def _record_run(workdir, config, mesh, writer, params, is_chief) -> None:
   """The workdir's record of this start (config, command, versions, devices), the
   config as TensorBoard hparams, and a table of the parameters in the log."""
-  from clu import parameter_overview
   from crate_mae_jax import run_record
   if is_chief:
     run_record.record(workdir, config, mesh)
     writer.write_hparams(run_record.hparams(config))
+  try:
+    from clu import parameter_overview
+  except ImportError:  # a host without clu: the record above still holds the config
+    return
   parameter_overview.log_parameter_overview(params, include_stats="sharding",
                                             jax_logging_process=0)
 

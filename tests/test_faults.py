@@ -390,6 +390,7 @@ def test_nonfinite_skip_counts_and_carries_on(background):
 
 
 # ------------------------------------------------------------------ 4. bad data
+@pytest.mark.slow
 def test_bad_images_are_skipped_counted_and_logged(background):
   run = background["futures"]["bad_skip"].result()
   assert run.proc.returncode == 0, run.context()

@@ -67,6 +67,7 @@ def test_finetune_updates_encoder(pretrained, tmp_path):
   assert max(diff) > 0
 
 
+@pytest.mark.slow
 def test_restart_from_checkpoint_matches_uninterrupted_run(tmp_path):
   cfg = tiny_train_config("pretrain", num_train_steps=6, keep_checkpoints=10)
   full, cut = tmp_path / "full", tmp_path / "cut"
