@@ -29,6 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _hide_clu():
   sys.modules["clu"] = None  # `from clu import ...` raises ImportError
+  # ... and the tensorboardX writer too: the logging-only writer keeps no file open
+  # in the workdir, so the tests' tmpfs can be remounted read-only at any moment.
+  sys.modules["tensorboardX"] = None
 
 
 def _poison_steps(bad_steps):
