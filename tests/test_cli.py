@@ -129,5 +129,7 @@ def test_wheel_ships_configs_and_console_scripts(tmp_path):
   for config in (ROOT / "configs").glob("*.py"):
     assert f"crate_mae_jax/configs/{config.name}" in names
   assert "crate_mae_jax/data/fashion_mnist_subset.npz" in names
-  for script in ("train", "analyze", "convert", "benchmark", "plan", "quickstart"):
+  for module in (ROOT / "crate_mae_jax").rglob("*.py"):
+    assert str(module.relative_to(ROOT)) in names, f"{module} is not in the wheel"
+  for script in ("train", "analyze", "convert", "benchmark", "plan", "quickstart", "eval"):
     assert f"crate-mae-{script} = " in entry_points

@@ -67,6 +67,9 @@ def time_mode(args, mode: str, batch_size: int) -> dict:
   from model.crate_ae import crate_ae  # pylint: disable=import-outside-toplevel
   use_sdpa(mode.startswith("sdpa_"))
   compiled = mode.endswith("compile")
+  # A fresh compile per mode: dynamo would otherwise reuse the graph it traced
+  # for the previous mode (same code objects), attention and all.
+  torch._dynamo.reset()  # pylint: disable=protected-access
   torch.manual_seed(0)
   torch.cuda.empty_cache()
   torch.cuda.reset_peak_memory_stats()
@@ -110,7 +113,7 @@ def time_mode(args, mode: str, batch_size: int) -> dict:
              img_s=round(img_s, 1),
              model_tflops=None if gflop is None else round(3 * gflop * img_s / 1e3, 1),
              peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
-             first_step_s=round(first_s, 1), loss=float(loss))
+             first_step_s=round(first_s, 1), loss=float(loss.detach()))
   del model, opt, fwd
   return row
 

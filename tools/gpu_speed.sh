@@ -34,11 +34,9 @@ case "${1:-}" in
       | tail -45
     ;;
   table)
-    T=500 bench --arch crate_mae --variant tiny,small,large --batch_size 256 \
-      --json "$OUT/jax_variants.json"
-    bench --arch vit_mae --variant base --batch_size 256 --isolate --json "$OUT/jax_vit.json"
-    T=400 bench --variant base --remat_policy dots_with_no_batch_dims_saveable,full \
-      --batch_size 256 --json "$OUT/jax_remat.json"
+    # In order of importance; each step has its own time limit.
+    T=330 timeout 330 python3 tools/bench_official_torch.py --official_dir .official \
+      --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
     # The real loop: `main` with configs/base.py on in-memory data (device augmentation).
     python3 - <<'PY'
 import numpy as np
@@ -49,12 +47,19 @@ np.savez("/tmp/synthetic224.npz",
          test_images=rng.integers(0, 256, (256, 224, 224, 3), dtype=np.uint8),
          test_labels=np.zeros(256, np.int64))
 PY
-    timeout 300 python3 -m crate_mae_jax.main --config=configs/base.py --workdir=/tmp/main_base \
+    timeout 200 python3 -m crate_mae_jax.main --config=configs/base.py --workdir=/tmp/main_base \
       --config.data.source=arrays --config.data.path=/tmp/synthetic224.npz \
       --config.data.in_memory=True --config.batch_size=256 --config.num_train_steps=500 \
       --config.log_every_steps=50 --config.eval_every_steps=100000 \
-      --config.checkpoint_every_steps=100000 --config.model.dtype=bfloat16 \
-      2>&1 | tee "$OUT/main_base.log" | grep -E "steps/s|error|Error|final" | tail -20
+      --config.checkpoint_every_steps=100000 --config.eval.max_batches=1 \
+      > "$OUT/main_base.log" 2>&1; echo "main exit $?"
+    grep -E "steps/s|error|Error" "$OUT/main_base.log" | tail -8
+    T=330 bench --arch crate_mae --variant tiny,small,large --batch_size 256 \
+      --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_variants.json" | tail -6
+    bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
+      --warmup 2 --json "$OUT/jax_vit.json" | tail -3
+    bench --variant base --remat_policy full --isolate --batch_size 256 --steps 10 \
+      --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -3
     python3 -m crate_mae_jax.benchmark --report "$OUT"/jax_*.json
     ;;
   *) echo "usage: $0 defaults|table"; exit 2 ;;
