@@ -58,15 +58,15 @@ def _break_disk(code: int, after: int, workdir: str):
   """OSError(code) for writes under `workdir` once `after` saves have started."""
   import builtins
   import pathlib
-  from crate_mae_jax import train
+  from crate_mae_jax import checkpoints
   root = os.path.abspath(workdir)
   saves = {"n": 0}
-  original_save = train.save
+  original_save = checkpoints.TrainCheckpoints.save
 
   def counting_save(*args, **kwargs):
     saves["n"] += 1
     return original_save(*args, **kwargs)
-  train.save = counting_save
+  checkpoints.TrainCheckpoints.save = counting_save
 
   def broken(path) -> bool:
     try:
