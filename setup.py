@@ -38,6 +38,6 @@ setup(
     },
     entry_points={"console_scripts": [
         "crate-mae-train=crate_mae_jax.main:run",
-        "crate-mae-convert=crate_mae_jax.convert_torch:main",
+        "crate-mae-convert=crate_mae_jax.convert_torch:run",
     ]},
 )

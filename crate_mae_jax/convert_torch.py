@@ -21,6 +21,7 @@ Errors (a state dict that does not fit, an unreadable file, a bad --heads) end
 the CLI with exit code 2 and one line on stderr naming every offending key.
 """
 import argparse
+import os
 import re
 import sys
 from typing import Mapping
@@ -261,5 +262,14 @@ def main(argv=None) -> int:
   return 0
 
 
+def run() -> None:
+  """Process entry point: ends the process even if a failed Orbax save left
+  its (non-daemon) writer threads behind."""
+  code = main()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

@@ -30,25 +30,31 @@ class TrainingStopped(RuntimeError):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls between steps."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop polls between steps,
+  so both save a checkpoint at the current step; `interrupted` names a Ctrl-C."""
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.interrupted = None
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
+    del frame
+    name = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint at the current step, then exiting", name)
     self.requested = True
+    if signum == signal.SIGINT:
+      self.interrupted = "Ctrl-C"
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _dtype_of(name: str):
@@ -320,6 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     best_manager.close()
   writer.flush()
   results = {k: float(v) for k, v in results.items()}
+  if preemption.interrupted:
+    results["interrupted"] = preemption.interrupted
   results.update(step=step, preempted=preemption.requested,
                  nonfinite_count=int(jax.device_get(state.nonfinite_count)),
                  skipped_bad_images=int(source.stats.get("skipped_bad_images", 0)))

@@ -1,0 +1,67 @@
+"""One run per workdir: an advisory lock held for the life of the process.
+
+Two runs writing one workdir would delete and overwrite each other's
+checkpoints. `acquire` takes an exclusive `fcntl.flock` on `<workdir>/.lock`
+(one file per process of a multi-host run, so every process of a second run is
+refused, not only the first). The operating system drops the lock when the
+process dies, even by `kill -9`, so a stale lock never blocks a restart; the
+file's text (pid, host, start time) only serves to name the running holder.
+Object stores (gs://) and file systems without locks are not locked (logged).
+"""
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+
+from absl import logging
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live process holds the workdir's lock."""
+
+
+def _path(workdir: str, process_index: int) -> str:
+  name = ".lock" if process_index == 0 else f".lock.process_{process_index}"
+  return os.path.join(workdir, name)
+
+
+def acquire(workdir: str, process_index: int = 0):
+  """Returns an open lock file to keep for the life of the run (None where the
+  file system cannot lock); raises WorkdirBusyError naming the holder."""
+  if "://" in workdir:
+    logging.info("Not locking %s: object stores have no file locks; run one job per workdir",
+                 workdir)
+    return None
+  path = _path(workdir, process_index)
+  f = open(path, "a+")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      f.seek(0)
+      holder = _describe(f.read())
+      f.close()
+      raise WorkdirBusyError(
+          f"--workdir {workdir!r} is in use by another run ({holder}); wait for it to "
+          "finish or stop it, or pick another --workdir") from None
+    f.close()
+    logging.warning("Not locking %s (%s): this file system has no locks; run one job per "
+                    "workdir", workdir, os.strerror(e.errno or 0))
+    return None
+  f.seek(0)
+  f.truncate()
+  json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                 timespec="seconds")}, f)
+  f.flush()
+  return f
+
+
+def _describe(text: str) -> str:
+  try:
+    info = json.loads(text)
+    return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+  except (ValueError, KeyError, TypeError):
+    return "holder unknown"
