@@ -65,6 +65,8 @@ def _flag_error_message(e: Exception, argv) -> str:
   text = str(e)
   if isinstance(e, AttributeError) and "has no attribute 'get_config'" in text:
     return _config_file_message(e, argv, what="the file defines no get_config()")
+  if isinstance(e, (KeyError, AttributeError)) and "'NoneType'" in text:
+    return _config_file_message(e, argv, what=_RETURNED_NONE)
   if isinstance(e, (KeyError, AttributeError)):
     while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
       e = e.args[0]
@@ -91,6 +93,10 @@ def _flag_error_message(e: Exception, argv) -> str:
   if isinstance(e, (OSError, SyntaxError)) or "parsing config file" in text:
     return _config_file_message(e, argv)
   return f"{type(e).__name__}: {' '.join(text.split())}"
+
+
+_RETURNED_NONE = ("its get_config() returned None; return the ConfigDict (e.g. "
+                  "`return recipes.quickstart('pretrain')`)")
 
 
 def _config_file_message(e, argv, what: str | None = None) -> str:
@@ -244,9 +250,7 @@ def main(argv):
   if type(config).__name__ == "_ErrorConfig":  # ml_collections defers file errors
     _fail(_config_file_message(vars(config).get("_error"), sys.argv))
   if config is None and any(a.startswith("--config=") for a in sys.argv):
-    _fail(_config_file_message(None, sys.argv, what=(
-        "its get_config() returned None; return the ConfigDict (e.g. "
-        "`return recipes.quickstart('pretrain')`)")))
+    _fail(_config_file_message(None, sys.argv, what=_RETURNED_NONE))
   if config is None:
     _fail("--config is required: a configs/*.py file, e.g. --config=configs/quickstart.py")
   if FLAGS.workdir is None:
