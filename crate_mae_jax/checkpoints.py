@@ -172,6 +172,10 @@ class NonFiniteStateError(RuntimeError):
   """A state about to be saved holds NaN/inf parameters or optimizer state."""
 
 
+class CheckpointFolderLost(RuntimeError):
+  """The checkpoint folder vanished while training (deleted, unmounted)."""
+
+
 class TrainCheckpoints:
   """The checkpoints of one training run: save, verify, restore, keep the best.
 
@@ -198,6 +202,14 @@ class TrainCheckpoints:
     self._async = asynchronous and not best_metric
     self._options = options
     self.manager = self._open()
+    self._folder = self._identity()
+
+  def _identity(self):
+    try:
+      info = os.stat(self.directory)
+    except OSError:
+      return None
+    return (info.st_dev, info.st_ino)
 
   def _open(self):
     return ocp.CheckpointManager(self.directory, options=self._options,
@@ -205,6 +217,12 @@ class TrainCheckpoints:
 
   # -- saving
   def save(self, state, meta: dict, metrics: dict | None = None) -> None:
+    if _local(self.directory) and self._identity() != self._folder:
+      # Orbax quietly re-creates it (a new inode): every earlier checkpoint is gone.
+      raise CheckpointFolderLost(
+          f"the checkpoint folder {self.directory!r} disappeared during training (deleted "
+          "or unmounted?); training stopped; restore it and rerun to resume, or rerun to "
+          "start from scratch")
     params, rest = _split_state(state)
     if not bool(jax.device_get(_all_finite((params, rest["opt_state"])))):
       raise NonFiniteStateError(

@@ -278,7 +278,8 @@ def main(argv):
   except (config_lib.ConfigError, checkpoints.CheckpointError,
           workdir_lock.WorkdirBusyError) as e:
     _exit(str(e), 2)
-  except (train.TrainingStopped, checkpoints.NonFiniteStateError) as e:
+  except (train.TrainingStopped, checkpoints.NonFiniteStateError,
+          checkpoints.CheckpointFolderLost) as e:
     logging.error("%s", e)
     _exit(str(e), 1)
   except KeyboardInterrupt:
