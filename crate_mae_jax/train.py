@@ -225,6 +225,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if state is not None:
     logging.info("Resuming from %s/%d", ckpt_dir, latest)
   else:
+    if encoder_params is None and config.task != "pretrain" and config.init_from:
+      # Every step of the workdir was damaged: start over from init_from.
+      encoder_params, _ = _encoder_from(config.init_from, config)
+      checkpoints.check_compatible(encoder_params, abstract_params["encoder"],
+                                   where=config.init_from)
     state, _ = state_lib.init_state(model, tx, mesh, rules, init_inputs, init_kwargs,
                                     jax.random.key(config.seed), params_override=override)
   start_step = int(jax.device_get(state.step))
@@ -278,8 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bad = int(jax.device_get(state.first_nonfinite_step))
       manager.wait()  # the last good checkpoint may still be in flight
       raise TrainingStopped(
-          f"non-finite loss, gradient or updated state at step {bad}; training stopped, the last good "
-          f"checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to skip such "
+          f"non-finite loss, gradient or updated state at step {bad}; training stopped, "
+          f"the last good checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to skip such "
           "updates, or lower config.optim.base_lr)")
 
   train_iter = source.train_batches(start_step)

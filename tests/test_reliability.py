@@ -216,7 +216,8 @@ def test_image_folder_symlink_loop_reads_each_image_once(tmp_path):
       (tmp_path / c / f"{i}.png").write_bytes(b"png")
   (tmp_path / "a" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
   (tmp_path / "b" / "other").symlink_to(tmp_path / "a", target_is_directory=True)
-  classes, per_class = input_pipeline._class_files(str(tmp_path))  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  classes, per_class = input_pipeline._class_files(str(tmp_path))
   assert classes == ["a", "b"]
   assert [len(f) for f in per_class] == [3, 3], per_class
   everything = [os.path.realpath(f) for files in per_class for f in files]
