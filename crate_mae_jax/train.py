@@ -269,10 +269,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "num_classes": num_classes if config.task != "pretrain" else None,
           "data_position": "step"}
   best_manager, best_value = None, None
-  if config.keep_best:
-    best_manager = checkpoints.TrainCheckpoints(
-        os.path.join(workdir, "checkpoints_best"), best_metric=best_metric, best_mode=best_mode)
-    best_value = best_manager.best_value()  # a resumed run keeps its best unless beaten
   results: dict = {}
   logging.info("%s: %d steps (%.1f per epoch), global batch %d on %d devices, mesh %s",
                config.task, total_steps, steps_per_epoch, config.batch_size,
@@ -313,6 +309,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if config.task == "pretrain":
           writer.write_scalars(step, _reconstruction_summaries(
               config, model, state.params, source, mesh, writer, step) or {})
+        if config.keep_best and best_manager is None:  # opened at the first eval
+          best_manager = checkpoints.TrainCheckpoints(
+              os.path.join(workdir, "checkpoints_best"), best_metric=best_metric,
+              best_mode=best_mode)
+          best_value = best_manager.best_value()  # a resumed run keeps its best unless beaten
         value = results.get(best_metric)
         improved = value is not None and (best_value is None or (
             value < best_value if best_mode == "min" else value > best_value))
