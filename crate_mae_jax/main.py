@@ -9,7 +9,9 @@ as one line `error: ...` naming the field and the fix, with exit code 2, before
 anything is compiled. Training that has to stop (non-finite values with
 config.nonfinite='stop', a workdir that became read-only or full) ends with one
 line `error: ...` and exit code 1; the last complete checkpoint is kept. SIGTERM
-saves a checkpoint at the current step and exits with 0.
+saves a checkpoint at the current step and exits with 0; Ctrl-C does the same and
+exits with 130. A workdir another live run holds (its lock) is refused, exit 2.
+Failures end the process with os._exit, so no background writer can hang it.
 """
 import errno
 import logging as std_logging
