@@ -35,33 +35,31 @@ def acquire(workdir: str, process_index: int = 0):
                  workdir)
     return None
   path = _path(workdir, process_index)
-  f = open(path, "a+")  # pylint: disable=consider-using-with
+  # Held through a read-only descriptor: a file open for writing for the whole
+  # run would keep its file system from being remounted read-only.
+  fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
   try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as e:
+    os.close(fd)
     if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-      f.seek(0)
-      holder = _describe(f.read())
-      f.close()
       raise WorkdirBusyError(
-          f"--workdir {workdir!r} is in use by another run ({holder}); wait for it to "
-          "finish or stop it, or pick another --workdir") from None
-    f.close()
+          f"--workdir {workdir!r} is in use by another run ({_describe(path)}); wait for it "
+          "to finish or stop it, or pick another --workdir") from None
     logging.warning("Not locking %s (%s): this file system has no locks; run one job per "
                     "workdir", workdir, os.strerror(e.errno or 0))
     return None
-  f.seek(0)
-  f.truncate()
-  json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                 timespec="seconds")}, f)
-  f.flush()
-  return f
+  with open(path, "w") as f:
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                   timespec="seconds")}, f)
+  return os.fdopen(fd, "r")
 
 
-def _describe(text: str) -> str:
+def _describe(path: str) -> str:
   try:
-    info = json.loads(text)
+    with open(path) as f:
+      info = json.load(f)
     return f"pid {info['pid']} on {info['host']}, started {info['started']}"
-  except (ValueError, KeyError, TypeError):
+  except (OSError, ValueError, KeyError, TypeError):
     return "holder unknown"
