@@ -1,7 +1,9 @@
 """Throughput of the pre-training step: img/s, ms/step, TFLOP/s, peak memory.
 
-    python -m crate_mae_jax.benchmark --variant base --dtype bfloat16 \
-        --attention_impl cudnn --batch_size 256 --json out.json
+    python -m crate_mae_jax.benchmark --variant base --batch_size 256 --json out.json
+
+Its defaults are the training defaults (`configs/base.py` in bf16: attention
+'auto', the GPU XLA flags of `xla_defaults`), so it measures what users get.
 
 Times the compiled train step (forward, backward and the pre-training AdamW of
 `optim.create`) exactly as training runs it (`state_lib.jit_train_step`: state
@@ -211,7 +213,7 @@ def build(args):
   c.model = models.model_config(args.variant, args.arch)
   c.model.dtype = args.dtype
   c.model.mask_ratio = args.mask_ratio
-  c.model.attention_impl = None if args.attention_impl in ("none", "default") \
+  c.model.attention_impl = "auto" if args.attention_impl in ("none", "default") \
       else args.attention_impl
   c.model.remat_policy = None if args.remat_policy == "none" else args.remat_policy
   for key in ("width", "depth", "heads", "patch_size"):
@@ -263,7 +265,10 @@ def run_one(args) -> dict:
       remat_policy=args.remat_policy, mesh=args.mesh, mask_ratio=args.mask_ratio,
       xla_flags=os.environ.get("XLA_FLAGS", ""), label=args.label)
   compiled, state, batch, r, _, compile_s, params, hlo_flops = build(args)
-  row.update(params=params, compile_s=round(compile_s, 2))
+  from crate_mae_jax import layers, models  # pylint: disable=import-outside-toplevel
+  row.update(params=params, compile_s=round(compile_s, 2),
+             attention_resolved=layers.resolve_attention(r["attention_impl"],
+                                                         models.DTYPES[r["dtype"]]))
 
   for _ in range(max(args.warmup, 1)):
     state, metrics = compiled(state, batch)
@@ -728,6 +733,8 @@ def _print_profile(row):
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
+  from crate_mae_jax import xla_defaults  # the training defaults, before JAX starts
+  xla_defaults.apply()
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--variant", default="base", help="tiny/small/base/large, a comma list, or all")
@@ -735,8 +742,9 @@ def main(argv=None):
   ap.add_argument("--batch_size", default="256", help="global batch (comma list allowed)")
   ap.add_argument("--image_size", type=int, default=224)
   ap.add_argument("--dtype", default="bfloat16", help="compute dtype: float32, bfloat16")
-  ap.add_argument("--attention_impl", default="none",
-                  help="none (JAX default), xla, cudnn, explicit (comma list allowed)")
+  ap.add_argument("--attention_impl", default="auto",
+                  help="auto (the training default: cuDNN on GPU in bf16/fp16, else XLA), "
+                       "xla, cudnn, explicit (comma list allowed)")
   ap.add_argument("--remat_policy", default="none",
                   help="none, full or a jax.checkpoint_policies name (comma list allowed)")
   ap.add_argument("--width", type=int, default=0, help="override the variant's width")

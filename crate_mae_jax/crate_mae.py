@@ -57,13 +57,15 @@ class CrateEncoder(nn.Module):
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
     x = add_position(jnp.concatenate([cls, x], axis=1), _grid(images, self.patch_size))
     x = layers.constrain(x, layers.ACT)
+    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype)
     layer_cls = layers.remat_layer(layers.CrateEncoderLayer, self.remat_policy)
     for i in range(self.depth):
       x = layer_cls(self.heads, self.width // self.heads, self.ista_step,
                     self.ista_lambda, self.ista_fused,
                     self.drop_path * i / max(self.depth - 1, 1),
                     attention_impl=self.attention_impl, name=f"layer_{i}",
-                    **kw)(x, not train)
+                    **kw)(x, not train, valid)
+    x = layers.valid_rows(x, valid)
     return layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
 
 
@@ -82,12 +84,13 @@ class CrateDecoder(nn.Module):
   @nn.compact
   def __call__(self, latent: jax.Array, train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = latent
+    x, valid = layers.stack_padding(latent, self.attention_impl, self.dtype)
     layer_cls = layers.remat_layer(layers.CrateDecoderLayer, self.remat_policy)
     for i in range(self.depth):
       x = layer_cls(self.heads, self.width // self.heads,
                     attention_impl=self.attention_impl, name=f"layer_{i}",
-                    **kw)(x, not train)
+                    **kw)(x, not train, valid)
+    x = layers.valid_rows(x, valid)
     x = layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
     pred = nn.Dense(
         self.patch_size**2 * self.channels,

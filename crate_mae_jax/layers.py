@@ -74,46 +74,111 @@ class DropPath(nn.Module):
     return jnp.where(keep_mask, x / keep, jnp.zeros_like(x))
 
 
-def attention(q, k, v, scale: float, implementation: str | None) -> jax.Array:
+ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn")
+HALF_DTYPES = (jnp.bfloat16, jnp.float16)
+# cuDNN's fused training kernels want token counts in multiples of this.
+CUDNN_TOKEN_MULTIPLE = 16
+# Attention paths whose layer stacks pad the tokens once (see `stack_padding`).
+STACK_PADDED = ("cudnn",)
+# ... when padding adds at most this fraction of tokens: 197 -> 208 (+5.6 %)
+# pays, ViT-MAE's 50 visible tokens -> 64 (+28 %) would cost more in its MLPs
+# than it saves, so those stacks pad inside each attention call instead.
+STACK_PADDING_MAX_OVERHEAD = 0.10
+
+
+def resolve_attention(implementation: str | None, dtype: Dtype,
+                      platform: str | None = None) -> str:
+  """The attention kernel 'auto' (or None) stands for on this backend and dtype.
+
+  cuDNN's fused kernel on NVIDIA GPUs in bf16/fp16 (the fastest path there by
+  far: it never writes the logits to memory); XLA's `dot_product_attention`
+  everywhere else: TPUs, CPUs and float32, where it is the exact path the golden
+  fixtures are checked on. `platform` defaults to JAX's default backend; the pod
+  planner passes 'tpu' when it compiles for a topology from a CPU host.
+  """
+  if implementation not in (None, "auto"):
+    return implementation
+  platform = platform or jax.default_backend()
+  if platform in ("gpu", "cuda") and jnp.dtype(dtype) in HALF_DTYPES:
+    return "cudnn"
+  return "xla"
+
+
+def attention(q, k, v, scale: float, implementation: str,
+              valid_length: int | None = None) -> jax.Array:
   """softmax(q kᵀ · scale) v over (batch, tokens, heads, head_dim) arrays.
 
-  'explicit' forms the logits with einsums and takes the softmax in float32;
-  anything else goes to `jax.nn.dot_product_attention` (None lets JAX pick the
-  fastest kernel the backend has, 'cudnn' insists on the fused GPU kernel).
+  `implementation` is a resolved name (see `resolve_attention`): 'explicit'
+  forms the logits with einsums and takes the softmax in float32, 'cudnn' is
+  the fused GPU kernel, 'xla' is `jax.nn.dot_product_attention` on XLA.
+  `valid_length` (self-attention only): the tokens from that index on are
+  padding, masked out as keys (every path supports it; the layer stacks pad
+  only for cuDNN); their rows of the output are meaningless.
   """
+  if implementation == "cudnn":
+    return cudnn_attention(q, k, v, scale, valid_length)
+  lengths = None
+  if valid_length is not None and valid_length < k.shape[1]:
+    lengths = jnp.full((q.shape[0],), valid_length, jnp.int32)
   if implementation == "explicit":
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if lengths is not None:
+      logits = jnp.where(jnp.arange(k.shape[1]) < valid_length, logits, -jnp.inf)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-  if implementation == "cudnn":
-    return cudnn_attention(q, k, v, scale)
-  return jax.nn.dot_product_attention(q, k, v, scale=scale,
-                                      implementation=implementation)
+  if implementation in ("xla", "auto", None):
+    # Key lengths only: padded query rows then stay finite (an all-masked
+    # row could turn into NaN and poison the weight gradients).
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla",
+                                        key_value_seq_lengths=lengths)
+  raise ValueError(f"attention implementation {implementation!r} is unknown; "
+                   f"use one of {ATTENTION_IMPLS}")
 
 
-def cudnn_attention(q, k, v, scale: float, multiple: int = 16) -> jax.Array:
-  """cuDNN fused attention for any sequence length.
+def padded_length(n: int, multiple: int = CUDNN_TOKEN_MULTIPLE) -> int:
+  return -(-n // multiple) * multiple
+
+
+def pad_tokens(x: jax.Array, length: int) -> jax.Array:
+  """Zero-pads the token axis (axis 1) of x to `length`."""
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (0, length - x.shape[1])
+  return jnp.pad(x, pad)
+
+
+def cudnn_attention(q, k, v, scale: float, valid_length: int | None = None,
+                    multiple: int = CUDNN_TOKEN_MULTIPLE) -> jax.Array:
+  """cuDNN fused self-attention for any sequence length.
 
   cuDNN's training kernels reject odd lengths such as 197 = 14² + 1 tokens, so
-  the sequences are zero-padded to a multiple of `multiple` and the padding is
-  masked out through the sequence lengths: the softmax runs over the real keys
-  only and the padded query rows are dropped, the same function as unpadded
-  attention. (bf16/fp16 only, as cuDNN.)
+  the tokens are zero-padded to a multiple of `multiple` (unless the caller has
+  already padded them once for the whole stack, passing `valid_length`) and the
+  padding is masked out through the sequence lengths: the softmax runs over the
+  real keys only, the same function as unpadded attention. (bf16/fp16 only.)
   """
+  if not q.shape[1] == k.shape[1] == v.shape[1]:
+    raise ValueError("cudnn_attention is self-attention: q, k and v need one length")
   b, t = q.shape[:2]
-  s = k.shape[1]
-  tp, sp = -(-t // multiple) * multiple, -(-s // multiple) * multiple
-  if (tp, sp) == (t, s):
+  valid = t if valid_length is None else valid_length
+  tp = padded_length(t, multiple)
+  if tp == t and valid == t:
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
-  k_pad = pad(k, sp)
-  q_pad = k_pad if q is k and tp == sp else pad(q, tp)
-  v_pad = k_pad if v is k else pad(v, sp)
+  if tp != t:
+    k_pad = pad_tokens(k, tp)
+    q_pad = k_pad if q is k else pad_tokens(q, tp)
+    v_pad = k_pad if v is k else pad_tokens(v, tp)
+  else:
+    q_pad, k_pad, v_pad = q, k, v
+  lengths = jnp.full((b,), valid, jnp.int32)
   out = jax.nn.dot_product_attention(
       q_pad, k_pad, v_pad, scale=scale, implementation="cudnn",
-      query_seq_lengths=jnp.full((b,), t, jnp.int32),
-      key_value_seq_lengths=jnp.full((b,), s, jnp.int32))
+      query_seq_lengths=lengths, key_value_seq_lengths=lengths)
   return out[:, :t]
+
+
+def valid_rows(x: jax.Array, valid_length: int | None) -> jax.Array:
+  """The real tokens of a padded (batch, tokens, ...) activation, for sown values."""
+  return x if valid_length is None else x[:, :valid_length]
 
 
 class MSSA(nn.Module):
@@ -131,15 +196,16 @@ class MSSA(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid_length: int | None = None) -> jax.Array:
     width = x.shape[-1]
     w = nn.DenseGeneral(
         (self.heads, self.head_dim), use_bias=False, dtype=self.dtype,
         param_dtype=self.param_dtype,
         kernel_init=partitioned(xavier(), ("embed", "heads", "head_dim")),
         name="subspaces")(x)
-    self.sow("intermediates", "subspace_proj", w)
-    out = attention(w, w, w, self.head_dim**-0.5, self.attention_impl)
+    self.sow("intermediates", "subspace_proj", valid_rows(w, valid_length))
+    impl = resolve_attention(self.attention_impl, self.dtype)
+    out = attention(w, w, w, self.head_dim**-0.5, impl, valid_length)
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=partitioned(xavier(), ("heads", "head_dim", "embed")),
@@ -161,7 +227,7 @@ class ISTA(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid_length: int | None = None) -> jax.Array:
     d = x.shape[-1]
     dictionary = self.param("dictionary",
                             partitioned(kaiming_uniform(), ("embed", "dict")),
@@ -175,7 +241,7 @@ class ISTA(nn.Module):
       dictionary = dictionary.astype(self.dtype)
       update = x @ dictionary - (x @ dictionary.T) @ dictionary
     out = jax.nn.relu(x + self.step_size * update - self.step_size * self.lambd)
-    self.sow("intermediates", "sparse_code", out)
+    self.sow("intermediates", "sparse_code", valid_rows(out, valid_length))
     return out
 
 
@@ -192,15 +258,17 @@ class CrateEncoderLayer(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, z: jax.Array, deterministic: bool = True,
+               valid_length: int | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layer_norm(BLOCK_NORM_EPS, name="norm_mssa", **kw)(z)
     h = MSSA(self.heads, self.head_dim, attention_impl=self.attention_impl,
-             name="mssa", **kw)(h)
+             name="mssa", **kw)(h, valid_length)
     z = z + DropPath(self.drop_path)(h, deterministic)
     z = constrain(z, ACT)
     h = layer_norm(BLOCK_NORM_EPS, name="norm_ista", **kw)(z)
-    z = ISTA(self.ista_step, self.ista_lambda, self.ista_fused, name="ista", **kw)(h)
+    z = ISTA(self.ista_step, self.ista_lambda, self.ista_fused, name="ista",
+             **kw)(h, valid_length)
     return constrain(z, ACT)
 
 
@@ -213,18 +281,19 @@ class CrateDecoderLayer(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               valid_length: int | None = None) -> jax.Array:
     del deterministic
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layer_norm(BLOCK_NORM_EPS, name="norm_dict", **kw)(x)
     y = nn.Dense(x.shape[-1], use_bias=False,
                  kernel_init=partitioned(kaiming_uniform(), ("dict", "embed")),
                  name="dictionary", **kw)(h)
-    self.sow("intermediates", "dictionary_out", y)
+    self.sow("intermediates", "dictionary_out", valid_rows(y, valid_length))
     y = constrain(y, ACT)
     h = layer_norm(BLOCK_NORM_EPS, name="norm_mssa", **kw)(y)
     h = MSSA(self.heads, self.head_dim, attention_impl=self.attention_impl,
-             name="mssa", **kw)(h)
+             name="mssa", **kw)(h, valid_length)
     return constrain(y - h, ACT)
 
 
@@ -254,7 +323,8 @@ class ViTBlock(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               valid_length: int | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = x.shape[-1]
     head_dim = width // self.heads
@@ -265,7 +335,8 @@ class ViTBlock(nn.Module):
         bias_init=partitioned(init.zeros, (None, "heads", "head_dim")),
         name="qkv", **kw)(h)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    h = attention(q, k, v, head_dim**-0.5, self.attention_impl)
+    h = attention(q, k, v, head_dim**-0.5,
+                  resolve_attention(self.attention_impl, self.dtype), valid_length)
     h = nn.DenseGeneral(
         width, axis=(-2, -1),
         kernel_init=partitioned(xavier(), ("heads", "head_dim", "embed")),
@@ -304,6 +375,24 @@ def token(module: nn.Module, name: str, width: int, dtype: Dtype) -> jax.Array:
                       (1, 1, width), dtype)
 
 
+def stack_padding(x: jax.Array, attention_impl: str | None, dtype: Dtype
+                  ) -> tuple[jax.Array, int | None]:
+  """Pads the tokens once for a whole stack of layers when cuDNN attention runs.
+
+  Padding and slicing in every layer costs a pass over the activations each
+  time; padding once and masking the padded keys by length gives the real
+  tokens exactly the same values (their rows never mix with the padding, and
+  the padding's rows are dropped at the end, so their gradients are zero).
+  Returns the padded array and the number of real tokens (None: not padded).
+  """
+  if resolve_attention(attention_impl, dtype) not in STACK_PADDED:
+    return x, None
+  n = x.shape[1]
+  if padded_length(n) == n or padded_length(n) > n * (1 + STACK_PADDING_MAX_OVERHEAD):
+    return x, None
+  return pad_tokens(x, padded_length(n)), n
+
+
 def remat_layer(layer_cls, policy: str | None):
   """Wraps a layer class in `nn.remat` with a named checkpoint policy.
 
@@ -313,6 +402,6 @@ def remat_layer(layer_cls, policy: str | None):
   if policy is None or policy == "none":
     return layer_cls
   if policy == "full":
-    return nn.remat(layer_cls, static_argnums=(2,))
-  return nn.remat(layer_cls, static_argnums=(2,),
+    return nn.remat(layer_cls, static_argnums=(2, 3))
+  return nn.remat(layer_cls, static_argnums=(2, 3),
                   policy=getattr(jax.checkpoint_policies, policy))

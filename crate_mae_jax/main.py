@@ -298,6 +298,8 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
+  from crate_mae_jax import xla_defaults  # before JAX creates its backends
+  xla_defaults.apply()
   app.run(main, flags_parser=_parse_flags)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from crate_mae_jax import layers
 from crate_mae_jax.crate_mae import CrateEncoder, CrateMAE
 from crate_mae_jax.vit_mae import ViTEncoder, ViTMAE
 
@@ -54,7 +55,8 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
       drop_path=0.0,                     # downstream fine-tuning only
       dtype="float32",                   # compute dtype; "bfloat16" for mixed precision
       param_dtype="float32",
-      attention_impl=placeholder(str),   # None (JAX picks), "explicit", "xla", "cudnn"
+      attention_impl="auto",             # "auto" (cuDNN on GPU in bf16/fp16, else XLA),
+                                         # "explicit", "xla", "cudnn"
       remat_policy=placeholder(str),     # None, "full" or a jax.checkpoint_policies name
   ))
 
@@ -100,9 +102,11 @@ def resolve(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   for key in ("dtype", "param_dtype"):
     if out[key] not in DTYPES:
       raise ValueError(f"config.model.{key}={out[key]!r} is unknown; use one of {tuple(DTYPES)}")
-  if out["attention_impl"] not in (None, "explicit", "xla", "cudnn"):
+  if out["attention_impl"] is None:      # older configs and checkpoints' metadata
+    out["attention_impl"] = "auto"
+  if out["attention_impl"] not in layers.ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl={out['attention_impl']!r} is unknown; "
-                     "use None, 'explicit', 'xla' or 'cudnn'")
+                     f"use one of {layers.ATTENTION_IMPLS}")
   policy = out["remat_policy"]
   if policy not in (None, "none", "full") and not hasattr(jax.checkpoint_policies, policy):
     raise ValueError(f"config.model.remat_policy={policy!r} is unknown; use None, 'full' "

@@ -38,11 +38,14 @@ class ViTEncoder(nn.Module):
     if ids_keep is not None:
       visible = jnp.take_along_axis(x[:, 1:], ids_keep[..., None], axis=1)
       x = jnp.concatenate([x[:, :1], visible], axis=1)
+    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype)
     block = layers.remat_layer(layers.ViTBlock, self.remat_policy)
     for i in range(self.depth):
       x = block(self.heads, self.mlp_ratio,
                 self.drop_path * i / max(self.depth - 1, 1),
-                attention_impl=self.attention_impl, name=f"layer_{i}", **kw)(x, not train)
+                attention_impl=self.attention_impl, name=f"layer_{i}",
+                **kw)(x, not train, valid)
+    x = layers.valid_rows(x, valid)
     return layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
 
 
@@ -73,10 +76,12 @@ class ViTDecoder(nn.Module):
     shuffled = jnp.concatenate([x[:, 1:], fill], axis=1)
     unshuffled = jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
     x = add_position(jnp.concatenate([x[:, :1], unshuffled], axis=1), grid)
+    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype)
     block = layers.remat_layer(layers.ViTBlock, self.remat_policy)
     for i in range(self.depth):
       x = block(self.heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                name=f"layer_{i}", **kw)(x, not train)
+                name=f"layer_{i}", **kw)(x, not train, valid)
+    x = layers.valid_rows(x, valid)
     x = layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
     pred = nn.Dense(self.patch_size**2 * self.channels,
                     kernel_init=layers.partitioned(layers.xavier(), ("mlp", "pixels")),

@@ -17,6 +17,12 @@ forward FLOPs of `crate_mae_jax.benchmark.forward_flops`, the same count the
 JAX benchmark uses) and the peak memory torch allocated
 (torch.cuda.max_memory_allocated). `compile` wraps the model in
 torch.compile (default mode); the optimizer step stays eager (fused kernel).
+The `sdpa_` modes (`sdpa_eager`, `sdpa_compile`) are the strongest honest
+comparator: the official model with its attention computed by
+`F.scaled_dot_product_attention(w, w, w)` (PyTorch's fused flash / memory-
+efficient kernels), the one-line change a PyTorch user would make; the
+function is the same (softmax(w wᵀ·scale) w, dropout 0).
+`--batch_size` takes a comma list, so each comparator gets its best batch.
 It needs timm (PatchEmbed, Block) and einops, as the official code does.
 """
 import argparse
@@ -35,10 +41,35 @@ FWD_GFLOP = {"mae_crate_tiny": 7.24, "mae_crate_small": 15.04, "mae_crate_base":
              "mae_crate_large": 87.57, "mae_vit_base": 32.37, "mae_vit_large": 72.1}
 
 
-def time_mode(args, mode: str) -> dict:
+def use_sdpa(enabled: bool) -> None:
+  """Swaps the official MSSA attention for PyTorch's fused SDPA (or back)."""
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  from einops import rearrange  # pylint: disable=import-outside-toplevel
+  from model.crate_ae import crate_decoder, crate_encoder  # pylint: disable=import-outside-toplevel
+
+  def forward(self, x, return_attention=False, return_key=False):
+    if return_attention or return_key:
+      return self._official_forward(x, return_attention, return_key)
+    w = rearrange(self.qkv(x), "b n (h d) -> b h n d", h=self.heads)
+    out = F.scaled_dot_product_attention(w, w, w, scale=self.scale)
+    return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+  for module in (crate_encoder, crate_decoder):
+    cls = module.Attention
+    if not hasattr(cls, "_official_forward"):
+      cls._official_forward = cls.forward
+    cls.forward = forward if enabled else cls._official_forward
+
+
+def time_mode(args, mode: str, batch_size: int) -> dict:
   import torch
   sys.path.insert(0, os.path.abspath(args.official_dir))
   from model.crate_ae import crate_ae  # pylint: disable=import-outside-toplevel
+  use_sdpa(mode.startswith("sdpa_"))
+  compiled = mode.endswith("compile")
+  # A fresh compile per mode: dynamo would otherwise reuse the graph it traced
+  # for the previous mode (same code objects), attention and all.
+  torch._dynamo.reset()  # pylint: disable=protected-access
   torch.manual_seed(0)
   torch.cuda.empty_cache()
   torch.cuda.reset_peak_memory_stats()
@@ -46,8 +77,8 @@ def time_mode(args, mode: str) -> dict:
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
                           fused=True)
-  fwd = torch.compile(model) if mode == "compile" else model
-  imgs = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device="cuda")
+  fwd = torch.compile(model) if compiled else model
+  imgs = torch.randn(batch_size, 3, args.image_size, args.image_size, device="cuda")
 
   def step():
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -74,15 +105,15 @@ def time_mode(args, mode: str) -> dict:
     torch.cuda.synchronize()
     times.append(start.elapsed_time(end) / args.steps)
   med = statistics.median(times)
-  img_s = args.batch_size / (med / 1e3)
+  img_s = batch_size / (med / 1e3)
   gflop = FWD_GFLOP.get(args.model) if args.image_size == 224 and args.mask_ratio == 0.75 else None
-  row = dict(impl="official-pytorch", mode=mode, model=args.model, batch_size=args.batch_size,
+  row = dict(impl="official-pytorch", mode=mode, model=args.model, batch_size=batch_size,
              image_size=args.image_size, ms_step=round(med, 3), ms_min=round(min(times), 3),
              ms_max=round(max(times), 3), spread_pct=round(100 * (max(times) - min(times)) / med, 2),
              img_s=round(img_s, 1),
              model_tflops=None if gflop is None else round(3 * gflop * img_s / 1e3, 1),
              peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
-             first_step_s=round(first_s, 1), loss=float(loss))
+             first_step_s=round(first_s, 1), loss=float(loss.detach()))
   del model, opt, fwd
   return row
 
@@ -91,8 +122,9 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--official_dir", default=".official")
   ap.add_argument("--model", default="mae_crate_base")
-  ap.add_argument("--modes", default="eager,compile")
-  ap.add_argument("--batch_size", type=int, default=256)
+  ap.add_argument("--modes", default="eager,compile,sdpa_compile",
+                  help="comma list of eager, compile, sdpa_eager, sdpa_compile")
+  ap.add_argument("--batch_size", default="256", help="comma list allowed")
   ap.add_argument("--image_size", type=int, default=224)
   ap.add_argument("--mask_ratio", type=float, default=0.75)
   ap.add_argument("--steps", type=int, default=10)
@@ -111,13 +143,17 @@ def main():
   except ImportError:
     pass
   rows = []
+  batches = [int(b) for b in args.batch_size.split(",") if b.strip()]
   for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-    try:
-      rows.append(time_mode(args, mode))
-    except Exception as e:  # pylint: disable=broad-except
-      rows.append(dict(impl="official-pytorch", mode=mode, model=args.model,
-                       error=f"{type(e).__name__}: {e}"[:500]))
-    print(json.dumps(rows[-1]), flush=True)
+    for batch in batches:
+      try:
+        rows.append(time_mode(args, mode, batch))
+      except Exception as e:  # pylint: disable=broad-except
+        rows.append(dict(impl="official-pytorch", mode=mode, model=args.model,
+                         batch_size=batch, error=f"{type(e).__name__}: {e}"[:500]))
+        import torch  # pylint: disable=import-outside-toplevel
+        torch.cuda.empty_cache()
+      print(json.dumps(rows[-1]), flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(env=env, rows=rows), f, indent=1)
@@ -126,7 +162,8 @@ def main():
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:
     if "error" in r:
-      print(f"| official-pytorch | {r['mode']} | {r['model']} | | ERROR: {r['error'][:100]} |")
+      print(f"| official-pytorch | {r['mode']} | {r['model']} | {r.get('batch_size')} | "
+            f"ERROR: {r['error'][:100]} |")
       continue
     print(f"| official-pytorch | {r['mode']} | {r['model']} | {r['batch_size']} | "
           f"{r['img_s']:,.0f} | {r['ms_step']:.2f} | {r['spread_pct']:.1f} | "

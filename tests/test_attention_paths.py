@@ -1,0 +1,120 @@
+"""Attention choice and the pad-once token stacks, checked on the CPU.
+
+The cuDNN kernel itself runs only on NVIDIA GPUs (benchmarks check it there);
+what can be checked here is the padding logic around it: a stack that pads its
+tokens once and masks the padded keys must give the real tokens the same values
+and gradients as the unpadded stack, through every layer kind.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crate_mae_jax import layers, models
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@pytest.mark.parametrize("platform,dtype,expected", [
+    ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float16, "cudnn"),
+    ("gpu", jnp.float32, "xla"), ("tpu", jnp.bfloat16, "xla"),
+    ("cpu", jnp.bfloat16, "xla"), ("cpu", jnp.float32, "xla")])
+def test_auto_attention_choice(platform, dtype, expected):
+  assert layers.resolve_attention("auto", dtype, platform) == expected
+  assert layers.resolve_attention(None, dtype, platform) == expected
+  assert layers.resolve_attention("explicit", dtype, platform) == "explicit"
+
+
+def test_default_config_is_auto():
+  assert models.model_config("base").attention_impl == "auto"
+  with pytest.raises(ValueError, match="attention_impl"):
+    cfg = models.model_config("base")
+    cfg.attention_impl = "flash"
+    models.resolve(cfg)
+
+
+@pytest.mark.parametrize("impl", ["xla", "explicit"])
+def test_padded_attention_matches_unpadded(impl):
+  q = jax.random.normal(jax.random.key(0), (2, 13, 3, 8))
+  ref = layers.attention(q, q, q, 8**-0.5, impl)
+  qp = layers.pad_tokens(q, 16)
+  out = layers.attention(qp, qp, qp, 8**-0.5, impl, valid_length=13)
+  assert out.shape == (2, 16, 3, 8)
+  assert np.all(np.isfinite(np.asarray(out)))
+  assert _rel(out[:, :13], ref) < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["crate_mae", "vit_mae"])
+@pytest.mark.parametrize("remat", [None, "full"])
+def test_pad_once_stack_is_exact(monkeypatch, arch, remat):
+  """Forcing the pad-once stacks on the XLA path: same loss, outputs, grads."""
+  cfg = models.model_config("tiny", arch)
+  cfg.update(width=32, depth=2, heads=2, decoder_depth=2, patch_size=4,
+             attention_impl="xla", remat_policy=remat)
+  if arch == "vit_mae":
+    cfg.update(decoder_width=32, decoder_heads=2)
+  model = models.build_mae(cfg)
+  images = jax.random.normal(jax.random.key(1), (3, 20, 20, 3))  # 25 patches + cls
+  noise = jax.random.uniform(jax.random.key(2), (3, 25))
+  variables = model.init({"params": jax.random.key(0)}, images, mask_ratio=0.75,
+                         noise=noise)
+
+  def run(params):
+    def loss(p):
+      out, inter = model.apply({"params": p}, images, mask_ratio=0.75, noise=noise,
+                               mutable=["intermediates"])
+      return out["loss"], (out, inter)
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (loss_ref, (out_ref, inter_ref)), grads_ref = run(variables["params"])
+  monkeypatch.setattr(layers, "STACK_PADDED", ("cudnn", "xla"))
+  monkeypatch.setattr(layers, "STACK_PADDING_MAX_OVERHEAD", 10.0)
+  (loss_pad, (out_pad, inter_pad)), grads_pad = run(variables["params"])
+  assert abs(float(loss_pad) - float(loss_ref)) < 1e-6 * abs(float(loss_ref))
+  for key in ("latent", "pred"):
+    assert out_pad[key].shape == out_ref[key].shape
+    assert _rel(out_pad[key], out_ref[key]) < 1e-5
+  flat_ref = jax.tree_util.tree_leaves_with_path(grads_ref)
+  flat_pad = dict(jax.tree_util.tree_leaves_with_path(grads_pad))
+  for path, g in flat_ref:
+    assert np.all(np.isfinite(np.asarray(flat_pad[path])))
+    assert _rel(flat_pad[path], g) < 1e-4, jax.tree_util.keystr(path)
+  # Sown diagnostics see the real tokens only.
+  for a, b in zip(jax.tree_util.tree_leaves(inter_ref.get("intermediates", {})),
+                  jax.tree_util.tree_leaves(inter_pad.get("intermediates", {}))):
+    assert a.shape == b.shape
+    assert _rel(b, a) < 1e-5
+
+
+def test_stack_padding_only_where_it_pays(monkeypatch):
+  monkeypatch.setattr(layers, "resolve_attention", lambda impl, dtype, platform=None: "cudnn")
+  x = jnp.zeros((2, 197, 8))
+  padded, valid = layers.stack_padding(x, "auto", jnp.bfloat16)
+  assert padded.shape == (2, 208, 8) and valid == 197
+  x = jnp.zeros((2, 50, 8))                  # ViT-MAE's visible tokens: +28 %
+  assert layers.stack_padding(x, "auto", jnp.bfloat16)[1] is None
+  x = jnp.zeros((2, 64, 8))                  # already a multiple
+  assert layers.stack_padding(x, "auto", jnp.bfloat16)[1] is None
+
+
+def test_xla_defaults_respect_the_user():
+  from crate_mae_jax import xla_defaults
+  env = {}
+  assert xla_defaults.apply(env, gpu=True) == [
+      "--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_cudnn_layer_norm=true"]
+  assert env["XLA_FLAGS"].split() == [
+      "--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_cudnn_layer_norm=true"]
+  # A flag the user sets keeps the user's value; the other default is added.
+  env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/x"}
+  assert xla_defaults.apply(env, gpu=True) == ["--xla_gpu_enable_cudnn_layer_norm=true"]
+  assert "--xla_gpu_enable_triton_gemm=true" in env["XLA_FLAGS"]
+  assert "--xla_gpu_enable_triton_gemm=false" not in env["XLA_FLAGS"]
+  # No GPU, or switched off: nothing changes.
+  env = {"XLA_FLAGS": "--foo=1"}
+  assert xla_defaults.apply(env, gpu=False) == [] and env == {"XLA_FLAGS": "--foo=1"}
+  env = {xla_defaults.OFF_SWITCH: "0"}
+  assert xla_defaults.apply(env, gpu=True) == [] and "XLA_FLAGS" not in env
+  assert not xla_defaults.gpu_possible({"JAX_PLATFORMS": "cpu"})

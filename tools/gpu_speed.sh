@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Speed measurements of BENCHMARKS.md on one GPU of the device tool, in two calls.
+#
+# Here, once (repo root): the official code and the one wheel the GPU image lacks,
+# into folders .git/info/exclude keeps out of git:
+#     mkdir -p .official && git -C <mirror of Ma-Lab-Berkeley/CRATE> archive HEAD model | tar -x -C .official
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml-collections==1.1.0
+# Then, through the device tool (carry .official and .whl):
+#     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), batch sweep, profile
+#     bash tools/gpu_speed.sh table      # tiny/small/large, ViT-MAE-Base, remat, `main` on in-memory data
+# Everything lands in $OUT (JSON + log); the tables print last.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+bench() { timeout "${T:-300}" python3 -m crate_mae_jax.benchmark "$@"; }
+case "${1:-}" in
+  defaults)
+    # 1. What a user gets: no flags at all (attention 'auto', XLA GPU defaults).
+    bench --variant base --batch_size 256 --json "$OUT/jax_base_default.json"
+    # 2. The official code, torch.compile, with and without PyTorch's fused SDPA.
+    T=330 timeout 330 python3 tools/bench_official_torch.py --official_dir .official \
+      --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
+    # 3. The old default (XLA attention, no flags) beside it, and the best batch.
+    CRATE_MAE_XLA_DEFAULTS=0 bench --variant base --attention_impl xla --batch_size 256 \
+      --label old-default --json "$OUT/jax_base_old.json"
+    T=400 bench --variant base --batch_size 128,384,512 --json "$OUT/jax_base_batches.json"
+    bench --variant base --batch_size 256 --profile /tmp/prof --json "$OUT/jax_base_profile.json" \
+      | tail -45
+    ;;
+  table)
+    # In order of importance; each step has its own time limit.
+    T=330 timeout 330 python3 tools/bench_official_torch.py --official_dir .official \
+      --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
+    # The real loop: `main` with configs/base.py on in-memory data (device augmentation).
+    python3 - <<'PY'
+import numpy as np
+rng = np.random.default_rng(0)
+np.savez("/tmp/synthetic224.npz",
+         train_images=rng.integers(0, 256, (2048, 224, 224, 3), dtype=np.uint8),
+         train_labels=np.zeros(2048, np.int64),
+         test_images=rng.integers(0, 256, (256, 224, 224, 3), dtype=np.uint8),
+         test_labels=np.zeros(256, np.int64))
+PY
+    timeout 200 python3 -m crate_mae_jax.main --config=configs/base.py --workdir=/tmp/main_base \
+      --config.data.source=arrays --config.data.path=/tmp/synthetic224.npz \
+      --config.data.in_memory=True --config.batch_size=256 --config.num_train_steps=500 \
+      --config.log_every_steps=50 --config.eval_every_steps=100000 \
+      --config.checkpoint_every_steps=100000 --config.eval.max_batches=1 \
+      > "$OUT/main_base.log" 2>&1; echo "main exit $?"
+    grep -E "steps/s|error|Error" "$OUT/main_base.log" | tail -8
+    T=330 bench --arch crate_mae --variant tiny,small,large --batch_size 256 \
+      --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_variants.json" | tail -6
+    bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
+      --warmup 2 --json "$OUT/jax_vit.json" | tail -3
+    bench --variant base --remat_policy full --isolate --batch_size 256 --steps 10 \
+      --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -3
+    python3 -m crate_mae_jax.benchmark --report "$OUT"/jax_*.json
+    ;;
+  *) echo "usage: $0 defaults|table"; exit 2 ;;
+esac
