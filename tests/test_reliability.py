@@ -36,6 +36,7 @@ def _one_error(run) -> str:
 
 
 # ------------------------------------------------------------------ non-finite updates
+@pytest.mark.slow
 def test_nonfinite_update_is_skipped_and_never_saved(cache, tmp_path):
   """Loss and gradients finite, the optimizer's update NaN: the updated state is
   checked, so 'skip' skips those updates (exit 0, finite params) and 'stop'
