@@ -39,5 +39,6 @@ setup(
     entry_points={"console_scripts": [
         "crate-mae-train=crate_mae_jax.main:run",
         "crate-mae-convert=crate_mae_jax.convert_torch:run",
+        "crate-mae-eval=crate_mae_jax.evaluate:run",
     ]},
 )

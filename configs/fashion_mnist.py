@@ -7,8 +7,22 @@
     python -m crate_mae_jax.main --config=configs/fashion_mnist.py:finetune,vit_mae \
         --workdir=DIR/ft --config.init_from=DIR/pre_vit
 
-Argument: TASK,ARCH with TASK in pretrain | linear_probe | finetune and ARCH in
-crate_mae | vit_mae (default pretrain,crate_mae). `python -m crate_mae_jax.study`
+Argument: TASK,ARCH with TASK in pretrain | linear_probe | finetune | supervised
+and ARCH in crate_mae | vit_mae | vit_mae_all | vit_mae_matched (default
+pretrain,crate_mae).
+
+Baselines (parameters at 28 px, encoder / whole MAE):
+* vit_mae: ViT-MAE of the same width, depth, heads and patch, encoder on the
+  visible patches (MAE): 2,673,024 / 5.38 M, 4x CRATE-MAE's.
+* vit_mae_all: the same ViT-MAE with mask tokens in the encoder
+  (`model.encoder_sees='all'`, the official repository's `mae_vit_*` baseline,
+  laid out like CRATE-MAE): 2,673,216 / 5.35 M.
+* vit_mae_matched: ViT-MAE parameter-matched to CRATE-MAE: same depth 6 and
+  patch 4, width 96, heads 6 (head dim 16), decoder mirroring the encoder:
+  672,960 / 1,355,152 against CRATE-MAE's 673,344 / 1,346,128 (-0.06 % /
+  +0.7 %; width 92 or 100 would be -8 % / +8 %).
+* supervised: the fine-tuning recipe from a random initialisation (no init_from),
+  for any arch: the control that shows what pre-training adds. `python -m crate_mae_jax.experiments.study`
 runs all of them, the raw-pixel floor and the diagnostics (RESULTS.md).
 
 Data: the 60,000 / 10,000 Fashion-MNIST IDX files (source 'fashion_mnist', read
@@ -52,8 +66,15 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 MEAN, STD = (0.2860,), (0.3530,)        # Fashion-MNIST train-set pixel statistics
 NUM_TRAIN = 60_000
 
-ARCHS = ("crate_mae", "vit_mae")
-TASKS = ("pretrain", "linear_probe", "finetune")
+ARCHS = ("crate_mae", "vit_mae", "vit_mae_all", "vit_mae_matched")
+TASKS = ("pretrain", "linear_probe", "finetune", "supervised")
+# name -> (model.arch, model fields that differ from the shared WIDTH/DEPTH/HEADS)
+BASELINES = {
+    "crate_mae": ("crate_mae", {}),
+    "vit_mae": ("vit_mae", {}),
+    "vit_mae_all": ("vit_mae", dict(encoder_sees="all")),
+    "vit_mae_matched": ("vit_mae", dict(width=96, heads=6)),
+}
 WIDTH, DEPTH, HEADS, PATCH = 192, 6, 6, 4
 BATCH = 512
 EPOCHS = {"pretrain": 100.0, "linear_probe": 20.0, "finetune": 10.0}
@@ -62,17 +83,22 @@ EVALS = {"pretrain": 4, "linear_probe": 4, "finetune": 4}   # evaluations per ru
 LOG_POINTS = 200                                              # train-loss points per run
 
 
-def model(c: ml_collections.ConfigDict, arch: str, width: int = WIDTH, depth: int = DEPTH,
-          heads: int = HEADS) -> None:
-  """Sets the model of `c`: `arch` at width/depth/heads, decoder mirroring the encoder."""
-  if arch not in ARCHS:
-    raise ValueError(f"arch {arch!r} is unknown; use one of {ARCHS}")
+def model(c: ml_collections.ConfigDict, name: str, width: int | None = None,
+          depth: int = DEPTH, heads: int | None = None) -> None:
+  """Sets the model of `c`: baseline `name` (an entry of BASELINES) at
+  width/depth/heads (default: the baseline's), decoder mirroring the encoder."""
+  if name not in ARCHS:
+    raise ValueError(f"arch {name!r} is unknown; use one of {ARCHS}")
+  arch, fields = BASELINES[name]
+  width = width or fields.get("width", WIDTH)
+  heads = heads or fields.get("heads", HEADS)
   c.model.update(arch=arch, variant="tiny", width=width, depth=depth, heads=heads,
                  decoder_depth=depth, decoder_heads=heads, patch_size=PATCH, channels=1,
                  mask_ratio=0.75, norm_pix_loss=False, dtype="bfloat16",
                  attention_impl="xla")  # as in the H100 run of RESULTS.md
   if arch == "vit_mae":
-    c.model.update(decoder_width=width, mlp_ratio=4.0)
+    c.model.update(decoder_width=width, mlp_ratio=4.0,
+                   encoder_sees=fields.get("encoder_sees", "visible"))
 
 
 def schedule(c: ml_collections.ConfigDict, num_train_examples: int = NUM_TRAIN,
@@ -91,6 +117,8 @@ def schedule(c: ml_collections.ConfigDict, num_train_examples: int = NUM_TRAIN,
 def fashion_mnist(task: str = "pretrain", arch: str = "crate_mae") -> ml_collections.ConfigDict:
   if task not in TASKS:
     raise ValueError(f"task {task!r} is unknown; use one of {TASKS}")
+  if task == "supervised":   # the fine-tuning recipe from scratch
+    return fashion_mnist("finetune", arch)
   c = config_lib.default_config()
   c.task = task
   model(c, arch)

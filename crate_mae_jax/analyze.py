@@ -129,26 +129,14 @@ def load_images_pipeline(config, num_images: int, seed: int) -> np.ndarray:
     from crate_mae_jax import input_pipeline
   except ImportError as e:
     raise AnalyzeError(f"no input pipeline available ({e}); pass --images FILE.npz") from None
-  kept = []
   try:
-    data = input_pipeline.create(config.data, config.augment, task="pretrain",
-                                 batch_size=num_images, seed=seed)
-    for batch in data.eval_batches():
-      images = batch["image"]
-      if data.device_augment is not None:  # in-memory sources hold raw pixels
-        import jax
-        images = data.device_augment(jax.random.key(seed), images, False)
-      images = np.asarray(images, np.float32)
-      valid = np.asarray(batch.get("mask", np.ones(len(images))), bool).reshape(-1)
-      kept.extend(images[valid])
-      if len(kept) >= num_images:
-        break
+    images, _, _ = input_pipeline.split_arrays(config.data, config.data.eval_split,
+                                               max_examples=num_images, seed=seed,
+                                               batch_size=max(1, num_images))
   except (ValueError, OSError) as e:
     raise AnalyzeError(f"cannot read images from data source {config.data.source!r}: "
                        f"{e}; pass --images FILE.npz or fix --config.data") from None
-  if not kept:
-    raise AnalyzeError(f"the eval split of data source {config.data.source!r} gave no images")
-  return np.stack(kept[:num_images])
+  return images
 
 
 def _per_channel(values, channels: int):

@@ -309,6 +309,13 @@ def randaugment(key, image, layers: int, magnitude: float):
 
 
 # ------------------------------------------------------------------ the device augmentation
+def identity_augment(rng, images, train: bool = False):
+  """The device augmentation of sources whose host pipeline already augmented and
+  normalised the images (tf.data): consumers call `source.device_augment` always."""
+  del rng, train
+  return images
+
+
 def make_device_augment(*, image_size: int, mean: Sequence[float], std: Sequence[float],
                         crop_scale=(0.2, 1.0), flip: bool = True, randaugment_layers: int = 0,
                         randaugment_magnitude: float = 9.0, method: str = "bicubic",

@@ -158,6 +158,11 @@ def _sig(x: float, digits: int = 4) -> float:
   return float(f"{x:.{digits}g}")
 
 
+def _augments_on_host(pipe) -> bool:
+  from crate_mae_jax import augment_jax
+  return getattr(pipe, "device_augment", None) in (None, augment_jax.identity_augment)
+
+
 def _cores() -> int:
   try:
     return len(os.sched_getaffinity(0))
@@ -462,7 +467,7 @@ def time_input_pipeline(args) -> dict:
   # In-memory sources hand out raw uint8 arrays and augment on the device
   # (source.device_augment), so their host number is batching only.
   out = {"source": args.input_source, "images": n, "seconds": round(dt, 3),
-         "host_augment": getattr(pipe, "device_augment", None) is None,
+         "host_augment": _augments_on_host(pipe),
          "img_s": round(n / dt, 1), "cores": cores, "img_s_per_core": round(n / dt / cores, 1)}
   print(f"input pipeline ({args.input_source}): {out['img_s']} img/s on {cores} cores "
         f"= {out['img_s_per_core']} img/s per core")

@@ -93,6 +93,10 @@ def default_config() -> ml_collections.ConfigDict:
       diagnostics=True,              # compression / sparsity per layer
       max_batches=placeholder(int),
   ))
+  # Evaluations: {name: {type, every_steps, prefix, **options}} (crate_mae_jax.evaluators);
+  # empty: the task's default ('eval': masked loss + reconstruction, or top-1/top-5;
+  # 'diag': coding rate / sparsity per layer of a CRATE-MAE pre-training run).
+  c.evals = ml_collections.ConfigDict()
   c.mesh = ml_collections.ConfigDict(dict(
       # Axis sizes; -1 takes the remaining devices.
       shape=(("data", -1), ("fsdp", 1), ("tensor", 1)),
@@ -140,11 +144,10 @@ def dataset_num_classes(source) -> int | None:
   names = getattr(source, "class_names", None)
   if names:
     return len(names)
-  builder = getattr(source, "_builder", None)
+  builder = getattr(source, "builder", None)
   if builder is not None:
     return int(builder.info.features["label"].num_classes)
-  labels = [getattr(source, name, None) for name in ("_y", "_ey")]
-  labels = [y for y in labels if y is not None and len(y)]
+  labels = [y for y in getattr(source, "label_arrays", ()) if len(y)]
   if labels:
     return int(max(int(y.max()) for y in labels)) + 1
   return None

@@ -15,7 +15,7 @@ from crate_mae_jax.patches import masking_from_noise, masked_mse, patchify
 from crate_mae_jax.pos_embed import sincos_2d
 
 
-def _grid(images: jax.Array, patch_size: int) -> tuple[int, int]:
+def patch_grid(images: jax.Array, patch_size: int) -> tuple[int, int]:
   return images.shape[1] // patch_size, images.shape[2] // patch_size
 
 
@@ -55,7 +55,7 @@ class CrateEncoder(nn.Module):
       x = jnp.where(mask[..., None] > 0, mask_token.astype(x.dtype), x)
     cls = layers.token(self, "cls_token", self.width, self.param_dtype)
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
-    x = add_position(jnp.concatenate([cls, x], axis=1), _grid(images, self.patch_size))
+    x = add_position(jnp.concatenate([cls, x], axis=1), patch_grid(images, self.patch_size))
     x = layers.constrain(x, layers.ACT)
     x, valid = layers.stack_padding(x, self.attention_impl, self.dtype)
     layer_cls = layers.remat_layer(layers.CrateEncoderLayer, self.remat_policy)
@@ -133,7 +133,7 @@ class CrateMAE(nn.Module):
 
   def __call__(self, images: jax.Array, *, mask_ratio: float,
                noise: jax.Array | None = None, train: bool = False) -> dict:
-    num_patches = _grid(images, self.patch_size)
+    num_patches = patch_grid(images, self.patch_size)
     num_patches = num_patches[0] * num_patches[1]
     if noise is None:
       noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], num_patches))

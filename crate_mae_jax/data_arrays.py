@@ -255,6 +255,11 @@ class ArraySource:
         randaugment_layers=int(randaugment_layers),
         randaugment_magnitude=float(randaugment_magnitude))
 
+  @property
+  def label_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """(train labels, eval labels), e.g. to count the classes the data holds."""
+    return self._y, self._ey
+
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
     """Infinite raw batches {'image': uint8 (B, H, W, C0), 'label': int32 (B,)}."""
     step = int(start_step)

@@ -24,7 +24,7 @@ ENCODER_COLOR = (31, 119, 180)
 DECODER_COLOR = (255, 127, 14)
 
 
-def _font(size: int = 12):
+def load_font(size: int = 12):
   try:
     return ImageFont.load_default(size=size)
   except TypeError:  # Pillow without FreeType sizes
@@ -108,7 +108,7 @@ def grid_image(tiles, border: int = BORDER, scale: int | None = None,
   if titles:
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
-    font = _font(12)
+    font = load_font(12)
     for c, title in enumerate(titles[:n_cols]):
       x0 = border + c * (tw + border)
       left, t, right, b = draw.textbbox((0, 0), title, font=font)
@@ -177,7 +177,7 @@ def save_pca(images, pca_rgb, path: str, scale: int | None = None) -> str:
 # ----------------------------------------------------------------------------- line plot
 
 
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> np.ndarray:
+def nice_ticks(lo: float, hi: float, count: int = 5) -> np.ndarray:
   if not np.isfinite(lo) or not np.isfinite(hi):
     lo, hi = 0.0, 1.0
   if hi <= lo:
@@ -201,7 +201,7 @@ def _panel(image: Image.Image, box: tuple[int, int, int, int], title: str,
            ylabel: str, series: Sequence[tuple[str, np.ndarray, np.ndarray | None, tuple]],
            y_range: tuple[float, float] | None) -> None:
   draw = ImageDraw.Draw(image)
-  font, small = _font(14), _font(11)
+  font, small = load_font(14), load_font(11)
   x0, y0, x1, y1 = box
   left, right, top, bottom = x0 + 62, x1 - 12, y0 + 48, y1 - 44
   tb = draw.textbbox((0, 0), title, font=font)
@@ -214,9 +214,9 @@ def _panel(image: Image.Image, box: tuple[int, int, int, int], title: str,
   if y_range is None:
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
     pad = 0.08 * (hi - lo) if hi > lo else 0.5
-    ticks = _nice_ticks(lo - pad, hi + pad)
+    ticks = nice_ticks(lo - pad, hi + pad)
   else:
-    ticks = _nice_ticks(*y_range)
+    ticks = nice_ticks(*y_range)
   ylo, yhi = float(ticks[0]), float(ticks[-1])
   step = float(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
 

@@ -12,9 +12,9 @@ and `eval_batches()` (one pass, last batch padded, float32 'mask' 0 on padding).
 Two kinds of source:
 
 * tf.data (`data.source` 'tfds' with in_memory=False, 'image_folder'):
-  `device_augment` is None; batches hold float32 images, already augmented and
-  normalised by data.mean/std, and int32 labels. TensorFlow is imported lazily
-  in these branches only.
+  `device_augment` is `augment_jax.identity_augment`; batches hold float32 images,
+  already augmented and normalised by data.mean/std, and int32 labels. TensorFlow
+  is imported lazily in these branches only.
   - train: random resized crop (scale data.crop_scale, ratio 3/4-4/3, Inception
     box sampler, bicubic antialiased resize; JPEGs are decoded cropped), flip
     (data.flip), and for task='finetune' RandAugment (augment.randaugment_layers
@@ -25,10 +25,11 @@ Two kinds of source:
 * in-memory arrays (`data_arrays.ArraySource`; 'fashion_mnist', 'quickstart',
   'arrays', and 'tfds' with data.in_memory=True): TensorFlow-free; train and
   eval batches hold the raw uint8 images (B, H, W, C0) and `device_augment(rng,
-  images, train)` does all of the above in JAX. Whenever `source.device_augment
-  is not None` the consumer must call it: `device_augment(key, batch['image'],
-  True)` inside the jitted train step, `device_augment(key, batch['image'],
-  False)` (eval resize + normalisation; key unused) on every eval batch.
+  images, train)` does all of the above in JAX. Every consumer calls it (the
+  identity for tf.data sources): `device_augment(key, batch['image'], True)`
+  inside the jitted train step, `device_augment(key, batch['image'], False)`
+  (eval resize + normalisation; key unused) on every eval batch --
+  `normalised_eval_batches` and `split_arrays` do the latter for you.
 
 Determinism and resumption (train_batches(k) yields exactly the batches an
 uninterrupted run yields from step k on):
@@ -139,6 +140,42 @@ def create(data_cfg, augment_cfg=None, *, task: str, batch_size: int, seed: int,
   else:
     raise ValueError(f"config.data.source={source!r} is unknown")
   return _array_source(loaded, data_cfg, augment_cfg, **common)
+
+
+def normalised_eval_batches(source) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The eval split of `source`, un-augmented and normalised, padding dropped:
+  (images float32 (n, H, W, C), labels (n,)) per batch. The one way every
+  evaluator, figure and baseline reads clean images."""
+  import jax  # pylint: disable=import-outside-toplevel
+  prepare = jax.jit(lambda x: source.device_augment(jax.random.key(0), x, False))
+  for batch in source.eval_batches():
+    keep = np.asarray(batch.get("mask", np.ones(len(batch["label"]))), bool).reshape(-1)
+    images = np.asarray(prepare(batch["image"]), np.float32)
+    yield images[keep], np.asarray(batch["label"])[keep]
+
+
+def split_arrays(data_cfg, split: str, *, max_examples: int | None = None,
+                 batch_size: int = 500, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+  """All of `split` (or its first `max_examples`), normalised and un-augmented,
+  through the eval path of `data_cfg`'s source: (images (N, H, W, C) float32,
+  labels (N,) int32, num_classes)."""
+  cfg = data_cfg.copy_and_resolve_references() if hasattr(
+      data_cfg, "copy_and_resolve_references") else dict(data_cfg)
+  cfg["eval_split"] = split
+  source = create(cfg, None, task="linear_probe", batch_size=batch_size, seed=seed)
+  images, labels, count = [], [], 0
+  for x, y in normalised_eval_batches(source):
+    images.append(x)
+    labels.append(y)
+    count += len(y)
+    if max_examples is not None and count >= max_examples:
+      break
+  if not images:
+    raise ValueError(f"config.data.{split!r}: the split holds no images")
+  x, y = np.concatenate(images), np.concatenate(labels).astype(np.int32)
+  if max_examples is not None:
+    x, y = x[:max_examples], y[:max_examples]
+  return x, y, int(source.num_classes)
 
 
 def _normalise_arrays(arrays: dict) -> dict:
@@ -317,7 +354,7 @@ class _TFSource:
   Examples are dicts with 'bytes' (encoded image), 'label', and for training
   'key' (the example's stream position, keying its stateless randomness).
   """
-  device_augment = None
+  device_augment = staticmethod(augment_jax.identity_augment)
   _jpeg_fast_path = True
 
   def __init__(self, data_cfg, augment_cfg, *, task, batch_size, seed, process_index,
@@ -536,22 +573,22 @@ class TfdsSource(_TFSource):
   def __init__(self, data_cfg, augment_cfg, **kwargs):
     super().__init__(data_cfg, augment_cfg, **kwargs)
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    self._builder = _tfds_builder(data_cfg)
-    self._feature = self._builder.info.features["image"]
+    self.builder = _tfds_builder(data_cfg)
+    self._feature = self.builder.info.features["image"]
     self._decoders = {"image": tfds.decode.SkipDecoding()}
     num_classes = _get(data_cfg, "num_classes")
-    self.num_classes = int(num_classes or self._builder.info.features["label"].num_classes)
+    self.num_classes = int(num_classes or self.builder.info.features["label"].num_classes)
     train_split = _limit_split(_get(data_cfg, "train_split", "train"),
                                _get(data_cfg, "max_examples"))
     eval_split = _get(data_cfg, "eval_split", "validation")
     split = functools.partial(tfds.split_for_jax_process, process_index=self.process_index,
                               process_count=self.process_count)
     self._train_split, self._eval_split = split(train_split), split(eval_split)
-    count = lambda s: _cardinality(self._builder, self._dataset(s), s)
+    count = lambda s: _cardinality(self.builder, self._dataset(s), s)
     self.num_train_examples = count(train_split)
     self._num_local = count(self._train_split)
     if self._num_local == 0:
-      raise ValueError(f"TFDS {self._builder.name} {train_split!r}: process "
+      raise ValueError(f"TFDS {self.builder.name} {train_split!r}: process "
                        f"{self.process_index} of {self.process_count} has no examples")
     self.num_eval_examples = count(eval_split)
     self._num_eval_local = count(self._eval_split)
@@ -559,7 +596,7 @@ class TfdsSource(_TFSource):
         self.num_eval_examples, self.batch_size, self.process_count)
 
   def _dataset(self, split):
-    ds = _tfds_dataset(self._builder, split, self._decoders)
+    ds = _tfds_dataset(self.builder, split, self._decoders)
     return ds.map(lambda ex: {"bytes": ex["image"], "label": ex["label"]})
 
   def _decode(self, ex):

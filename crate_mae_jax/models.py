@@ -47,6 +47,8 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
       decoder_width=placeholder(int),    # ViT-MAE only: = width
       decoder_heads=placeholder(int),    # CRATE: = heads; ViT-MAE: 16
       mlp_ratio=4.0,                     # ViT-MAE only
+      encoder_sees="visible",            # ViT-MAE only: 'visible' (MAE) or 'all' (mask
+                                         # tokens in the encoder, the official mae_vit)
       ista_step=0.1,                     # η
       ista_lambda=0.5,                   # λ
       ista_fused=True,                   # x(D − DᵀD) in one product
@@ -91,6 +93,14 @@ def resolve(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"config.model.decoder_width={out['decoder_width']} must equal "
                      f"config.model.width={out['width']} for CRATE-MAE (its decoder inverts "
                      "the encoder); leave it unset")
+  if out["encoder_sees"] not in ("visible", "all"):
+    raise ValueError(f"config.model.encoder_sees={out['encoder_sees']!r} is unknown; use "
+                     "'visible' or 'all'")
+  if cfg.arch == "vit_mae" and out["encoder_sees"] == "all" and \
+      out["decoder_width"] != out["width"]:
+    raise ValueError(f"config.model.decoder_width={out['decoder_width']} must equal "
+                     f"config.model.width={out['width']} with encoder_sees='all' (the decoder "
+                     "reads the latent directly); leave it unset")
   if out["decoder_width"] % out["decoder_heads"]:
     raise ValueError(f"config.model.decoder_heads={out['decoder_heads']} does not divide "
                      f"config.model.decoder_width={out['decoder_width']}")
@@ -126,7 +136,7 @@ def build_mae(cfg: ml_collections.ConfigDict):
     return CrateMAE(decoder_heads=r["decoder_heads"], ista_step=r["ista_step"],
                     ista_lambda=r["ista_lambda"], ista_fused=r["ista_fused"], **common)
   return ViTMAE(decoder_width=r["decoder_width"], decoder_heads=r["decoder_heads"],
-                mlp_ratio=r["mlp_ratio"], **common)
+                mlp_ratio=r["mlp_ratio"], encoder_sees=r["encoder_sees"], **common)
 
 
 def build_encoder(cfg: ml_collections.ConfigDict):
@@ -139,7 +149,8 @@ def build_encoder(cfg: ml_collections.ConfigDict):
   if r["arch"] == "crate_mae":
     return CrateEncoder(ista_step=r["ista_step"], ista_lambda=r["ista_lambda"],
                         ista_fused=r["ista_fused"], **common)
-  return ViTEncoder(mlp_ratio=r["mlp_ratio"], **common)
+  return ViTEncoder(mlp_ratio=r["mlp_ratio"], mask_tokens=r["encoder_sees"] == "all",
+                    **common)
 
 
 def build_classifier(cfg: ml_collections.ConfigDict, num_classes: int, *, pool: str = "cls",

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from crate_mae_jax.augment_jax import identity_augment
 from crate_mae_jax.patches import masked_mean, patchify, per_patch_mse
 
 
@@ -89,14 +90,12 @@ def _accumulate(loss_and_grad: Callable, params, batch: dict, keys, accum_steps:
 
 
 def make_pretrain_step(model: nn.Module, tx, mask_ratio: float, accum_steps: int = 1,
-                       device_augment: Callable | None = None, schedule=None):
+                       device_augment: Callable = identity_augment, schedule=None):
   """(state, batch) -> (state, metrics) for masked autoencoding."""
 
   def loss_and_grad(params, batch, key):
     aug_key, mask_key = jax.random.split(key)
-    images = batch["image"]
-    if device_augment is not None:
-      images = device_augment(aug_key, images, True)
+    images = device_augment(aug_key, batch["image"], True)
 
     def loss_fn(p):
       out = model.apply({"params": p}, images, mask_ratio=mask_ratio, train=True,
@@ -115,7 +114,7 @@ def make_pretrain_step(model: nn.Module, tx, mask_ratio: float, accum_steps: int
 
 def make_classify_step(model: nn.Module, tx, num_classes: int, accum_steps: int = 1,
                        label_smoothing: float = 0.0, mix: Callable | None = None,
-                       device_augment: Callable | None = None, schedule=None):
+                       device_augment: Callable = identity_augment, schedule=None):
   """(state, batch) -> (state, metrics) for linear probing / fine-tuning.
 
   `mix(key, images, onehot) -> (images, targets)` applies mixup/cutmix.
@@ -124,9 +123,7 @@ def make_classify_step(model: nn.Module, tx, num_classes: int, accum_steps: int 
   def loss_and_grad(params_and_stats, batch, key):
     params, batch_stats = params_and_stats
     aug_key, mix_key, drop_key = jax.random.split(key, 3)
-    images = batch["image"]
-    if device_augment is not None:
-      images = device_augment(aug_key, images, True)
+    images = device_augment(aug_key, batch["image"], True)
     targets = jax.nn.one_hot(batch["label"], num_classes)
     if mix is not None:
       images, targets = mix(mix_key, images, targets)
@@ -158,14 +155,12 @@ def make_classify_step(model: nn.Module, tx, num_classes: int, accum_steps: int 
   return step
 
 
-def _eval_images(batch: dict, device_augment: Callable | None) -> jax.Array:
-  if device_augment is None:
-    return batch["image"]
+def _eval_images(batch: dict, device_augment: Callable) -> jax.Array:
   return device_augment(jax.random.key(0), batch["image"], False)
 
 
 def make_pretrain_eval_step(model: nn.Module, mask_ratio: float, seed: int = 0,
-                            device_augment: Callable | None = None):
+                            device_augment: Callable = identity_augment):
   """Masked loss on an eval batch with a fixed masking key: repeatable numbers."""
 
   def step(params, batch: dict, index: jax.Array):
@@ -185,7 +180,7 @@ def _per_image_loss(out, images, model):
   return masked_mean(per_patch, out["mask"], axis=-1)
 
 
-def make_classify_eval_step(model: nn.Module, device_augment: Callable | None = None):
+def make_classify_eval_step(model: nn.Module, device_augment: Callable = identity_augment):
   def step(variables, batch: dict, index):
     del index
     logits = model.apply(variables, _eval_images(batch, device_augment), train=False)

@@ -11,7 +11,7 @@ from absl import logging
 import numpy as np
 
 
-class _LoggingWriter:
+class LoggingWriter:
   """Minimal stand-in for clu.metric_writers when TensorFlow is absent."""
 
   def __init__(self, logdir: str | None):
@@ -51,12 +51,12 @@ def create_writer(logdir: str, is_chief: bool):
     from clu import metric_writers
   except ImportError:
     logging.warning("clu.metric_writers unavailable (no TensorFlow?): logging only")
-    return _LoggingWriter(logdir if is_chief else None)
+    return LoggingWriter(logdir if is_chief else None)
   return metric_writers.create_default_writer(logdir, just_logging=not is_chief,
                                               asynchronous=True)
 
 
-class _Progress:
+class Progress:
   """steps/s and ETA in the log, for hosts without clu.periodic_actions."""
 
   def __init__(self, num_train_steps: int, writer, every_secs: float = 30.0):
@@ -84,7 +84,7 @@ def progress_hooks(num_train_steps: int, writer, logdir: str, is_chief: bool,
   try:
     from clu import periodic_actions
   except ImportError:
-    return [_Progress(num_train_steps, writer, every_secs)]
+    return [Progress(num_train_steps, writer, every_secs)]
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer,
                                            every_secs=every_secs)]
   if is_chief and profile_steps:

@@ -20,9 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from crate_mae_jax import (checkpoints, config_lib, models, optim, sharding, state_lib,
-                           steps)
+from crate_mae_jax import (checkpoints, config_lib, evaluators, models, optim, sharding,
+                           state_lib, steps)
 from crate_mae_jax.config_lib import ConfigError
+
+
+PRIMARY_EVAL = "eval"   # the config.evals entry whose metrics pick the best checkpoint
 
 
 class TrainingStopped(RuntimeError):
@@ -85,7 +88,7 @@ def check_against_checkpoint(config, meta: dict, path: str) -> None:
   """Refuses, before any compile, a checkpoint of another model size or arch."""
   saved = meta.get("model", {})
   ours = models.resolve(config.model)
-  for key in ("arch", "width", "depth", "heads", "patch_size", "channels"):
+  for key in ("arch", "width", "depth", "heads", "patch_size", "channels", "encoder_sees"):
     if key in saved and saved[key] != ours[key]:
       raise ConfigError(
           f"config.model.{key}={ours[key]!r} but checkpoint {path!r} has {saved[key]!r}; "
@@ -123,51 +126,15 @@ def _encoder_from(path: str, config) -> tuple[Any, dict]:
   return params["encoder"], meta
 
 
-def _eval_iterator(source, config):
-  for i, batch in enumerate(source.eval_batches()):
-    if config.eval.max_batches is not None and i >= config.eval.max_batches:
-      return
-    yield i, batch
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=None,
+                       hooks=None) -> dict:
+  """Runs the configured task in `workdir`; returns the final metrics.
 
-
-def evaluate(config, source, mesh, eval_step, variables) -> dict:
-  totals: dict[str, float] = {}
-  for i, batch in _eval_iterator(source, config):
-    out = jax.device_get(eval_step(variables, sharding.global_batch(batch, mesh), i))
-    for k, v in out.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  count = max(totals.pop("count", 0.0), 1.0)
-  result = {"loss": totals.pop("loss_sum", 0.0) / count}
-  result.update({k: v / count for k, v in totals.items()})
-  result["examples"] = count
-  return result
-
-
-def _reconstruction_summaries(config, model, params, source, mesh, writer, step):
-  """Reconstruction grid and layer-wise measures on the first eval batch."""
-  try:
-    from crate_mae_jax import diagnostics, figures
-  except ImportError:
-    return {}
-  batch = next(iter(source.eval_batches()))
-  images = jnp.asarray(batch["image"][: config.eval.num_images])
-  if source.device_augment is not None:
-    images = source.device_augment(jax.random.key(0), images, False)
-  resolved = models.resolve(config.model)
-  with mesh, nn.logical_axis_rules(sharding.rules(config.mesh)):
-    panels, _ = diagnostics.reconstruct(model, params, images, resolved["mask_ratio"],
-                                        jax.random.key(config.seed), config.data.mean,
-                                        config.data.std)
-  writer.write_images(step, {"reconstruction": figures.grid_image(panels)[None]})
-  scalars = {}
-  if config.eval.diagnostics and resolved["arch"] == "crate_mae":
-    measures = diagnostics.layerwise_measures(model, params, images)
-    scalars = diagnostics.summary_scalars(measures)
-  return scalars
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the configured task in `workdir`; returns the final metrics."""
+  `writer` (a clu metric writer; default: TensorBoard + logging in `workdir`)
+  receives every scalar and image; `hooks` (callables of the step; default:
+  progress and profiling) run after every step. The evaluations are those of
+  `config.evals` (see `crate_mae_jax.evaluators`).
+  """
   resolved = config_lib.validate(config)
   from crate_mae_jax import input_pipeline, summaries
   is_chief = jax.process_index() == 0
@@ -242,29 +209,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.task == "pretrain":
     step_fn = steps.make_pretrain_step(model, tx, resolved["mask_ratio"], config.accum_steps,
                                        source.device_augment, lr_schedule)
-    eval_fn = steps.make_pretrain_eval_step(model, resolved["mask_ratio"], config.seed,
-                                            source.device_augment)
-    variables_of = lambda s: s.params
     best_mode = "min"
   else:
     step_fn = steps.make_classify_step(model, tx, num_classes, config.accum_steps,
                                        config.augment.label_smoothing, mix,
                                        source.device_augment, lr_schedule)
-    eval_fn = steps.make_classify_eval_step(model, source.device_augment)
-    variables_of = lambda s: ({"params": s.params, "batch_stats": s.batch_stats}
-                              if s.batch_stats else {"params": s.params})
     best_mode = "max"
   best_metric = config.best_metric or ("loss" if config.task == "pretrain" else "top1")
   train_step = state_lib.jit_train_step(step_fn, shard, mesh, rules)
   variables_shard = (shard.params if config.task == "pretrain" else
                      ({"params": shard.params, "batch_stats": shard.batch_stats}
                       if state.batch_stats else {"params": shard.params}))
-  eval_step = state_lib.jit_eval_step(eval_fn, variables_shard, mesh, rules)
+  evals = evaluators.from_config(config, evaluators.Context(
+      config=config, model=model, source=source, mesh=mesh, rules=rules,
+      variables_sharding=variables_shard, num_classes=num_classes))
 
-  writer = summaries.create_writer(workdir, is_chief)
-  hooks = summaries.progress_hooks(total_steps, writer, workdir, is_chief,
-                                   config.profile_steps,
-                                   every_secs=10.0 if total_steps < 5000 else 60.0)
+  if writer is None:
+    writer = summaries.create_writer(workdir, is_chief)
+  if hooks is None:
+    hooks = summaries.progress_hooks(total_steps, writer, workdir, is_chief,
+                                     config.profile_steps,
+                                     every_secs=10.0 if total_steps < 5000 else 60.0)
   meta = {"model": resolved, "task": config.task, "config": config.to_json_best_effort(),
           "num_classes": num_classes if config.task != "pretrain" else None,
           "data_position": "step"}
@@ -280,8 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       manager.wait()  # the last good checkpoint may still be in flight
       raise TrainingStopped(
           f"non-finite loss, gradient or updated state at step {bad}; training stopped, "
-          f"the last good checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to skip such "
-          "updates, or lower config.optim.base_lr)")
+          f"the last good checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to "
+          "skip such updates, or lower config.optim.base_lr)")
 
   train_iter = source.train_batches(start_step)
   pending: list = []
@@ -302,13 +267,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         scalars["train/nonfinite_count"] = float(jax.device_get(state.nonfinite_count))
         writer.write_scalars(step, scalars)
         maybe_stop(state)
-      if step % config.eval_every_steps == 0 or last:
+      due = [e for e in evals if e.due(step, last)]
+      if due:
         maybe_stop(state)
-        results = evaluate(config, source, mesh, eval_step, variables_of(state))
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
-        if config.task == "pretrain":
-          writer.write_scalars(step, _reconstruction_summaries(
-              config, model, state.params, source, mesh, writer, step) or {})
+      for entry in due:
+        out = entry.evaluator.run(state)
+        evaluators.write(writer, step, entry.prefix, out)
+        scalars = evaluators.scalars_only(out)
+        if entry.name == PRIMARY_EVAL:
+          results = {**results, **scalars}
+        else:
+          results.update({f"{entry.prefix}{k}": v for k, v in scalars.items()})
+        if entry.name != PRIMARY_EVAL:
+          continue
         if config.keep_best and best_manager is None:  # opened at the first eval
           best_manager = checkpoints.TrainCheckpoints(
               os.path.join(workdir, "checkpoints_best"), best_metric=best_metric,

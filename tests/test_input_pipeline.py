@@ -82,7 +82,7 @@ def test_tfds_cifar10_shapes_normalisation_and_eval_padding():
                     eval_split="test", mean=CIFAR_MEAN, std=CIFAR_STD, shuffle_buffer=64)
   with tfds.testing.mock_data(num_examples=20):
     src = input_pipeline.create(data, aug, task="pretrain", batch_size=8, seed=0)
-    assert src.device_augment is None
+    assert src.device_augment is augment_jax.identity_augment
     assert (src.num_train_examples, src.num_classes, src.image_shape) == (20, 10, (32, 32, 3))
     batches = _take(src.train_batches(0), 3)
     evals = list(src.eval_batches())

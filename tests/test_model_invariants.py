@@ -322,3 +322,60 @@ def test_vit_mae_forward_runs():
   assert np.isfinite(float(out["loss"])) and float(out["loss"]) > 0
   features = jax.eval_shape(lambda v, x: model.apply(v, x, method="encode"), variables, images)
   assert features.shape == (2, 17, 32)
+
+
+def test_vit_mae_with_mask_tokens_in_the_encoder_matches_the_maths():
+  """encoder_sees='all': mask tokens replace the masked patch embeddings before the
+  position table, the encoder runs on every token, the decoder reads the latent."""
+  from crate_mae_jax import layers
+  from crate_mae_jax.patches import masked_mse, patchify
+  from crate_mae_jax.pos_embed import sincos_2d
+  cfg = models.model_config("base", "vit_mae")
+  cfg.update(width=32, depth=2, heads=2, decoder_depth=1, decoder_heads=4, patch_size=4,
+             encoder_sees="all", norm_pix_loss=True)
+  model = models.build_mae(cfg)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  noise = jax.random.uniform(jax.random.key(1), (2, 16))
+  params = nn.meta.unbox(model.init({"params": jax.random.key(2)}, images, mask_ratio=0.75,
+                                    noise=noise)["params"])
+  assert "mask_token" in params["encoder"]
+  assert "embed" not in params["decoder"] and "mask_token" not in params["decoder"]
+  out = model.apply({"params": params}, images, mask_ratio=0.75, noise=noise)
+
+  enc, dec = params["encoder"], params["decoder"]
+  mask = np.asarray(masking_from_noise(noise, 0.75)[0])
+  x = layers.PatchEmbed(4, 32).apply({"params": enc["patch_embed"]}, images)
+  x = jnp.where(mask[..., None] > 0, enc["mask_token"], x)
+  x = jnp.concatenate([jnp.broadcast_to(enc["cls_token"], (2, 1, 32)), x], axis=1)
+  x = x + sincos_2d(32, (4, 4), cls_token=True)[None]
+  for i in range(2):
+    x = layers.ViTBlock(2).apply({"params": enc[f"layer_{i}"]}, x)
+  norm = lambda p, v: nn.LayerNorm(epsilon=layers.FINAL_NORM_EPS,
+                                   use_fast_variance=False).apply({"params": p}, v)
+  latent = norm(enc["norm"], x)
+  y = layers.ViTBlock(4).apply({"params": dec["layer_0"]}, latent)
+  pred = nn.Dense(48).apply({"params": dec["pixel_head"]}, norm(dec["norm"], y))[:, 1:]
+  loss = masked_mse(pred, patchify(images, 4), jnp.asarray(mask), True)
+  np.testing.assert_allclose(np.asarray(out["latent"]), np.asarray(latent), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out["pred"]), np.asarray(pred), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(out["loss"]), float(loss), rtol=1e-5)
+  assert out["latent"].shape == (2, 17, 32)                 # every token, not just visible
+  # The masked patches' pixels never reach the encoder.
+  pixel_mask = np.repeat(np.repeat(mask.reshape(2, 4, 4), 4, 1), 4, 2)[..., None] > 0
+  changed = jnp.where(pixel_mask, images + 5.0, images)
+  again = model.apply({"params": params}, changed, mask_ratio=0.75, noise=noise)
+  np.testing.assert_allclose(np.asarray(again["latent"]), np.asarray(out["latent"]), atol=1e-6)
+  # Downstream encoders of this config carry the same parameters.
+  encoder = models.build_encoder(cfg)
+  downstream = nn.meta.unbox(encoder.init(jax.random.key(0), images)["params"])
+  assert jax.tree_util.tree_structure(downstream) == jax.tree_util.tree_structure(enc)
+
+
+def test_encoder_sees_is_checked():
+  cfg = models.model_config("base", "vit_mae")
+  cfg.encoder_sees = "some"
+  with pytest.raises(ValueError, match="encoder_sees='some' is unknown"):
+    models.resolve(cfg)
+  cfg.encoder_sees, cfg.decoder_width = "all", 512
+  with pytest.raises(ValueError, match="decoder_width=512 must equal"):
+    models.resolve(cfg)

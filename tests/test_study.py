@@ -1,4 +1,4 @@
-"""The issue-8 study driver (crate_mae_jax.study) and its config, on CPU.
+"""The issue-8 study driver (crate_mae_jax.experiments.study) and its config, on CPU.
 
 One end-to-end run of the CLI in a subprocess: tiny models (width 32, depth 2),
 the Fashion-MNIST subset shipped in the package (512 train / 1,000 test),
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_mae_jax import config_lib, models, study
+from crate_mae_jax import config_lib, models
+from crate_mae_jax.experiments import study
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ("--data_source=quickstart", "--tiny", "--scale=0.01", "--max_examples=512",
@@ -70,6 +71,28 @@ def test_param_counts_match_the_documented_ones():
   assert round(crate["total"] / 1e6, 2) == 1.35 and round(vit["total"] / 1e6, 2) == 5.38
 
 
+def test_baseline_configs():
+  """Mask tokens in the ViT-MAE encoder; a ViT-MAE parameter-matched to CRATE-MAE
+  (within 1 %); supervised training = the fine-tuning recipe from scratch."""
+  module = _config_module()
+  crate = study.param_counts(module.get_config("pretrain,crate_mae").model, 28)
+  matched_cfg = module.get_config("pretrain,vit_mae_matched")
+  matched = study.param_counts(matched_cfg.model, 28)
+  r = models.resolve(matched_cfg.model)
+  assert (r["depth"], r["patch_size"], r["width"], r["heads"]) == (6, 4, 96, 6)
+  assert r["width"] % r["heads"] == 0 and r["encoder_sees"] == "visible"
+  assert matched["encoder"] == 672_960 and matched["total"] == 1_355_152
+  assert abs(matched["encoder"] / crate["encoder"] - 1) < 0.01
+  assert abs(matched["total"] / crate["total"] - 1) < 0.01
+  everything = module.get_config("pretrain,vit_mae_all")
+  assert everything.model.encoder_sees == "all" and everything.model.width == 192
+  assert study.param_counts(everything.model, 28)["encoder"] == 2_673_216
+  sup = module.get_config("supervised,vit_mae_matched")
+  fine = module.get_config("finetune,vit_mae_matched")
+  assert sup.task == "finetune" and sup.init_from is None
+  assert sup.to_dict() == fine.to_dict()
+
+
 def test_study_config_scales_every_epoch_count():
   base = _config_module().get_config("finetune,vit_mae")
   c = study.study_config("finetune", "vit_mae", scale=0.1, data_source="quickstart",
@@ -83,17 +106,23 @@ def test_study_config_scales_every_epoch_count():
   assert c.eval_every_steps == math.ceil(steps / 2)
 
 
-def test_recording_writers_record_and_restore():
+def test_recording_writer_records_and_forwards():
   from crate_mae_jax import summaries
-  create, hooks = summaries.create_writer, summaries.progress_hooks
-  with study.recording_writers() as made:
-    writer = summaries.create_writer(None, True)
-    writer.write_scalars(3, {"train/loss": 0.5})
-    writer.write_scalars(6, {"train/loss": 0.25, "eval/loss": 0.3})
-    writer.flush()
-    assert len(summaries.progress_hooks(10, writer, None, True)) == 1
-  assert made[0].scalars == {"train/loss": [[3, 0.5], [6, 0.25]], "eval/loss": [[6, 0.3]]}
-  assert summaries.create_writer is create and summaries.progress_hooks is hooks
+  writer = study.RecordingWriter(summaries.LoggingWriter(None))
+  writer.write_scalars(3, {"train/loss": 0.5})
+  writer.write_scalars(6, {"train/loss": 0.25, "eval/loss": 0.3})
+  writer.flush()
+  assert writer.scalars == {"train/loss": [[3, 0.5], [6, 0.25]], "eval/loss": [[6, 0.3]]}
+
+
+def test_run_stage_records_the_learning_rate(tmp_path):
+  """The steps log 'train/learning_rate'; the stage's 'lr' series is read from it."""
+  cfg = study.study_config("pretrain", "crate_mae", scale=0.01, data_source="quickstart",
+                           tiny=True, max_examples=256, num_train_examples=256, evals=1)
+  stage = study.run_stage(cfg, str(tmp_path / "pre"), num_train=256)
+  assert stage["lr"] and len(stage["lr"]) == len(stage["train_loss"])
+  assert all(np.isfinite(v) and v >= 0 for _, v in stage["lr"])
+  assert stage["lr"] == json.load(open(tmp_path / "pre" / "scalars.json"))[study.LEARNING_RATE]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -103,7 +132,7 @@ def test_recording_writers_record_and_restore():
 def study_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("study")
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.study", f"--workdir={workdir}",
+  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.experiments.study", f"--workdir={workdir}",
                          *ARGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]
   with open(workdir / "study.json") as f:

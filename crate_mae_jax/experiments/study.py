@@ -1,8 +1,8 @@
 """Evidence that it learns (issue 8): CRATE-MAE vs ViT-MAE on full Fashion-MNIST.
 
-    python -m crate_mae_jax.study --workdir=DIR [--data_path=IDX_FOLDER] [--scale=1.0] \\
+    python -m crate_mae_jax.experiments.study --workdir=DIR [--data_path=IDX_FOLDER] [--scale=1.0] \\
         [--archs=crate_mae,vit_mae] [--pixel_floor] [--tiny] [--data_source=quickstart]
-    python -m crate_mae_jax.study --workdir=DIR --report_only   # re-write the report
+    python -m crate_mae_jax.experiments.study --workdir=DIR --report_only   # re-write the report
 
 For each arch (`configs/fashion_mnist.py`: width 192, depth 6, heads 6, patch 4,
 decoder mirroring the encoder, bf16 compute):
@@ -25,14 +25,11 @@ layerwise_init.png, layerwise_pretrained.png, reconstruction.png, attention.png,
 pca.png, and the train workdirs pretrain/, linear_probe/, finetune/ (checkpoints,
 results.json, scalars.json, reconstruction_<step>.png); DIR/pixel_floor.json.
 
-Loss curves: the train loop writes its scalars through
-`summaries.create_writer(workdir, is_chief)`. While a stage runs, this module
-swaps that function (and `summaries.progress_hooks`) for versions that wrap a
-writer in a recorder keeping every scalar in memory; the stage's scalars are
-then saved to scalars.json. By default the wrapped writer is the logging
-fallback of `summaries` (no clu, no TensorFlow: this module imports neither,
-and study.json records whether TensorFlow was imported); `--tensorboard` wraps
-the clu writer instead (TensorBoard event files, needs TensorFlow).
+Loss curves: each stage's `train_and_evaluate` gets a `RecordingWriter` that
+keeps every scalar in memory (saved to scalars.json) around the TF-free logging
+writer of `summaries` (no clu, no TensorFlow: study.json records whether
+TensorFlow was imported); `--tensorboard` wraps clu's writer instead
+(TensorBoard event files, needs TensorFlow).
 
 `--scale` multiplies every epoch count (pre-training, probe, fine-tuning, warm-up,
 pixel floor); 0.01 is a CPU smoke test. A stage whose results.json exists is not
@@ -40,7 +37,6 @@ run again, so an interrupted study resumes where it stopped, and studies of
 single archs run separately (`--archs=vit_mae --nopixel_floor`) can be merged by
 copying their DIR/ARCH folders into one DIR and running `--report_only`.
 """
-import contextlib
 import importlib.util
 import json
 import math
@@ -48,7 +44,6 @@ import os
 import signal
 import sys
 import time
-from typing import Mapping
 
 from absl import app, flags, logging
 import jax
@@ -56,15 +51,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_mae_jax import baselines, checkpoints, diagnostics, figures, models
+from crate_mae_jax.experiments import plots
 
 ARCHS = ("crate_mae", "vit_mae")
 TASKS = ("pretrain", "linear_probe", "finetune")
-NAMES = {"crate_mae": "CRATE-MAE", "vit_mae": "ViT-MAE"}
+NAMES = plots.NAMES
 PIXEL_FLOOR_EPOCHS = 30
+LEARNING_RATE = "train/learning_rate"   # the name the train steps log the lr under
 TINY = dict(width=32, depth=2, heads=2, batch_size=64)
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "fashion_mnist.py")
-COLORS = {"crate_mae": (31, 119, 180), "vit_mae": (255, 127, 14), "extra": (44, 160, 44)}
+CONFIG_FILE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "configs", "fashion_mnist.py")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory of the study (created).")
@@ -73,7 +70,8 @@ flags.DEFINE_string("data_path", None, "Fashion-MNIST IDX folder (default: the c
 flags.DEFINE_enum("data_source", "fashion_mnist", ["fashion_mnist", "quickstart"],
                   "'quickstart': the 5,000 / 1,000 subset shipped in the package (tests).")
 flags.DEFINE_float("scale", 1.0, "Multiplies every epoch count (0.01: CPU smoke test).")
-flags.DEFINE_list("archs", list(ARCHS), "Archs to run: crate_mae, vit_mae.")
+flags.DEFINE_list("archs", list(ARCHS), "Archs to run: names in the config's ARCHS "
+                  "(crate_mae, vit_mae, vit_mae_all, vit_mae_matched).")
 flags.DEFINE_bool("pixel_floor", True, "Also fit the linear classifier on raw pixels.")
 flags.DEFINE_bool("tiny", False, "Width 32, depth 2, heads 2, batch 64, float32 (tests).")
 flags.DEFINE_integer("max_examples", None, "Truncate the train split (tests).")
@@ -164,18 +162,8 @@ class Data:
   def split(self, name: str):
     """(images (N, H, W, C) float32 normalised, labels (N,))."""
     from crate_mae_jax import input_pipeline
-    cfg = self.cfg.copy_and_resolve_references()
-    cfg.data.eval_split = name
-    source = input_pipeline.create(cfg.data, cfg.augment, task="linear_probe",
-                                   batch_size=500, seed=cfg.seed)
-    prepare = (jax.jit(lambda x: source.device_augment(jax.random.key(0), x, False))
-               if source.device_augment is not None else (lambda x: x))
-    images, labels = [], []
-    for batch in source.eval_batches():
-      keep = np.asarray(batch["mask"]) > 0
-      images.append(np.asarray(prepare(batch["image"]))[keep])
-      labels.append(np.asarray(batch["label"])[keep])
-    return np.concatenate(images).astype(np.float32), np.concatenate(labels)
+    images, labels, _ = input_pipeline.split_arrays(self.cfg.data, name, seed=self.cfg.seed)
+    return images, labels
 
   @property
   def test(self):
@@ -210,39 +198,30 @@ class RecordingWriter:
     return getattr(self.inner, name)
 
 
-@contextlib.contextmanager
-def recording_writers(tensorboard: bool = False):
-  """Within the block, `summaries.create_writer` returns `RecordingWriter`s (appended
-  to the yielded list) around the TF-free logging writer, or around clu's writer
-  with `tensorboard`; progress hooks are the TF-free ones unless `tensorboard`."""
+def stage_writer(workdir: str, tensorboard: bool = False) -> RecordingWriter:
+  """A recorder around the TF-free logging writer (or clu's TensorBoard writer)."""
   from crate_mae_jax import summaries
-  made: list[RecordingWriter] = []
-  create, hooks = summaries.create_writer, summaries.progress_hooks
+  inner = (summaries.create_writer(workdir, True) if tensorboard
+           else summaries.LoggingWriter(workdir))
+  return RecordingWriter(inner)
 
-  def create_writer(logdir, is_chief):
-    inner = (create(logdir, is_chief) if tensorboard
-             else summaries._LoggingWriter(logdir if is_chief else None))  # pylint: disable=protected-access
-    made.append(RecordingWriter(inner))
-    return made[-1]
 
-  def progress_hooks(num_train_steps, writer, logdir, is_chief, profile_steps=0,
-                     every_secs=30.0):
-    if tensorboard:
-      return hooks(num_train_steps, writer, logdir, is_chief, profile_steps, every_secs)
-    return [summaries._Progress(num_train_steps, writer, every_secs)]  # pylint: disable=protected-access
-
-  summaries.create_writer, summaries.progress_hooks = create_writer, progress_hooks
-  try:
-    yield made
-  finally:
-    summaries.create_writer, summaries.progress_hooks = create, hooks
+def stage_hooks(cfg, num_train: int, writer, workdir: str, tensorboard: bool = False) -> list:
+  """Progress (steps/s, ETA) through `writer`; clu's hooks only with `tensorboard`."""
+  from crate_mae_jax import summaries
+  steps = (cfg.num_train_steps if cfg.num_train_steps > 0
+           else max(1, math.ceil(cfg.num_epochs * num_train / cfg.batch_size)))
+  every = 10.0 if steps < 5000 else 60.0
+  if tensorboard:
+    return summaries.progress_hooks(steps, writer, workdir, True, cfg.profile_steps, every)
+  return [summaries.Progress(steps, writer, every)]
 
 
 class StudyInterrupted(RuntimeError):
   """A stage was pre-empted (SIGTERM); its checkpoint is kept for a resumed run."""
 
 
-def run_stage(cfg, workdir: str, tensorboard: bool = False) -> dict:
+def run_stage(cfg, workdir: str, tensorboard: bool = False, num_train: int | None = None) -> dict:
   """Runs one train_and_evaluate (unless its results.json exists) and returns
   {'results', 'scalars', 'seconds', 'steps', ...}."""
   from crate_mae_jax import train
@@ -254,13 +233,11 @@ def run_stage(cfg, workdir: str, tensorboard: bool = False) -> dict:
     with open(stage_path) as f:
       return json.load(f)
   start = time.time()
-  with recording_writers(tensorboard) as made:
-    results = train.train_and_evaluate(cfg, workdir)
+  writer = stage_writer(workdir, tensorboard)
+  hooks = stage_hooks(cfg, num_train or 1, writer, workdir, tensorboard)
+  results = train.train_and_evaluate(cfg, workdir, writer=writer, hooks=hooks)
   seconds = time.time() - start
-  scalars: dict[str, list] = {}
-  for writer in made:
-    for key, values in writer.scalars.items():
-      scalars.setdefault(key, []).extend(values)
+  scalars = writer.scalars
   with open(scalars_path, "w") as f:
     json.dump(scalars, f)
   if results.get("preempted"):  # SIGTERM: checkpoint saved, the stage is not complete
@@ -275,7 +252,7 @@ def run_stage(cfg, workdir: str, tensorboard: bool = False) -> dict:
       "train_loss": scalars.get("train/loss", []),
       "eval_loss": scalars.get("eval/loss", []),
       "eval_top1": scalars.get("eval/top1", []),
-      "lr": scalars.get("train/lr", []),
+      "lr": scalars.get(LEARNING_RATE, []),
   }
   with open(stage_path, "w") as f:
     json.dump(stage, f, indent=1, default=_jsonable)
@@ -319,11 +296,6 @@ def vit_cls_attention(model, params, images, layer: int = -1) -> np.ndarray:
   attn = np.asarray(jax.nn.softmax(logits, axis=-1))[:, :, 1:]
   p = model.patch_size
   return attn.reshape(attn.shape[0], attn.shape[1], images.shape[1] // p, images.shape[2] // p)
-
-
-def _flat(nested: Mapping) -> dict[str, np.ndarray]:
-  return {f"{part}/{measure}/{stat}": np.asarray(values)
-          for part, m in nested.items() for measure, s in m.items() for stat, values in s.items()}
 
 
 def masked_loss(model, params, images, mask_ratio: float, seed: int = 0) -> float:
@@ -373,117 +345,6 @@ def diagnose(model_cfg, params, diag_images, figure_images, data_cfg, out_dir: s
   return out
 
 
-def _titled(image: np.ndarray, title: str) -> np.ndarray:
-  from PIL import Image, ImageDraw
-  canvas = Image.new("RGB", (image.shape[1], image.shape[0] + 24), (255, 255, 255))
-  canvas.paste(Image.fromarray(image), (0, 24))
-  ImageDraw.Draw(canvas).text((8, 4), title, fill=(0, 0, 0), font=figures._font(14))  # pylint: disable=protected-access
-  return np.asarray(canvas)
-
-
-def save_layerwise_before_after(init: Mapping, trained: Mapping, path: str, name: str) -> str:
-  """layerwise.png: the untrained model's curves above, the pre-trained model's below."""
-  top = _titled(figures.layerwise_image(_flat(init)), f"{name}: untrained (initialisation)")
-  bottom = _titled(figures.layerwise_image(_flat(trained)), f"{name}: after pre-training")
-  return figures.save_png(np.concatenate([top, bottom], axis=0), path)
-
-
-# ----------------------------------------------------------------------------- line plots
-
-
-_ticks = figures._nice_ticks  # the same axis ticks as every other figure
-
-
-def _label(value: float, step: float) -> str:
-  decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 0
-  if abs(step * 10**decimals - round(step * 10**decimals)) > 1e-9:
-    decimals += 1
-  return f"{value:.{decimals}f}"
-
-
-def line_plot(panels, path: str, panel_size: tuple[int, int] = (480, 340)) -> str:
-  """panels: [(title, xlabel, [(name, xs, ys, color, 'line'|'dots'), ...]), ...]
-  drawn side by side; returns `path`. Pillow only."""
-  from PIL import Image, ImageDraw
-  pw, ph = panel_size
-  image = Image.new("RGB", (pw * max(len(panels), 1), ph), (255, 255, 255))
-  draw = ImageDraw.Draw(image)
-  font, small = figures._font(14), figures._font(11)  # pylint: disable=protected-access
-  for k, (title, xlabel, series) in enumerate(panels):
-    x0 = k * pw
-    left, right, top, bottom = x0 + 58, x0 + pw - 14, 50, ph - 42
-    tb = draw.textbbox((0, 0), title, font=font)
-    draw.text(((left + right - (tb[2] - tb[0])) // 2, 6), title, fill=(0, 0, 0), font=font)
-    series = [s for s in series if len(s[1])]
-    if not series:
-      draw.text((left + 10, (top + bottom) // 2), "no data", fill=(0, 0, 0), font=small)
-      continue
-    xs_all = np.concatenate([np.asarray(s[1], float) for s in series])
-    ys_all = np.concatenate([np.asarray(s[2], float) for s in series])
-    ys_all = ys_all[np.isfinite(ys_all)]
-    xt = _ticks(float(xs_all.min()), float(xs_all.max()))
-    lo, hi = (float(ys_all.min()), float(ys_all.max())) if ys_all.size else (0.0, 1.0)
-    pad = 0.05 * (hi - lo) if hi > lo else 0.5
-    yt = _ticks(lo - pad, hi + pad)
-    xlo, xhi, ylo, yhi = float(xt[0]), float(xt[-1]), float(yt[0]), float(yt[-1])
-    px = lambda v: left + (right - left) * (v - xlo) / ((xhi - xlo) or 1.0)
-    py = lambda v: bottom - (bottom - top) * (v - ylo) / ((yhi - ylo) or 1.0)
-    ystep = float(yt[1] - yt[0]) if len(yt) > 1 else 1.0
-    xstep = float(xt[1] - xt[0]) if len(xt) > 1 else 1.0
-    for t in yt:
-      draw.line([left, py(t), right, py(t)], fill=(228, 228, 228))
-      lab = _label(float(t), ystep)
-      lb = draw.textbbox((0, 0), lab, font=small)
-      draw.text((left - 6 - (lb[2] - lb[0]), py(t) - 7), lab, fill=(0, 0, 0), font=small)
-    for t in xt:
-      draw.line([px(t), bottom, px(t), bottom + 4], fill=(0, 0, 0))
-      lab = _label(float(t), xstep)
-      lb = draw.textbbox((0, 0), lab, font=small)
-      draw.text((px(t) - (lb[2] - lb[0]) / 2, bottom + 6), lab, fill=(0, 0, 0), font=small)
-    xb = draw.textbbox((0, 0), xlabel, font=small)
-    draw.text(((left + right - (xb[2] - xb[0])) / 2, bottom + 22), xlabel, fill=(0, 0, 0),
-              font=small)
-    for name, xs, ys, color, style in series:
-      pts = [(px(x), py(y)) for x, y in zip(xs, ys) if np.isfinite(y)]
-      if style == "line" and len(pts) > 1:
-        draw.line(pts, fill=color, width=2)
-      else:
-        for x, y in pts:
-          draw.ellipse([x - 3.5, y - 3.5, x + 3.5, y + 3.5], outline=color, width=2)
-    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    lx = left + 6
-    for name, _, _, color, style in series:
-      draw.line([lx, 36, lx + 16, 36], fill=color, width=2 if style == "line" else 1)
-      draw.text((lx + 20, 29), name, fill=(0, 0, 0), font=small)
-      lx += draw.textbbox((0, 0), name, font=small)[2] + 34
-  return figures.save_png(np.asarray(image), path)
-
-
-def save_loss_curves(archs: Mapping[str, dict], path: str) -> str:
-  """Pre-training masked MSE (train line, eval dots) and probe / fine-tune train loss,
-  against epochs."""
-  panels = []
-  for task, title in (("pretrain", "Pre-training loss (masked MSE)"),
-                      ("linear_probe", "Linear probe: train loss"),
-                      ("finetune", "Fine-tuning: train loss")):
-    series = []
-    for arch, summary in archs.items():
-      stage = summary.get("stages", {}).get(task)
-      if not stage:
-        continue
-      steps_per_epoch = max(stage["steps"], 1) / max(stage["epochs"], 1e-9)
-      color = COLORS.get(arch, COLORS["extra"])
-      name = NAMES.get(arch, arch)
-      train_loss = np.asarray(stage.get("train_loss") or np.zeros((0, 2)), float)
-      series.append((f"{name} train", train_loss[:, 0] / steps_per_epoch, train_loss[:, 1],
-                     color, "line"))
-      if task == "pretrain":
-        ev = np.asarray(stage.get("eval_loss") or np.zeros((0, 2)), float)
-        series.append((f"{name} eval", ev[:, 0] / steps_per_epoch, ev[:, 1], color, "dots"))
-    panels.append((title, "epoch", series))
-  return line_plot(panels, path)
-
-
 # ----------------------------------------------------------------------------- environment
 
 
@@ -530,19 +391,19 @@ def run_arch(arch: str, opts: dict, data: Data, workdir: str, tensorboard: bool 
   summary["diagnostics"]["init"] = diagnose(pre_cfg.model, init, diag_x, fig_x, pre_cfg.data,
                                             None, "init", pre_cfg.seed)
   if "layerwise" in summary["diagnostics"]["init"]:
-    figures.save_layerwise(_flat(summary["diagnostics"]["init"]["layerwise"]),
+    figures.save_layerwise(plots.flat_measures(summary["diagnostics"]["init"]["layerwise"]),
                            os.path.join(root, "layerwise_init.png"))
   del init
   save()
 
   pre_dir = os.path.join(root, "pretrain")
-  summary["stages"]["pretrain"] = run_stage(pre_cfg, pre_dir, tensorboard)
+  summary["stages"]["pretrain"] = run_stage(pre_cfg, pre_dir, tensorboard, data.num_train)
   params, _ = checkpoints.restore_params(pre_dir)
   trained = diagnose(pre_cfg.model, params, diag_x, fig_x, pre_cfg.data, root, "pretrained",
                      pre_cfg.seed)
   summary["diagnostics"]["pretrained"] = trained
   if "layerwise" in trained:
-    trained["figures"]["layerwise_before_after"] = save_layerwise_before_after(
+    trained["figures"]["layerwise_before_after"] = plots.save_layerwise_before_after(
         summary["diagnostics"]["init"]["layerwise"], trained["layerwise"],
         os.path.join(root, "layerwise.png"), NAMES.get(arch, arch))
   del params
@@ -551,7 +412,8 @@ def run_arch(arch: str, opts: dict, data: Data, workdir: str, tensorboard: bool 
   for task in ("linear_probe", "finetune"):
     cfg = cfgs[task]
     cfg.init_from = pre_dir
-    summary["stages"][task] = run_stage(cfg, os.path.join(root, task), tensorboard)
+    summary["stages"][task] = run_stage(cfg, os.path.join(root, task), tensorboard,
+                                       data.num_train)
     save()
   return summary
 
@@ -670,7 +532,7 @@ def report(workdir: str) -> dict:
   environment_["tensorflow_imported"] = any(e.get("tensorflow_imported") for e in envs)
   study = {"workdir": os.path.abspath(workdir), "protocol": protocol,
            "environment": environment_, "archs": archs, "pixel_floor": floor}
-  study["figures"] = {"loss_curves": save_loss_curves(archs, os.path.join(workdir,
+  study["figures"] = {"loss_curves": plots.save_loss_curves(archs, os.path.join(workdir,
                                                                           "loss_curves.png"))}
   study["table"] = markdown(study)
   with open(os.path.join(workdir, "study.md"), "w") as f:
@@ -683,9 +545,10 @@ def report(workdir: str) -> dict:
 def run_study(workdir: str, archs=ARCHS, pixel_floor: bool = True, tensorboard: bool = False,
               diag_images: int = 64, figure_images: int = 8, **opts) -> dict:
   """The whole study; `opts` are `study_config`'s keyword arguments."""
+  known = load_config_module(opts.get("config_file", CONFIG_FILE)).ARCHS
   for arch in archs:
-    if arch not in ARCHS:
-      raise ValueError(f"--archs: {arch!r} is unknown; use {','.join(ARCHS)}")
+    if arch not in known:
+      raise ValueError(f"--archs: {arch!r} is unknown; use {','.join(known)}")
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   first = study_config("pretrain", archs[0] if archs else ARCHS[0], **opts)

@@ -1,0 +1,105 @@
+"""Pooled features of every encoder layer, extracted once per evaluation.
+
+For an encoder of depth d the layers are 'layer_00' .. 'layer_{d-1}' (the raw
+output of each block) and 'final' (the last block after the encoder's final
+LayerNorm: what a probe or fine-tuning head reads). Pools: 'cls' (the cls token)
+and 'mean' (the average of the patch tokens). No masking: every patch visible.
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crate_mae_jax import models
+
+POOLS = ("cls", "mean")
+
+
+def feature_encoder(model_cfg):
+  """The encoder of `model_cfg` for feature extraction: float32 compute, no drop
+  path, no rematerialisation (same parameters as the trained one)."""
+  cfg = model_cfg.copy_and_resolve_references()
+  cfg.update(dtype="float32", drop_path=0.0, remat_policy=None)
+  return models.build_encoder(cfg)
+
+
+def layer_names(depth: int) -> list[str]:
+  return [f"layer_{i:02d}" for i in range(depth)] + ["final"]
+
+
+def _is_block(module, method_name) -> bool:
+  return method_name == "__call__" and (module.name or "").startswith("layer_")
+
+
+def make_extract_fn(encoder) -> Callable:
+  """A jitted fn(encoder_params, images) -> {pool: (layers, B, D)} (float32)."""
+
+  def fn(params, images):
+    final, state = encoder.apply({"params": params}, images, None, False,
+                                 capture_intermediates=_is_block)
+    blocks = state["intermediates"]
+    n = final.shape[1]   # block outputs may carry attention padding rows at the end
+    tokens = [blocks[f"layer_{i}"]["__call__"][0][:, :n] for i in range(encoder.depth)]
+    tokens.append(final)
+    stacked = jnp.stack([t.astype(jnp.float32) for t in tokens])   # (layers, B, N, D)
+    return {"cls": stacked[:, :, 0], "mean": stacked[:, :, 1:].mean(axis=2)}
+  return jax.jit(fn)
+
+
+def extract(extract_fn, params, images: np.ndarray, batch_size: int = 256) -> dict:
+  """{pool: (layers, N, D) float32 numpy} for `images` (N, H, W, C), in batches
+  (the last one padded, so that one shape compiles)."""
+  out: dict[str, list] = {p: [] for p in POOLS}
+  n = len(images)
+  batch_size = max(1, min(batch_size, n))
+  for start in range(0, n, batch_size):
+    chunk = images[start:start + batch_size]
+    real = len(chunk)
+    if real < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:],
+                                              chunk.dtype)])
+    feats = jax.device_get(extract_fn(params, jnp.asarray(chunk)))
+    for pool in POOLS:
+      out[pool].append(np.asarray(feats[pool])[:, :real])
+  return {pool: np.concatenate(v, axis=1) for pool, v in out.items()}
+
+
+class SplitFeatures:
+  """Train and test images (normalised, un-augmented) of a config, loaded once;
+  `features(params)` extracts the per-layer features of both."""
+
+  def __init__(self, config, *, max_train: int | None = None, max_test: int | None = None,
+               batch_size: int = 256, arrays=None):
+    from crate_mae_jax import input_pipeline
+    if arrays is None:
+      limit = [m for m in (max_train, config.data.max_examples) if m]
+      train_x, train_y, classes = input_pipeline.split_arrays(
+          config.data, config.data.train_split, max_examples=min(limit) if limit else None,
+          seed=config.seed)
+      test_x, test_y, _ = input_pipeline.split_arrays(
+          config.data, config.data.eval_split, max_examples=max_test, seed=config.seed)
+    else:
+      (train_x, train_y), (test_x, test_y) = arrays
+      classes = int(max(train_y.max(), test_y.max())) + 1
+    self.train_x, self.train_y = train_x, np.asarray(train_y, np.int32)
+    self.test_x, self.test_y = test_x, np.asarray(test_y, np.int32)
+    self.num_classes = int(config.data.num_classes or classes)
+    self.encoder = feature_encoder(config.model)
+    self.names = layer_names(self.encoder.depth)
+    self.batch_size = batch_size
+    self._extract = make_extract_fn(self.encoder)
+
+  def features(self, encoder_params) -> tuple[dict, dict]:
+    return (extract(self._extract, encoder_params, self.train_x, self.batch_size),
+            extract(self._extract, encoder_params, self.test_x, self.batch_size))
+
+
+def per_layer_scalars(accuracies: dict, names: list[str]) -> dict:
+  """{pool: (layers,)} -> {'<pool>/layer_00': a, ..., '<pool>/final': a, '<pool>/best': max}."""
+  out = {}
+  for pool, values in accuracies.items():
+    for name, value in zip(names, values):
+      out[f"{pool}/{name}"] = float(value)
+    out[f"{pool}/best"] = float(np.max(values))
+  return out

@@ -1,0 +1,2 @@
+"""Experiment drivers built on the library (not imported by it): the Fashion-MNIST
+study (`study`) and its figures (`plots`)."""
