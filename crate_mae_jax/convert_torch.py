@@ -21,6 +21,7 @@ dropped too. A one-head model has no official output projection (`to_out` is
 Errors (a state dict that does not fit, an unreadable file, a bad --heads) end
 the CLI with exit code 2 and one line on stderr naming every offending key.
 """
+import os
 import re
 import sys
 from typing import Mapping
@@ -286,9 +287,13 @@ def main(argv=None) -> int:
   return 0
 
 
-def run():
-  """Console-script entry point."""
-  sys.exit(main())
+def run() -> None:
+  """Process entry point: ends the process even if a failed Orbax save left
+  its (non-daemon) writer threads behind."""
+  code = main()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

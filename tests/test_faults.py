@@ -356,7 +356,8 @@ def test_nonfinite_stop_names_step_exits_1_and_keeps_last_good_checkpoint(backgr
   assert run.proc.returncode == 1, run.context()
   errors = run.error_lines()
   assert len(errors) == 1, run.context()
-  match = re.search(r"non-finite loss or gradient at step (\d+); training stopped", errors[0])
+  match = re.search(r"non-finite loss, gradient or updated state at step (\d+); training "
+                    r"stopped", errors[0])
   assert match and "nonfinite='skip'" in errors[0], errors
   bad = int(match.group(1))
   # The bad update was never applied nor saved: the newest checkpoint holds the
