@@ -48,7 +48,7 @@ def xavier() -> Callable:
 
 def kaiming_uniform() -> Callable:
   """torch.nn.init.kaiming_uniform_ defaults: bound sqrt(6 / fan_in)."""
-  return init.variance_scaling(2.0, "fan_in", "uniform")
+  return init.he_uniform()
 
 
 def torch_default_bias(fan_in: int) -> Callable:
@@ -96,10 +96,8 @@ class DropPath(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     if deterministic or self.rate == 0.0:
       return x
-    keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep_mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(keep_mask, x / keep, jnp.zeros_like(x))
+    # Dropout with one draw per sample: every axis but the batch is broadcast.
+    return nn.Dropout(self.rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic)
 
 
 ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn")
