@@ -34,39 +34,27 @@ class TrainingStopped(RuntimeError):
 
 
 class _Preemption:
-<<<<<<< HEAD
-  """Turns SIGTERM into a flag the loop polls between steps.
-=======
   """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop polls between steps,
-  so both save a checkpoint at the current step; `interrupted` names a Ctrl-C."""
->>>>>>> main
+  so both save a checkpoint at the current step; `interrupted` names a Ctrl-C.
 
-  On one process the flag is set by our SIGTERM handler. On several, hosts
-  receive the signal at different steps, so the decision is Orbax's sync
-  point (`CheckpointManager.reached_preemption`, fed by JAX's distributed
-  pre-emption notifier, whose SIGTERM handler we leave in place): every host
-  then saves the same step.
+  On several processes hosts receive SIGTERM at different steps, so the
+  decision is Orbax's sync point (`CheckpointManager.reached_preemption`, fed
+  by JAX's distributed pre-emption notifier, whose SIGTERM handler is left in
+  place): every host then saves the same step.
   """
 
   def __init__(self, manager=None):
     self.requested = False
-<<<<<<< HEAD
+    self.interrupted = None
     self._manager = manager
     self._multi_host = jax.process_count() > 1
-    self._previous = None
-
-  def __enter__(self):
-    if not self._multi_host and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-=======
-    self.interrupted = None
     self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      signals = (signal.SIGINT,) if self._multi_host else (signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
->>>>>>> main
     return self
 
   def check(self, step: int) -> bool:
@@ -299,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
   train_iter = source.train_batches(start_step)
   pending: list = []
   step = start_step
-  with _Preemption(manager) as preemption:
+  with _Preemption(manager.manager) as preemption:
     while step < total_steps:
       batch = sharding.global_batch(next(train_iter), mesh)
       state, metrics = train_step(state, batch)
@@ -338,23 +326,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
             value < best_value if best_mode == "min" else value > best_value))
         if config.keep_best and improved:
           best_value = value
-<<<<<<< HEAD
-          best_manager = best_manager or _checkpoint_manager(
-              os.path.join(workdir, "checkpoints_best"), config, best=True)
-          save(best_manager, state, {**meta, "best": {best_metric: value}}, force=True)
+          best_manager.save(state, {**meta, "best": {best_metric: value}},
+                            metrics={best_metric: value})
       preempted = preemption.check(step)
       if step % config.checkpoint_every_steps == 0 or last or preempted:
         maybe_stop(state)
-        save(manager, state, meta, force=True)
-      if preempted:
-=======
-          best_manager.save(state, {**meta, "best": {best_metric: value}},
-                            metrics={best_metric: value})
-      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
-        maybe_stop(state)
         manager.save(state, meta)
-      if preemption.requested:
->>>>>>> main
+      if preempted:
         logging.warning("Pre-empted at step %d: checkpoint saved", step)
         break
   if not results and step >= total_steps:
