@@ -155,7 +155,8 @@ def lower_train_step(config, mesh, num_train_examples: int = IMAGENET_TRAIN_EXAM
   batch = {k: jax.ShapeDtypeStruct(s, jax.numpy.float32 if k == "image" else jax.numpy.int32,
                                    sharding=sharding.batch_sharding(mesh, len(s)))
            for k, s in batch.items()}
-  state = train._abstract_with_sharding(abstract, shard)
+  state = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
   lowered = state_lib.jit_train_step(step_fn, shard, mesh, rules).lower(state, batch)
   return lowered, abstract, shard
 
