@@ -77,23 +77,31 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
-from crate_mae_jax import augment_jax, data_arrays
+from crate_mae_jax import augment_jax, config_lib, data_arrays
+from crate_mae_jax.config_lib import TASKS
 
-TASKS = ("pretrain", "linear_probe", "finetune")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                     ".pgm", ".pbm", ".jfif")
 HOLDOUT_FRACTION = 0.1
 _EVAL_ALIASES = ("val", "validation")
 
 
-def _get(cfg, key: str, default=None):
-  if cfg is None:
-    return default
-  try:
-    value = cfg[key]
-  except (KeyError, AttributeError, TypeError):
-    value = getattr(cfg, key, default)
-  return default if value is None else value
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+  """`config.data` and `config.augment` of `config_lib.default_config()` (disjoint keys)."""
+  c = config_lib.default_config()
+  return {**c.data.to_dict(), **c.augment.to_dict()}
+
+
+def _get(cfg, key: str):
+  """cfg[key] for a ConfigDict, a plain dict or None; unset or None: the default config's."""
+  value = None
+  if cfg is not None:
+    try:
+      value = cfg[key]
+    except (KeyError, AttributeError, TypeError):
+      value = getattr(cfg, key, None)
+  return _defaults()[key] if value is None else value
 
 
 # ============================================================================ create
@@ -111,7 +119,7 @@ def create(data_cfg, augment_cfg=None, *, task: str, batch_size: int, seed: int,
     raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
-  source = _get(data_cfg, "source", "tfds")
+  source = _get(data_cfg, "source")
   common = dict(task=task, batch_size=int(batch_size), seed=int(seed),
                 process_index=int(process_index), process_count=int(process_count))
   path = _get(data_cfg, "path")
@@ -128,12 +136,12 @@ def create(data_cfg, augment_cfg=None, *, task: str, batch_size: int, seed: int,
       raise ValueError("source='arrays' needs create(..., arrays={...}) or data.path naming "
                        "an .npz with <split>_images / <split>_labels")
   elif source == "tfds":
-    if _get(data_cfg, "in_memory", False):
+    if _get(data_cfg, "in_memory"):
       loaded = _tfds_arrays(data_cfg)
     else:
       return TfdsSource(data_cfg, augment_cfg, **common)
   elif source == "image_folder":
-    if _get(data_cfg, "in_memory", False):
+    if _get(data_cfg, "in_memory"):
       raise ValueError("config.data.in_memory=True is not supported for source='image_folder'"
                        " (images of any size); set it False")
     return ImageFolderSource(data_cfg, augment_cfg, **common)
@@ -193,17 +201,16 @@ def _normalise_arrays(arrays: dict) -> dict:
 
 def _array_source(loaded: dict, data_cfg, augment_cfg, *, task, batch_size, seed,
                   process_index, process_count, stats=None):
-  train = data_arrays.pick_split(loaded, _get(data_cfg, "train_split", "train"), "train_split")
-  eval_ = data_arrays.pick_split(loaded, _get(data_cfg, "eval_split", "test"), "eval_split")
+  train = data_arrays.pick_split(loaded, _get(data_cfg, "train_split"), "train_split")
+  eval_ = data_arrays.pick_split(loaded, _get(data_cfg, "eval_split"), "eval_split")
   return data_arrays.ArraySource(
       train, eval_, batch_size=batch_size, seed=seed,
       image_size=_get(data_cfg, "image_size"), mean=tuple(_get(data_cfg, "mean")),
-      std=tuple(_get(data_cfg, "std")), crop_scale=tuple(_get(data_cfg, "crop_scale",
-                                                             (0.2, 1.0))),
-      flip=bool(_get(data_cfg, "flip", True)),
-      randaugment_layers=(int(_get(augment_cfg, "randaugment_layers", 0))
+      std=tuple(_get(data_cfg, "std")), crop_scale=tuple(_get(data_cfg, "crop_scale")),
+      flip=bool(_get(data_cfg, "flip")),
+      randaugment_layers=(int(_get(augment_cfg, "randaugment_layers"))
                           if task == "finetune" else 0),
-      randaugment_magnitude=float(_get(augment_cfg, "randaugment_magnitude", 9)),
+      randaugment_magnitude=float(_get(augment_cfg, "randaugment_magnitude")),
       num_classes=_get(data_cfg, "num_classes"), process_index=process_index,
       process_count=process_count, max_examples=_get(data_cfg, "max_examples"), stats=stats)
 
@@ -378,13 +385,13 @@ class _TFSource:
       raise ValueError(f"config.data.mean has {self.channels} entries; tf.data sources "
                        "support 1 or 3 channels")
     self.image_shape = (self.image_size, self.image_size, self.channels)
-    self.crop_scale = tuple(float(s) for s in _get(data_cfg, "crop_scale", (0.2, 1.0)))
-    self.flip = bool(_get(data_cfg, "flip", True))
-    self.randaugment_layers = (int(_get(augment_cfg, "randaugment_layers", 0))
+    self.crop_scale = tuple(float(s) for s in _get(data_cfg, "crop_scale"))
+    self.flip = bool(_get(data_cfg, "flip"))
+    self.randaugment_layers = (int(_get(augment_cfg, "randaugment_layers"))
                                if task == "finetune" else 0)
-    self.randaugment_magnitude = float(_get(augment_cfg, "randaugment_magnitude", 9))
-    self.shuffle_buffer = int(_get(data_cfg, "shuffle_buffer", 16_384))
-    self.cache = bool(_get(data_cfg, "cache", False))
+    self.randaugment_magnitude = float(_get(augment_cfg, "randaugment_magnitude"))
+    self.shuffle_buffer = int(_get(data_cfg, "shuffle_buffer"))
+    self.cache = bool(_get(data_cfg, "cache"))
     self.stats = {"skipped_bad_images": 0}
     # Per (seed, process) key of all stateless randomness; 31 bits.
     state = np.random.SeedSequence([self.seed % (1 << 63), self.process_index, 0x5EED])
@@ -561,7 +568,7 @@ def _tfds_arrays(data_cfg) -> dict:
   tf = _tf()
   builder = _tfds_builder(data_cfg)
   out = {}
-  for split in (_get(data_cfg, "train_split", "train"), _get(data_cfg, "eval_split", "test")):
+  for split in (_get(data_cfg, "train_split"), _get(data_cfg, "eval_split")):
     ds = _tfds_dataset(builder, split).map(lambda ex: (ex["image"], ex["label"]))
     images, labels = [], []
     for x, y in ds.batch(4096).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
@@ -586,9 +593,9 @@ class TfdsSource(_TFSource):
     self._decoders = {"image": tfds.decode.SkipDecoding()}
     num_classes = _get(data_cfg, "num_classes")
     self.num_classes = int(num_classes or self.builder.info.features["label"].num_classes)
-    train_split = _limit_split(_get(data_cfg, "train_split", "train"),
+    train_split = _limit_split(_get(data_cfg, "train_split"),
                                _get(data_cfg, "max_examples"))
-    eval_split = _get(data_cfg, "eval_split", "validation")
+    eval_split = _get(data_cfg, "eval_split")
     split = functools.partial(tfds.split_for_jax_process, process_index=self.process_index,
                               process_count=self.process_count)
     self._train_split, self._eval_split = split(train_split), split(eval_split)
@@ -733,10 +740,10 @@ class ImageFolderSource(_TFSource):
     if not root:
       raise ValueError("source='image_folder' needs config.data.path")
     self.root = root
-    train_dir = os.path.join(root, _get(data_cfg, "train_split", "train"))
+    train_dir = os.path.join(root, _get(data_cfg, "train_split"))
     if os.path.isdir(train_dir):
       classes, train = _class_files(train_dir)
-      eval_name = _get(data_cfg, "eval_split", "validation")
+      eval_name = _get(data_cfg, "eval_split")
       eval_dir = next((os.path.join(root, n) for n in (eval_name,) + _EVAL_ALIASES
                        if os.path.isdir(os.path.join(root, n))), None)
       if eval_dir is not None:
@@ -747,7 +754,7 @@ class ImageFolderSource(_TFSource):
       classes, train = _class_files(root)
       train, held = _holdout(classes, train)
     self.class_names = tuple(classes)
-    mode = _get(data_cfg, "bad_images", "skip")
+    mode = _get(data_cfg, "bad_images")
     if mode not in ("skip", "fail"):
       raise ValueError(f"config.data.bad_images={mode!r}: use 'skip' or 'fail'")
     self._train = self._validate(train, mode)

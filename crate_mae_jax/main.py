@@ -287,12 +287,12 @@ def main(argv):
   cli.enable_compilation_cache(FLAGS.compilation_cache)
   workdir = FLAGS.workdir
   try:
-    config_lib.validate(config)
+    resolved = config_lib.validate(config)
     import jax  # pylint: disable=import-outside-toplevel
     config_lib.check_mesh(config, jax.device_count())
     _check_workdir(workdir)
     lock = workdir_lock.acquire(workdir, jax.process_index())  # held until exit
-    results = train.train_and_evaluate(config, workdir)
+    results = train.train_and_evaluate(config, workdir, resolved=resolved)
   except (config_lib.ConfigError, checkpoints.CheckpointError,
           workdir_lock.WorkdirBusyError) as e:
     _exit(str(e), 2)

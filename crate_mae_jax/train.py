@@ -85,9 +85,10 @@ def _sample_shape(config, resolved):
   return (1, size, size, resolved["channels"])
 
 
-def build_model(config, num_classes: int | None):
-  """(module, init inputs, init kwargs) for the config's task."""
-  resolved = models.resolve(config.model)
+def build_model(config, num_classes: int | None, resolved: dict | None = None):
+  """(module, init inputs, init kwargs) for the config's task; `resolved`:
+  `models.resolve(config.model)` when the caller has it."""
+  resolved = models.resolve(config.model) if resolved is None else resolved
   x = jnp.zeros(_sample_shape(config, resolved), jnp.float32)
   if config.task == "pretrain":
     return models.build_mae(config.model), (x,), dict(mask_ratio=resolved["mask_ratio"])
@@ -158,15 +159,17 @@ def _record_run(workdir, config, mesh, writer, params, is_chief) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=None,
-                       hooks=None) -> dict:
+                       hooks=None, resolved: dict | None = None) -> dict:
   """Runs the configured task in `workdir`; returns the final metrics.
 
   `writer` (a clu metric writer; default: TensorBoard + logging in `workdir`)
   receives every scalar and image; `hooks` (callables of the step; default:
   progress and profiling) run after every step. The evaluations are those of
-  `config.evals` (see `crate_mae_jax.evaluators`).
+  `config.evals` (see `crate_mae_jax.evaluators`). `resolved` is what
+  `config_lib.validate(config)` returned, when the caller has validated already.
   """
-  resolved = config_lib.validate(config)
+  if resolved is None:
+    resolved = config_lib.validate(config)
   from crate_mae_jax import input_pipeline, summaries
   is_chief = jax.process_index() == 0
   mesh = sharding.create_mesh(config.mesh.shape)
@@ -194,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
                     source.stats["skipped_bad_images"])
   num_classes = config.data.num_classes or source.num_classes
   total_steps, steps_per_epoch = _num_steps(config, source.num_train_examples)
-  model, init_inputs, init_kwargs = build_model(config, num_classes)
+  model, init_inputs, init_kwargs = build_model(config, num_classes, resolved)
 
   depth = resolved["depth"] if config.task == "finetune" else None
   boxed = state_lib.abstract_variables(model, init_inputs, init_kwargs)

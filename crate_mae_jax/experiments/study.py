@@ -50,11 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_mae_jax import baselines, checkpoints, diagnostics, figures, models
+from crate_mae_jax import baselines, checkpoints, config_lib, diagnostics, figures, models
 from crate_mae_jax.experiments import plots
 
-ARCHS = ("crate_mae", "vit_mae")
-TASKS = ("pretrain", "linear_probe", "finetune")
+ARCHS = models.ARCHS
+TASKS = config_lib.TASKS
 NAMES = plots.NAMES
 PIXEL_FLOOR_EPOCHS = 30
 LEARNING_RATE = "train/learning_rate"   # the name the train steps log the lr under
