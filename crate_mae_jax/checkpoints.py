@@ -294,7 +294,7 @@ class TrainCheckpoints:
     self.manager.reload()
 
   def restore(self, step: int, abstract, shard, optimizer: str = ""):
-    from crate_mae_jax import steps  # the train state type
+    from crate_mae_jax import state_lib  # the train state type
     target = _with_sharding(abstract, shard)
     params_t, rest_t = _split_state(target)
     where = f"{self.directory}/{step}"
@@ -314,7 +314,7 @@ class TrainCheckpoints:
     out = self.manager.restore(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardRestore(params_t),
         TRAIN_STATE: ocp.args.StandardRestore(rest_t)}))
-    return steps.TrainState(params=out[PARAMS], **out[TRAIN_STATE])
+    return state_lib.TrainState(params=out[PARAMS], **out[TRAIN_STATE])
 
 
 def _saved_optimizer(manager, step: int) -> str:

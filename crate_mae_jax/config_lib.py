@@ -111,6 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
           ("head_dim", None),
           ("dict", "tensor"),
           ("mlp", "tensor"),
+          ("decoder_embed", "tensor"),  # the ViT decoder width
           ("patch", None),
           ("pixels", None),
           ("classes", None),

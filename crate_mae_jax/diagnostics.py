@@ -24,9 +24,6 @@ SUBSPACE_PROJ = "subspace_proj"
 SPARSE_CODE = "sparse_code"
 DICTIONARY_OUT = "dictionary_out"
 
-MEASURES = ("coding_rate", "sparsity")
-PARTS = ("encoder", "decoder")
-
 
 class NotWhiteBoxError(ValueError):
   """The model has no CRATE intermediates (e.g. ViT-MAE)."""

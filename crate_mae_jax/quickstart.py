@@ -14,7 +14,7 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
-from crate_mae_jax import baselines, cli, recipes
+from crate_mae_jax import cli, pixel_floor, recipes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/quickstart", "Where checkpoints and logs go.")
@@ -65,7 +65,7 @@ def main(argv):
   probe = train.train_and_evaluate(probe_cfg, probe_dir)
   train_x, train_y, classes = _arrays(pre_cfg, pre_cfg.data.train_split)
   test_x, test_y, _ = _arrays(pre_cfg, pre_cfg.data.eval_split)
-  pixels = baselines.linear_classifier(train_x, train_y, test_x, test_y, classes)
+  pixels = pixel_floor.linear_classifier(train_x, train_y, test_x, test_y, classes)
   figure = reconstruction_figure(pre_cfg, pre_dir)
   minutes = (time.time() - start) / 60
   lines = [

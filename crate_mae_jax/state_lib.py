@@ -1,18 +1,38 @@
-"""Creating a sharded train state and jitting steps over a mesh (TF-free).
+"""The train state, created sharded, and jitting steps over a mesh (TF-free).
 
 The state is laid out by the logical axis names of the parameters: `init_state`
 traces the initialisers abstractly, derives NamedShardings for parameters and
 optimizer state from `config.mesh.rules`, and then materialises every array
 directly in its shard (nothing is built on one device first).
 """
-from typing import Callable
+from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from crate_mae_jax import sharding, steps
+from crate_mae_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array               # int32 (), optimizer updates done
+  params: Any
+  opt_state: Any
+  batch_stats: Any              # BatchNorm statistics of a probe head ({} otherwise)
+  rng: jax.Array                # uint32 key data; per-step keys are fold_in(rng, step)
+  nonfinite_count: jax.Array    # int32 (), updates skipped for non-finite values
+  first_nonfinite_step: jax.Array  # int32 (), -1 when none
+
+
+def new_state(params, opt_state, rng_key, batch_stats=None) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    batch_stats={} if batch_stats is None else batch_stats,
+                    rng=jax.random.key_data(rng_key),
+                    nonfinite_count=jnp.zeros((), jnp.int32),
+                    first_nonfinite_step=-jnp.ones((), jnp.int32))
 
 
 def abstract_variables(model: nn.Module, init_inputs: tuple, init_kwargs: dict):
@@ -32,7 +52,7 @@ def state_shardings(model, tx, mesh: Mesh, logical_rules, init_inputs, init_kwar
   opt_sh = sharding.logical_shardings(opt_boxed, mesh, logical_rules)
   stats = nn.meta.unbox(boxed.get("batch_stats", {}))
   abstract = jax.eval_shape(
-      lambda p, o, s: steps.new_state(p, o, jax.random.key(0), s),
+      lambda p, o, s: new_state(p, o, jax.random.key(0), s),
       nn.meta.unbox(boxed["params"]), nn.meta.unbox(opt_boxed), stats)
   rep = sharding.replicated(mesh)
   shard = abstract.replace(
@@ -60,7 +80,7 @@ def init_state(model, tx, mesh: Mesh, logical_rules, init_inputs: tuple, init_kw
     if params_override is not None:
       params = jax.device_put(params_override(params), shard.params)
     opt_state = jax.jit(tx.init, out_shardings=shard.opt_state)(params)
-    state = jax.jit(lambda p, o, s: steps.new_state(p, o, state_key, s),
+    state = jax.jit(lambda p, o, s: new_state(p, o, state_key, s),
                     out_shardings=shard)(params, opt_state, stats)
   return state, shard
 

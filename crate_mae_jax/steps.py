@@ -1,13 +1,12 @@
-"""Train state and the jitted steps: pure functions of (state, batch).
+"""The jitted steps: pure functions of (state, batch) -> (state, metrics).
 
 No TensorFlow, no host synchronisation: metrics stay on the device until the
 loop fetches them at logging time. A step with a non-finite loss or gradient
 leaves parameters and optimizer state untouched and is counted in the state;
 the loop then stops or carries on as `config.nonfinite` says.
 """
-from typing import Any, Callable
+from typing import Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,25 +14,7 @@ import optax
 
 from crate_mae_jax.augment_jax import identity_augment
 from crate_mae_jax.patches import masked_mean, patchify, per_patch_mse
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array               # int32 (), optimizer updates done
-  params: Any
-  opt_state: Any
-  batch_stats: Any              # BatchNorm statistics of a probe head ({} otherwise)
-  rng: jax.Array                # uint32 key data; per-step keys are fold_in(rng, step)
-  nonfinite_count: jax.Array    # int32 (), updates skipped for non-finite values
-  first_nonfinite_step: jax.Array  # int32 (), -1 when none
-
-
-def new_state(params, opt_state, rng_key, batch_stats=None) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    batch_stats={} if batch_stats is None else batch_stats,
-                    rng=jax.random.key_data(rng_key),
-                    nonfinite_count=jnp.zeros((), jnp.int32),
-                    first_nonfinite_step=-jnp.ones((), jnp.int32))
+from crate_mae_jax.state_lib import TrainState, new_state  # pylint: disable=unused-import
 
 
 def step_keys(state: TrainState, n: int):

@@ -76,10 +76,6 @@ class _Preemption:
       signal.signal(sig, previous)
 
 
-def _dtype_of(name: str):
-  return models.DTYPES[name]
-
-
 def _sample_shape(config, resolved):
   size = config.data.image_size
   return (1, size, size, resolved["channels"])

@@ -97,14 +97,15 @@ class ViTDecoder(nn.Module):
     x = layers.valid_rows(x, valid)
     x = layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
     pred = nn.Dense(self.patch_size**2 * self.channels,
-                    kernel_init=layers.partitioned(layers.xavier(), ("mlp", "pixels")),
+                    kernel_init=layers.partitioned(layers.xavier(), ("decoder_embed", "pixels")),
                     bias_init=layers.partitioned(nn.initializers.zeros, ("pixels",)),
                     name="pixel_head", **kw)(x)
     return pred[:, 1:, :]
 
   def _embed_and_unshuffle(self, latent, ids_restore, grid, kw):
-    x = nn.Dense(self.width, kernel_init=layers.partitioned(layers.xavier(), ("embed", "mlp")),
-                 bias_init=layers.partitioned(nn.initializers.zeros, ("mlp",)),
+    x = nn.Dense(self.width,
+                 kernel_init=layers.partitioned(layers.xavier(), ("embed", "decoder_embed")),
+                 bias_init=layers.partitioned(nn.initializers.zeros, ("decoder_embed",)),
                  name="embed", **kw)(latent)
     mask_token = layers.token(self, "mask_token", self.width, self.param_dtype)
     batch, length = ids_restore.shape

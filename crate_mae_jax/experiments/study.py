@@ -1,4 +1,4 @@
-"""Evidence that it learns (issue 8): CRATE-MAE vs ViT-MAE on full Fashion-MNIST.
+"""Evidence that it learns: CRATE-MAE vs ViT-MAE on full Fashion-MNIST.
 
     python -m crate_mae_jax.experiments.study --workdir=DIR [--data_path=IDX_FOLDER] [--scale=1.0] \\
         [--archs=crate_mae,vit_mae] [--pixel_floor] [--tiny] [--data_source=quickstart]
@@ -17,7 +17,7 @@ decoder mirroring the encoder, bf16 compute):
 4. end-to-end fine-tuning (layer-wise lr decay, light augmentation);
 
 and, once, the raw-pixel floor: a linear classifier on the normalised pixels of
-the same train/test images (`baselines.linear_classifier`).
+the same train/test images (`pixel_floor.linear_classifier`).
 
 Writes into DIR: study.json (everything), study.md (the table), loss_curves.png;
 per arch DIR/ARCH/: summary.json, layerwise.png (before above, after below),
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_mae_jax import baselines, checkpoints, config_lib, diagnostics, figures, models
+from crate_mae_jax import checkpoints, config_lib, diagnostics, figures, models, pixel_floor
 from crate_mae_jax.experiments import plots
 
 ARCHS = models.ARCHS
@@ -427,7 +427,7 @@ def run_pixel_floor(data: Data, workdir: str, scale: float) -> dict:
   train_x, train_y = data.train
   test_x, test_y = data.test
   epochs = max(1, int(round(PIXEL_FLOOR_EPOCHS * scale)))
-  result = baselines.linear_classifier(train_x, train_y, test_x, test_y, data.num_classes,
+  result = pixel_floor.linear_classifier(train_x, train_y, test_x, test_y, data.num_classes,
                                        epochs=epochs)
   result.update(epochs=epochs, num_train=int(len(train_x)), num_test=int(len(test_x)),
                 params=int(np.prod(train_x.shape[1:])) * data.num_classes + data.num_classes,
