@@ -1,4 +1,4 @@
-"""Config and argument mistakes through the real command line (issue 7, item 5).
+"""Config and argument mistakes through the real command line.
 
 Each row of MISTAKES runs `python -m crate_mae_jax.main` with one mistake on top
 of a tiny quick-start config. Every one must end, before anything is compiled,
@@ -8,6 +8,7 @@ visible on stderr, so "one line" also proves "nothing compiled". The processes
 run a few at a time: each costs little more than importing JAX.
 """
 import concurrent.futures
+import json
 import os
 import pathlib
 import subprocess
@@ -16,6 +17,8 @@ import time
 
 import numpy as np
 import pytest
+
+from conftest import once_per_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROBE = "configs/quickstart.py:linear_probe"
@@ -217,16 +220,27 @@ def _bad_files(tmp: pathlib.Path) -> None:
     f.write(b"\x89PNG not decoded")
 
 
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("config_errors")
+def _run_all(tmp: pathlib.Path) -> None:
   _fake_checkpoint(tmp / "ckpt32", 32)
   _fake_checkpoint(tmp / "ckpt64", 64)
   (tmp / "a_file").write_text("not a folder\n")
   _bad_files(tmp)
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
     futures = {case[0]: pool.submit(_run, case, tmp) for case in MISTAKES}
-    return {name: f.result() for name, f in futures.items()}
+    results = {name: f.result() for name, f in futures.items()}
+  for r in results.values():
+    r["workdir"] = str(r["workdir"])
+  (tmp / "outcomes.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+  """Every mistake's run, once per test run (shared by the xdist workers)."""
+  out = once_per_run(tmp_path_factory, "config_errors", _run_all)
+  results = json.loads((out / "outcomes.json").read_text())
+  for r in results.values():
+    r["workdir"] = pathlib.Path(r["workdir"])
+  return results
 
 
 def test_the_table_is_large_enough():

@@ -82,6 +82,9 @@ class ListWriter:
   def write_images(self, step, images):
     self.images.update({k: (step, np.asarray(v).shape) for k, v in images.items()})
 
+  def write_hparams(self, hparams):
+    self.hparams = dict(hparams)
+
   def flush(self):
     pass
 
@@ -186,3 +189,20 @@ def test_split_arrays_are_the_normalised_eval_path():
   assert len(train_x) == 7
   images = np.ones((2, 4, 4, 3), np.float32)
   assert augment_jax.identity_augment(jax.random.key(0), images, True) is images
+
+
+def test_batch_progress_logs_every_interval_not_every_batch():
+  from absl import logging as absl_logging
+  from crate_mae_jax.evaluators import _batches
+  now = [0.0]
+  lines = []
+  progress = _batches.BatchProgress(10, what="eval", every_s=10.0, clock=lambda: now[0])
+  original = absl_logging.info
+  absl_logging.info = lambda msg, *args: lines.append(msg % args)
+  try:
+    for i in range(1, 11):
+      now[0] += 4.0            # 4 s per batch: a line every third batch
+      progress(i)
+  finally:
+    absl_logging.info = original
+  assert lines == ["eval: batch 3/10", "eval: batch 6/10", "eval: batch 9/10"], lines

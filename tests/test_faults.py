@@ -1,5 +1,5 @@
-"""Faults and guarantees of the train loop, end to end through the entry point
-(issue 7): kill -9 at arbitrary moments (during asynchronous checkpoint writes
+"""Faults and guarantees of the train loop, end to end through the entry point:
+kill -9 at arbitrary moments (during asynchronous checkpoint writes
 too), SIGTERM, non-finite values, bad data, a read-only or full disk.
 
 Training runs are separate processes of `tests/fault_worker.py`, which calls the

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_mae_jax import models
+from crate_mae_jax.evaluators._batches import BatchProgress
 
 POOLS = ("cls", "mean")
 
@@ -53,6 +54,7 @@ def extract(extract_fn, params, images: np.ndarray, batch_size: int = 256) -> di
   out: dict[str, list] = {p: [] for p in POOLS}
   n = len(images)
   batch_size = max(1, min(batch_size, n))
+  progress = BatchProgress(-(-n // batch_size), what="features")
   for start in range(0, n, batch_size):
     chunk = images[start:start + batch_size]
     real = len(chunk)
@@ -62,6 +64,7 @@ def extract(extract_fn, params, images: np.ndarray, batch_size: int = 256) -> di
     feats = jax.device_get(extract_fn(params, jnp.asarray(chunk)))
     for pool in POOLS:
       out[pool].append(np.asarray(feats[pool])[:, :real])
+    progress(start // batch_size + 1)
   return {pool: np.concatenate(v, axis=1) for pool, v in out.items()}
 
 
