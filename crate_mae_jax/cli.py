@@ -153,7 +153,7 @@ def quiet_startup() -> None:
 
 
 def benchmark() -> None:
-  """Console script for crate_mae_jax.benchmark (its main returns the rows)."""
-  from crate_mae_jax import benchmark as bench
+  """Console script for crate_mae_jax.experiments.benchmark (its main returns the rows)."""
+  from crate_mae_jax.experiments import benchmark as bench
   bench.main()
   sys.exit(0)

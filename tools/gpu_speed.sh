@@ -18,7 +18,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-bench() { timeout "${T:-300}" python3 -m crate_mae_jax.benchmark "$@"; }
+bench() { timeout "${T:-300}" python3 -m crate_mae_jax.experiments.benchmark "$@"; }
 case "${1:-}" in
   defaults)
     # 1. What a user gets: no flags at all (attention 'auto', XLA GPU defaults).
@@ -60,7 +60,7 @@ PY
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     bench --variant base --remat_policy full --isolate --batch_size 256 --steps 10 \
       --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -3
-    python3 -m crate_mae_jax.benchmark --report "$OUT"/jax_*.json
+    python3 -m crate_mae_jax.experiments.benchmark --report "$OUT"/jax_*.json
     ;;
   *) echo "usage: $0 defaults|table"; exit 2 ;;
 esac

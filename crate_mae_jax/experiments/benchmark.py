@@ -1,6 +1,6 @@
 """Throughput of the pre-training step: img/s, ms/step, TFLOP/s, peak memory.
 
-    python -m crate_mae_jax.benchmark --variant base --batch_size 256 --json out.json
+    python -m crate_mae_jax.experiments.benchmark --variant base --batch_size 256 --json out.json
 
 Its defaults are the training defaults (`configs/base.py` in bf16: attention
 'auto', the GPU XLA flags of `xla_defaults`), so it measures what users get.
@@ -657,7 +657,7 @@ def sweep(args, argv) -> list[dict]:
     env["XLA_FLAGS_BASE"] = base_env
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "row.json")
-      cmd = [sys.executable, "-m", "crate_mae_jax.benchmark", *keep,
+      cmd = [sys.executable, "-m", "crate_mae_jax.experiments.benchmark", *keep,
              "--arch", arch, "--variant", variant, "--batch_size", str(batch),
              "--dtype", dtype, "--attention_impl", attn, "--remat_policy", remat,
              "--no-isolate", "--quiet", "--json", out]
