@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_mae_jax import checkpoints, diagnostics, figures, models
+from crate_mae_jax import checkpoints, diagnostics, figures, models, patches
 
 
 class AnalyzeError(ValueError):
@@ -188,7 +188,7 @@ def analyze(checkpoint: str, output: str, config=None, images: str | None = None
   std = _per_channel(data_config.data.std if std is None else std, channels)
   if batch.shape[1] % p or batch.shape[2] % p:
     raise AnalyzeError(f"image size {batch.shape[1:3]} is not divisible by patch size {p}")
-  b, grid = batch.shape[0], (batch.shape[1] // p, batch.shape[2] // p)
+  b, grid = batch.shape[0], patches.patch_grid(batch, p)
   x = jnp.asarray(batch)
 
   measures = diagnostics.layerwise_measures(model, params, x, mask_ratio=0.0, eps=eps)

@@ -11,18 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from crate_mae_jax import layers
-from crate_mae_jax.patches import masking_from_noise, masked_mse, patchify
-from crate_mae_jax.pos_embed import sincos_2d
-
-
-def patch_grid(images: jax.Array, patch_size: int) -> tuple[int, int]:
-  return images.shape[1] // patch_size, images.shape[2] // patch_size
-
-
-def add_position(tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
-  """Adds the fixed 2-D sin-cos table (cls row first, zeros) to (B, 1+L, D)."""
-  table = sincos_2d(tokens.shape[-1], grid, cls_token=True)
-  return tokens + jnp.asarray(table, tokens.dtype)[None]
+from crate_mae_jax.patches import masking_from_noise, masked_mse, num_patches, patchify
 
 
 class CrateEncoder(nn.Module):
@@ -49,13 +38,7 @@ class CrateEncoder(nn.Module):
   def __call__(self, images: jax.Array, mask: jax.Array | None = None,
                train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = layers.PatchEmbed(self.patch_size, self.width, name="patch_embed", **kw)(images)
-    mask_token = layers.token(self, "mask_token", self.width, self.param_dtype)
-    if mask is not None:
-      x = jnp.where(mask[..., None] > 0, mask_token.astype(x.dtype), x)
-    cls = layers.token(self, "cls_token", self.width, self.param_dtype)
-    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
-    x = add_position(jnp.concatenate([cls, x], axis=1), patch_grid(images, self.patch_size))
+    x = layers.encoder_stem(self, images, self.patch_size, self.width, mask=mask, **kw)
     x = layers.constrain(x, layers.ACT)
     x, valid = layers.stack_padding(x, self.attention_impl, self.dtype)
     layer_cls = layers.remat_layer(layers.CrateEncoderLayer, self.remat_policy)
@@ -133,10 +116,9 @@ class CrateMAE(nn.Module):
 
   def __call__(self, images: jax.Array, *, mask_ratio: float,
                noise: jax.Array | None = None, train: bool = False) -> dict:
-    num_patches = patch_grid(images, self.patch_size)
-    num_patches = num_patches[0] * num_patches[1]
     if noise is None:
-      noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], num_patches))
+      noise = jax.random.uniform(self.make_rng("masking"),
+                                 (images.shape[0], num_patches(images, self.patch_size)))
     mask, ids_restore, _ = masking_from_noise(noise, mask_ratio)
     latent = self.encoder(images, mask, train)
     pred = self.decoder(latent, train)

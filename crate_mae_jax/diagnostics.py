@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crate_mae_jax import patches
+
 # Names sown by `layers.MSSA`, `layers.ISTA` and `layers.CrateDecoderLayer`.
 SUBSPACE_PROJ = "subspace_proj"
 SPARSE_CODE = "sparse_code"
@@ -194,8 +196,7 @@ _MEASURE_FNS: dict = {}
 
 
 def _default_noise(model, images, seed: int = 0) -> jax.Array:
-  p = model.patch_size
-  length = (images.shape[1] // p) * (images.shape[2] // p)
+  length = patches.num_patches(images, model.patch_size)
   return jax.random.uniform(jax.random.key(seed), (images.shape[0], length))
 
 
@@ -294,9 +295,8 @@ def cls_attention(model, params, images, layer: int = -1) -> np.ndarray:
   """
   images = jnp.asarray(images)
   _, intermediates = encode_with_intermediates(model, params, images)
-  p = model.patch_size
   return cls_attention_from_intermediates(
-      intermediates, layer, (images.shape[1] // p, images.shape[2] // p))
+      intermediates, layer, patches.patch_grid(images, model.patch_size))
 
 
 # ----------------------------------------------------------------------------- PCA
@@ -407,8 +407,7 @@ def reconstruct(model, params, images, mask_ratio: float, key: jax.Array,
   """A masked reconstruction with a mask drawn from `key`: returns
   (`reconstruction_panels(...)`, the model outputs). `model` is a CrateMAE or
   ViTMAE (its patch size and norm_pix_loss set how the panels are undone)."""
-  p = model.patch_size
-  noise = jax.random.uniform(key, (images.shape[0], (images.shape[1] // p) * (images.shape[2] // p)))
+  noise = jax.random.uniform(key, (images.shape[0], patches.num_patches(images, model.patch_size)))
   out = model.apply({"params": params}, jnp.asarray(images), mask_ratio=mask_ratio, noise=noise)
   panels = reconstruction_panels(np.asarray(images), np.asarray(out["pred"]),
                                  np.asarray(out["mask"]), p, mean, std, model.norm_pix_loss)

@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from crate_mae_jax.patches import patchify
+from crate_mae_jax.patches import patch_grid, patchify
+from crate_mae_jax.pos_embed import sincos_2d
 from crate_mae_jax.sharding import fit_spec
 
 Dtype = Any
@@ -439,3 +440,30 @@ def remat_layer(layer_cls, policy: str | None):
     return nn.remat(layer_cls, static_argnums=(2, 3))
   return nn.remat(layer_cls, static_argnums=(2, 3),
                   policy=getattr(jax.checkpoint_policies, policy))
+
+
+def add_position(tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """Adds the fixed 2-D sin-cos table (cls row first, zeros) to (B, 1+L, D)."""
+  table = sincos_2d(tokens.shape[-1], grid, cls_token=True)
+  return tokens + jnp.asarray(table, tokens.dtype)[None]
+
+
+def encoder_stem(module: nn.Module, images: jax.Array, patch_size: int, width: int, *,
+                 mask: jax.Array | None = None, mask_token: bool = True,
+                 **kw) -> jax.Array:
+  """The stem shared by the CRATE-MAE and ViT-MAE encoders, (B, 1 + L, width).
+
+  Patch embedding ('patch_embed'); with `mask_token`, a learned 'mask_token'
+  that replaces the patches where `mask` (B, L; 1 = masked) is set; a learned
+  'cls_token' in front; then the fixed sin-cos position table. The parameters
+  are created in `module` (call it from its compact `__call__`), under the
+  same names as the official checkpoints.
+  """
+  x = PatchEmbed(patch_size, width, name="patch_embed", **kw)(images)
+  if mask_token:
+    token_value = token(module, "mask_token", width, kw.get("param_dtype", jnp.float32))
+    if mask is not None:
+      x = jnp.where(mask[..., None] > 0, token_value.astype(x.dtype), x)
+  cls = token(module, "cls_token", width, kw.get("param_dtype", jnp.float32))
+  cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, width))
+  return add_position(jnp.concatenate([cls, x], axis=1), patch_grid(images, patch_size))

@@ -8,6 +8,17 @@ import jax
 import jax.numpy as jnp
 
 
+def patch_grid(images, patch_size: int) -> tuple[int, int]:
+  """(rows, cols) of patches of NHWC `images` (an array or anything with .shape)."""
+  return images.shape[1] // patch_size, images.shape[2] // patch_size
+
+
+def num_patches(images, patch_size: int) -> int:
+  """Patches per image: the sequence length L before the cls token."""
+  rows, cols = patch_grid(images, patch_size)
+  return rows * cols
+
+
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   """(N, H, W, C) -> (N, H/p * W/p, p*p*C)."""
   n, h, w, c = images.shape

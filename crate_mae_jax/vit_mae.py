@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from crate_mae_jax import layers
-from crate_mae_jax.crate_mae import add_position, patch_grid
-from crate_mae_jax.patches import masking_from_noise, masked_mse, patchify
+from crate_mae_jax.layers import add_position
+from crate_mae_jax.patches import masking_from_noise, masked_mse, patch_grid, patchify
 
 
 ENCODER_SEES = ("visible", "all")
@@ -41,16 +41,10 @@ class ViTEncoder(nn.Module):
   def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None,
                train: bool = False, mask: jax.Array | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = layers.PatchEmbed(self.patch_size, self.width, name="patch_embed", **kw)(images)
-    if self.mask_tokens:
-      mask_token = layers.token(self, "mask_token", self.width, self.param_dtype)
-      if mask is not None:
-        x = jnp.where(mask[..., None] > 0, mask_token.astype(x.dtype), x)
-    elif mask is not None:
+    if mask is not None and not self.mask_tokens:
       raise ValueError("ViTEncoder(mask_tokens=False) takes ids_keep, not a mask")
-    cls = layers.token(self, "cls_token", self.width, self.param_dtype)
-    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
-    x = add_position(jnp.concatenate([cls, x], axis=1), patch_grid(images, self.patch_size))
+    x = layers.encoder_stem(self, images, self.patch_size, self.width, mask=mask,
+                            mask_token=self.mask_tokens, **kw)
     if ids_keep is not None:
       visible = jnp.take_along_axis(x[:, 1:], ids_keep[..., None], axis=1)
       x = jnp.concatenate([x[:, :1], visible], axis=1)

@@ -50,7 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_mae_jax import checkpoints, config_lib, diagnostics, figures, models, pixel_floor
+from crate_mae_jax import (checkpoints, config_lib, diagnostics, figures, models, patches,
+                           pixel_floor)
 from crate_mae_jax.experiments import plots
 
 ARCHS = models.ARCHS
@@ -295,13 +296,13 @@ def vit_cls_attention(model, params, images, layer: int = -1) -> np.ndarray:
                       precision=jax.lax.Precision.HIGHEST) * q.shape[-1]**-0.5
   attn = np.asarray(jax.nn.softmax(logits, axis=-1))[:, :, 1:]
   p = model.patch_size
-  return attn.reshape(attn.shape[0], attn.shape[1], images.shape[1] // p, images.shape[2] // p)
+  return attn.reshape(attn.shape[0], attn.shape[1], *patches.patch_grid(images, p))
 
 
 def masked_loss(model, params, images, mask_ratio: float, seed: int = 0) -> float:
   p = model.patch_size
   noise = jax.random.uniform(jax.random.key(seed), (images.shape[0],
-                             (images.shape[1] // p) * (images.shape[2] // p)))
+                             patches.num_patches(images, p)))
   out = model.apply({"params": params}, jnp.asarray(images), mask_ratio=mask_ratio, noise=noise)
   return float(out["loss"])
 
@@ -325,7 +326,7 @@ def diagnose(model_cfg, params, diag_images, figure_images, data_cfg, out_dir: s
     return out
   x = jnp.asarray(figure_images)
   p = r["patch_size"]
-  grid = (x.shape[1] // p, x.shape[2] // p)
+  grid = patches.patch_grid(x, p)
   panels, _ = diagnostics.reconstruct(model, params, figure_images, r["mask_ratio"],
                                      jax.random.key(seed), data_cfg.mean, data_cfg.std)
   if r["arch"] == "crate_mae":
