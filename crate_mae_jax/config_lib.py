@@ -5,6 +5,7 @@ Every field is overridable on the command line (`--config.optim.base_lr=1e-4`).
 `validate()` runs before anything is compiled and raises `ConfigError` with one
 line naming the field and the fix.
 """
+import functools
 import math
 import os
 
@@ -16,6 +17,24 @@ TASKS = ("pretrain", "linear_probe", "finetune")
 SOURCES = ("tfds", "image_folder", "fashion_mnist", "quickstart", "arrays")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=1)
+def _data_and_augment_defaults() -> dict:
+  c = default_config()
+  return {**c.data.to_dict(), **c.augment.to_dict()}  # disjoint keys
+
+
+def value_or_default(cfg, key: str):
+  """cfg[key] of a `config.data` / `config.augment` (a ConfigDict, a plain dict or
+  None); unset or None: the value of `default_config()`, the one home of defaults."""
+  value = None
+  if cfg is not None:
+    try:
+      value = cfg[key]
+    except (KeyError, AttributeError, TypeError):
+      value = getattr(cfg, key, None)
+  return _data_and_augment_defaults()[key] if value is None else value
 
 
 class ConfigError(ValueError):
