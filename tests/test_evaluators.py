@@ -82,6 +82,9 @@ class ListWriter:
   def write_images(self, step, images):
     self.images.update({k: (step, np.asarray(v).shape) for k, v in images.items()})
 
+  def write_hparams(self, hparams):
+    self.hparams = dict(hparams)
+
   def flush(self):
     pass
 
