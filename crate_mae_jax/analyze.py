@@ -91,12 +91,31 @@ def _data_config(config, data_spec: str | None, meta: dict):
 def load_images_npz(path: str, num_images: int, channels: int) -> tuple[np.ndarray, Any, Any]:
   if not os.path.exists(path):
     raise AnalyzeError(f"--images {path!r} does not exist")
-  with np.load(path) as data:
-    if "images" not in data:
-      raise AnalyzeError(f"--images {path!r} has no 'images' array (keys: {sorted(data)})")
-    images = np.asarray(data["images"], np.float32)[:num_images]
-    mean = np.asarray(data["mean"], np.float32) if "mean" in data else None
-    std = np.asarray(data["std"], np.float32) if "std" in data else None
+  try:
+    data = np.load(path, allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except  (zip, pickle, format errors)
+    raise AnalyzeError(f"--images {path!r} is not a readable .npz file ({type(e).__name__}); "
+                       "save one with np.savez(path, images=...)") from None
+  if not hasattr(data, "files"):
+    raise AnalyzeError(f"--images {path!r} is a single .npy array, not an .npz; save it "
+                       "with np.savez(path, images=...)")
+  with data:
+    if "images" not in data.files:
+      raise AnalyzeError(f"--images {path!r} has no 'images' array (keys: {sorted(data.files)})")
+    try:
+      raw = data["images"]
+      mean = np.asarray(data["mean"], np.float32) if "mean" in data.files else None
+      std = np.asarray(data["std"], np.float32) if "std" in data.files else None
+    except ValueError as e:  # object arrays need pickle, which is refused
+      raise AnalyzeError(f"--images {path!r}: {e}; store numeric arrays") from None
+  if raw.dtype.kind not in "iuf":
+    raise AnalyzeError(f"--images {path!r}: 'images' has dtype {raw.dtype}; store float "
+                       "NHWC images")
+  images = np.asarray(raw, np.float32)[:num_images]
+  if images.size == 0:
+    raise AnalyzeError(f"--images {path!r}: 'images' is empty (shape {raw.shape})")
+  if not np.all(np.isfinite(images)):
+    raise AnalyzeError(f"--images {path!r}: 'images' holds NaN or inf values; clean them")
   if images.ndim != 4 or images.shape[-1] != channels:
     hint = " (it looks NCHW: transpose to NHWC)" if images.ndim == 4 and \
         images.shape[1] == channels else ""
@@ -252,7 +271,14 @@ def main(argv) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run():
+  """Console-script entry point."""
   from absl import app
+  from crate_mae_jax import cli
+  cli.quiet_startup()
   _define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -5,6 +5,7 @@ Every field is overridable on the command line (`--config.optim.base_lr=1e-4`).
 `validate()` runs before anything is compiled and raises `ConfigError` with one
 line naming the field and the fix.
 """
+import math
 import os
 
 import ml_collections
@@ -152,8 +153,41 @@ def dataset_num_classes(source) -> int | None:
   return None
 
 
+def _nonfinite_fields(node, prefix: str = ""):
+  """Dotted names of every NaN/inf float in a config (tuples included)."""
+  items = node.items() if hasattr(node, "items") else ()
+  for key, value in items:
+    name = f"{prefix}{key}"
+    if hasattr(value, "items"):
+      yield from _nonfinite_fields(value, name + ".")
+    elif isinstance(value, float) and not math.isfinite(value):
+      yield name, value
+    elif isinstance(value, (tuple, list)) and any(
+        isinstance(v, float) and not math.isfinite(v) for v in value):
+      yield name, value
+
+
+def check_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """The mesh fits the devices and names every axis the sharding rules use."""
+  from crate_mae_jax import sharding  # pylint: disable=import-outside-toplevel
+  try:
+    sharding.mesh_shape(c.mesh.shape, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  axes = {name for name, _ in c.mesh.shape}
+  for logical, mesh_axes in c.mesh.rules:
+    named = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    missing = [a for a in named if a not in axes]
+    if missing:
+      _fail("mesh.rules", f"rule {logical!r} -> {mesh_axes!r} names mesh axis "
+            f"{missing[0]!r}, which config.mesh.shape {tuple(sorted(axes))} lacks; add "
+            f"({missing[0]!r}, 1) to config.mesh.shape or change the rule")
+
+
 def validate(c: ml_collections.ConfigDict) -> dict:
   """Checks a config before any compile; returns the resolved model dict."""
+  for name, value in _nonfinite_fields(c):
+    _fail(name, f"{value!r} is not a finite number; give a finite value")
   if c.task not in TASKS:
     _fail("task", f"{c.task!r} is unknown; use one of {TASKS}")
   try:
@@ -204,6 +238,10 @@ def validate(c: ml_collections.ConfigDict) -> dict:
   if d.source == "arrays" and not d.path:
     _fail("data.path", "source='arrays' needs data.path naming an .npz with "
           "<split>_images / <split>_labels arrays")
+  if d.path and d.source == "quickstart" and not d.path.endswith(".npz"):
+    _fail("data.path", f"{d.path!r} is not used by source='quickstart' (it reads the "
+          "bundled subset, or an .npz of the same layout); unset data.path, or set "
+          "data.source to 'image_folder', 'fashion_mnist' or 'arrays'")
   if d.path and d.source in ("arrays", "quickstart") and not os.path.isfile(d.path) and (
       d.source == "arrays" or d.path.endswith(".npz")):
     _fail("data.path", f"{d.path!r} does not exist; point it at an .npz file")
@@ -226,6 +264,9 @@ def validate(c: ml_collections.ConfigDict) -> dict:
     _fail("optim.b2", f"betas ({o.b1}, {o.b2}) must lie in [0, 1)")
   if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
     _fail("optim.layer_decay", f"{o.layer_decay} must lie in (0, 1]")
+  if o.clip_grad_norm is not None and not o.clip_grad_norm > 0:
+    _fail("optim.clip_grad_norm", f"{o.clip_grad_norm} must be > 0 (a non-positive norm "
+          "would flip or zero the gradients); unset it to disable clipping")
   if o.warmup_epochs < 0:
     _fail("optim.warmup_epochs", f"{o.warmup_epochs} must be >= 0")
   if c.num_train_steps <= 0 and c.num_epochs <= 0:

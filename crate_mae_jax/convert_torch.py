@@ -1,6 +1,7 @@
 """Import official PyTorch CRATE-MAE checkpoints (Ma-Lab-Berkeley/CRATE, model/crate_ae).
 
-    python -m crate_mae_jax.convert_torch --checkpoint crate_mae_base.pth --output DIR
+    python -m crate_mae_jax.convert_torch --checkpoint=crate_mae_base.pth --output=DIR
+    crate-mae-convert --checkpoint=crate_mae_base.pth --output=DIR   # installed
 
 reads an official `.pth` (state dict at the top level, under 'model' or
 'state_dict', with or without 'module.' prefixes), maps it onto the Flax
@@ -20,7 +21,7 @@ dropped too. A one-head model has no official output projection (`to_out` is
 Errors (a state dict that does not fit, an unreadable file, a bad --heads) end
 the CLI with exit code 2 and one line on stderr naming every offending key.
 """
-import argparse
+import os
 import re
 import sys
 from typing import Mapping
@@ -240,26 +241,60 @@ def convert(checkpoint: str, output: str, heads: int | None = None, **overrides)
   return checkpoints.save_params(output, params, meta)
 
 
+def _flags():
+  """The converter's absl flags, on their own FlagValues so that `main` can be
+  called in-process (and repeatedly) next to other entry points' flags."""
+  from absl import flags
+  fv = flags.FlagValues()
+  flags.DEFINE_string("checkpoint", None, "official .pth file", flag_values=fv)
+  flags.DEFINE_string("output", None, "Orbax checkpoint directory to write", flag_values=fv)
+  flags.DEFINE_integer("heads", None, "attention heads (default: the named variant of the "
+                       "same width)", flag_values=fv)
+  flags.DEFINE_float("ista_lambda", None, "λ (default 0.5)", flag_values=fv)
+  flags.DEFINE_float("ista_step", None, "η (default 0.1)", flag_values=fv)
+  flags.DEFINE_bool("norm_pix_loss", None, "per-patch normalised pixel loss", flag_values=fv)
+  return fv
+
+
+def _usage_error(message: str) -> int:
+  print("convert_torch: error: " + " ".join(str(message).split()), file=sys.stderr)
+  return 2
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="official .pth file")
-  parser.add_argument("--output", required=True, help="Orbax checkpoint directory to write")
-  parser.add_argument("--heads", type=int, default=None,
-                      help="attention heads (default: the named variant of the same width)")
-  parser.add_argument("--ista_lambda", type=float, default=None, help="λ (default 0.5)")
-  parser.add_argument("--ista_step", type=float, default=None, help="η (default 0.1)")
-  parser.add_argument("--norm_pix_loss", action="store_true", default=None)
-  args = parser.parse_args(argv)
+  """`argv` without the program name (default: sys.argv[1:]); returns the exit code."""
+  from absl import flags
+  argv = sys.argv[1:] if argv is None else list(argv)
+  fv = _flags()
+  if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv):
+    print(__doc__.split("\n\n")[0] + "\n\nflags:\n" + fv.get_help())
+    return 0
   try:
-    path = convert(args.checkpoint, args.output, args.heads, ista_lambda=args.ista_lambda,
-                   ista_step=args.ista_step, norm_pix_loss=args.norm_pix_loss)
+    rest = fv(["convert_torch"] + argv)
+  except flags.Error as e:
+    return _usage_error(e)
+  if len(rest) > 1:
+    return _usage_error(f"unexpected arguments {rest[1:]}")
+  for name in ("checkpoint", "output"):
+    if fv[name].value is None:
+      return _usage_error(f"--{name} is required")
+  try:
+    path = convert(fv.checkpoint, fv.output, fv.heads, ista_lambda=fv.ista_lambda,
+                   ista_step=fv.ista_step, norm_pix_loss=fv.norm_pix_loss)
   except (ValueError, OSError) as e:  # ConversionError, CheckpointError, config errors
-    print("convert_torch: error: " + " ".join(str(e).split()), file=sys.stderr)
-    return 2
+    return _usage_error(e)
   print(f"wrote {path}")
   return 0
 
 
+def run() -> None:
+  """Process entry point: ends the process even if a failed Orbax save left
+  its (non-daemon) writer threads behind."""
+  code = main()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

@@ -28,6 +28,7 @@ import functools
 import gzip
 import math
 import os
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -48,7 +49,11 @@ def read_idx(path: str) -> np.ndarray:
   with open(path, "rb") as f:
     raw = f.read()
   if raw[:2] == b"\x1f\x8b":
-    raw = gzip.decompress(raw)
+    try:
+      raw = gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+      raise ValueError(f"{path}: damaged gzip file ({type(e).__name__}: {e}); download "
+                       "it again") from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
     raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4]!r})")
   dtype = np.dtype(_IDX_DTYPES[raw[2]])
@@ -63,6 +68,28 @@ def read_idx(path: str) -> np.ndarray:
                      f"{shape} x {dtype.itemsize} needs {count * dtype.itemsize}")
   data = np.frombuffer(raw, dtype, count=count, offset=header).reshape(shape)
   return data.astype(dtype.newbyteorder("="), copy=True)
+
+
+def to_uint8(images: np.ndarray, what: str) -> np.ndarray:
+  """uint8 pixels from uint8, integer [0, 255], float [0, 255] or float [0, 1]
+  arrays (the last scaled by 255: a float image in [0, 1] must not turn black);
+  anything else is refused rather than clipped."""
+  if images.dtype == np.uint8:
+    return images
+  if images.dtype.kind not in "iuf":
+    raise ValueError(f"{what}: dtype {images.dtype} is not a pixel type; give uint8 "
+                     "[0, 255] or float [0, 1] images")
+  if images.size == 0:
+    return images.astype(np.uint8)
+  if images.dtype.kind == "f" and not np.all(np.isfinite(images)):
+    raise ValueError(f"{what}: hold NaN or inf pixels; clean the array")
+  lo, hi = float(images.min()), float(images.max())
+  if lo < 0 or hi > 255:
+    raise ValueError(f"{what}: pixel values span [{lo:g}, {hi:g}]; give uint8 [0, 255] "
+                     "or float [0, 1] images (undo any normalisation)")
+  if images.dtype.kind == "f" and hi <= 1.0:
+    return np.round(images * 255.0).astype(np.uint8)
+  return np.round(images).astype(np.uint8)
 
 
 def _find_idx(folder: str, prefix: str, kind: str) -> str:
@@ -205,10 +232,8 @@ class ArraySource:
     self._y = y.astype(np.int32)
     self._ex = ex if ex.ndim == 4 else ex[..., None]
     self._ey = ey.astype(np.int32)
-    if self._x.dtype != np.uint8:
-      self._x = np.clip(self._x, 0, 255).astype(np.uint8)
-    if self._ex.dtype != np.uint8:
-      self._ex = np.clip(self._ex, 0, 255).astype(np.uint8)
+    self._x = to_uint8(self._x, "train images")
+    self._ex = to_uint8(self._ex, "eval images")
     self.batch_size = int(batch_size)
     self.seed = int(seed)
     self.process_index, self.process_count = int(process_index), int(process_count)

@@ -67,6 +67,7 @@ are decoded with PIL.
 from __future__ import annotations
 
 import concurrent.futures
+import difflib
 import functools
 import os
 import warnings
@@ -208,8 +209,15 @@ def _array_source(loaded: dict, data_cfg, augment_cfg, *, task, batch_size, seed
 
 
 # ============================================================================ TF helpers
+@functools.cache
 def _tf():
+  """TensorFlow for tf.data only: hidden from the GPUs, which belong to JAX (TF would
+  otherwise reserve their memory)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF's devices were already initialised by someone else
+    logging.warning("TensorFlow already initialised its devices; it may hold GPU memory")
   return tf
 
 
@@ -507,11 +515,20 @@ def _limit_split(split: str, max_examples) -> str:
 
 
 def _tfds_builder(data_cfg):
+  _tf()  # hides the GPUs before TFDS touches TensorFlow
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   name = _get(data_cfg, "name")
   data_dir = _get(data_cfg, "data_dir")
   manual_dir = _get(data_cfg, "manual_dir")
-  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    # TFDS's own message lists every registered dataset (thousands of names).
+    close = difflib.get_close_matches(str(name), tfds.list_builders(with_community_datasets=False),
+                                      n=3)
+    raise ValueError(f"config.data.name={name!r} is not a TFDS dataset"
+                     + (f"; did you mean {', '.join(map(repr, close))}?" if close else
+                        "; see https://www.tensorflow.org/datasets/catalog")) from None
   if manual_dir:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -661,13 +678,33 @@ def _class_files(folder: str, classes: list[str] | None = None):
       raise ValueError(f"image folder {folder!r} has classes {unknown[:5]} that the train "
                        "folder lacks")
   per_class = []
+  # Symlinked folders are followed once: a link loop, or two links to one
+  # folder, would otherwise repeat images (and leak them into the held-out split).
+  seen_dirs, seen_files = set(), set()
   for c in classes:
     files = []
     root = os.path.join(folder, c)
     for dirpath, dirnames, names in os.walk(root, followlinks=True):
+      real = os.path.realpath(dirpath)
+      if real in seen_dirs:
+        logging.warning("Skipping %s: it links to a folder already read (%s)", dirpath, real)
+        dirnames[:] = []
+        continue
+      seen_dirs.add(real)
       dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-      files.extend(os.path.join(dirpath, f) for f in sorted(names)
-                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+      for f in sorted(names):
+        if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
+          continue
+        path = os.path.join(dirpath, f)
+        try:
+          path.encode("utf-8")
+        except UnicodeEncodeError:
+          raise ValueError(f"image file name {os.fsencode(path)!r} is not valid UTF-8; "
+                           "rename it (e.g. convmv -f latin1 -t utf8)") from None
+        if os.path.realpath(path) in seen_files:
+          continue
+        seen_files.add(os.path.realpath(path))
+        files.append(path)
     per_class.append(sorted(files))
   if not classes or not any(per_class):
     raise ValueError(f"image folder {folder!r} is empty: expected one sub-folder per class "

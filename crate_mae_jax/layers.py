@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from crate_mae_jax.patches import patchify
+from crate_mae_jax.sharding import fit_spec
 
 Dtype = Any
 init = jax.nn.initializers
@@ -25,6 +26,20 @@ def partitioned(initializer: Callable, names: tuple[str | None, ...]) -> Callabl
   return nn.with_logical_partitioning(initializer, names)
 
 
+def kernel_shaped(initializer: Callable, names: tuple[str | None, ...],
+                  shape: tuple[int, ...]) -> Callable:
+  """A DenseGeneral initialiser whose logical names fit its real shape.
+
+  DenseGeneral calls kernel/bias initialisers with the flattened (in, out)
+  shape (so xavier sees PyTorch's fans) and reshapes the result; a boxed value
+  of that flat shape cannot carry one name per real dimension under a mesh.
+  This one draws the flat matrix and returns it already in `shape`.
+  """
+  def init_fn(key, flat_shape, dtype=jnp.float32):
+    return initializer(key, flat_shape, dtype).reshape(shape)
+  return partitioned(init_fn, names)
+
+
 def xavier() -> Callable:
   """xavier_uniform; DenseGeneral applies it to the flattened (in, out) matrix,
   which is what PyTorch sees for the same layer."""
@@ -33,7 +48,7 @@ def xavier() -> Callable:
 
 def kaiming_uniform() -> Callable:
   """torch.nn.init.kaiming_uniform_ defaults: bound sqrt(6 / fan_in)."""
-  return init.variance_scaling(2.0, "fan_in", "uniform")
+  return init.he_uniform()
 
 
 def torch_default_bias(fan_in: int) -> Callable:
@@ -46,11 +61,24 @@ def torch_default_bias(fan_in: int) -> Callable:
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-  """Activation sharding hint; a no-op unless logical axis rules are active."""
-  return nn.with_logical_constraint(x, names)
+  """Activation sharding constraint from logical names.
+
+  Applies under a mesh set with `jax.set_mesh` and active logical rules
+  (`sharding.activate`), a no-op otherwise. Mesh axes that do not divide a
+  dimension (a batch of one at init, an odd token count) leave it replicated
+  rather than failing.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return x
+  spec = fit_spec(nn.logical_to_mesh_axes(names, rules), x.shape, mesh.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
+# Per-head activations (batch, tokens, heads, head_dim): heads split over 'tensor'.
+ACT_HEADS = ("activation_batch", "activation_length", "heads", "head_dim")
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -68,10 +96,8 @@ class DropPath(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     if deterministic or self.rate == 0.0:
       return x
-    keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep_mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(keep_mask, x / keep, jnp.zeros_like(x))
+    # Dropout with one draw per sample: every axis but the batch is broadcast.
+    return nn.Dropout(self.rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic)
 
 
 ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn")
@@ -201,14 +227,17 @@ class MSSA(nn.Module):
     w = nn.DenseGeneral(
         (self.heads, self.head_dim), use_bias=False, dtype=self.dtype,
         param_dtype=self.param_dtype,
-        kernel_init=partitioned(xavier(), ("embed", "heads", "head_dim")),
+        kernel_init=kernel_shaped(xavier(), ("embed", "heads", "head_dim"),
+                                  (width, self.heads, self.head_dim)),
         name="subspaces")(x)
     self.sow("intermediates", "subspace_proj", valid_rows(w, valid_length))
+    w = constrain(w, ACT_HEADS)
     impl = resolve_attention(self.attention_impl, self.dtype)
-    out = attention(w, w, w, self.head_dim**-0.5, impl, valid_length)
+    out = constrain(attention(w, w, w, self.head_dim**-0.5, impl, valid_length), ACT_HEADS)
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=partitioned(xavier(), ("heads", "head_dim", "embed")),
+        kernel_init=kernel_shaped(xavier(), ("heads", "head_dim", "embed"),
+                                  (self.heads, self.head_dim, width)),
         bias_init=partitioned(init.zeros, ("embed",)), name="out")(out)
 
 
@@ -331,15 +360,20 @@ class ViTBlock(nn.Module):
     h = layer_norm(FINAL_NORM_EPS, name="norm_attn", **kw)(x)
     qkv = nn.DenseGeneral(
         (3, self.heads, head_dim),
-        kernel_init=partitioned(xavier(), ("embed", None, "heads", "head_dim")),
-        bias_init=partitioned(init.zeros, (None, "heads", "head_dim")),
+        kernel_init=kernel_shaped(xavier(), ("embed", None, "heads", "head_dim"),
+                                  (width, 3, self.heads, head_dim)),
+        bias_init=kernel_shaped(init.zeros, (None, "heads", "head_dim"),
+                                (3, self.heads, head_dim)),
         name="qkv", **kw)(h)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
     h = attention(q, k, v, head_dim**-0.5,
                   resolve_attention(self.attention_impl, self.dtype), valid_length)
+    h = constrain(h, ACT_HEADS)
     h = nn.DenseGeneral(
         width, axis=(-2, -1),
-        kernel_init=partitioned(xavier(), ("heads", "head_dim", "embed")),
+        kernel_init=kernel_shaped(xavier(), ("heads", "head_dim", "embed"),
+                                  (self.heads, head_dim, width)),
         bias_init=partitioned(init.zeros, ("embed",)), name="out", **kw)(h)
     x = constrain(x + DropPath(self.drop_path)(h, deterministic), ACT)
     h = layer_norm(FINAL_NORM_EPS, name="norm_mlp", **kw)(x)

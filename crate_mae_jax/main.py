@@ -1,7 +1,9 @@
-"""Command line entry point: parses flags and hands the config to `train`.
+r"""Command line entry point: parses flags and hands the config to `train`.
 
     python -m crate_mae_jax.main --config=configs/base.py --workdir=DIR \
         [--config.optim.base_lr=1e-4 ...]
+    crate-mae-train --config=base --workdir=DIR        # installed: configs ship with it
+    crate-mae-train --helpfull                         # every flag and config field
 
 Mistakes in the config or arguments (flag parsing included: unknown fields,
 wrong types, a missing config file) and data that cannot be used are reported
@@ -9,9 +11,12 @@ as one line `error: ...` naming the field and the fix, with exit code 2, before
 anything is compiled. Training that has to stop (non-finite values with
 config.nonfinite='stop', a workdir that became read-only or full) ends with one
 line `error: ...` and exit code 1; the last complete checkpoint is kept. SIGTERM
-saves a checkpoint at the current step and exits with 0.
+saves a checkpoint at the current step and exits with 0; Ctrl-C does the same and
+exits with 130. A workdir another live run holds (its lock) is refused, exit 2.
+Failures end the process with os._exit, so no background writer can hang it.
 """
 import errno
+import logging as std_logging
 import os
 import re
 import sys
@@ -20,13 +25,21 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from crate_mae_jax import cli
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+config_flags.DEFINE_config_file("config", None, "A config file: configs/NAME.py[:ARG], or just "
+                                "NAME[:ARG] for one shipped with the package (base, "
+                                "quickstart, finetune:cifar10,base, ...).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and logs.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Call jax.distributed.initialize(): 'auto' does so when the environment "
                   "shows several processes (Cloud TPU pods, SLURM, JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_string("compilation_cache", None,
+                    "Folder of JAX's persistent compilation cache, or 'off' (default: "
+                    "$CRATE_MAE_JAX_COMPILATION_CACHE, $JAX_COMPILATION_CACHE_DIR, else "
+                    "~/.cache/crate_mae_jax/jax_cache), so that restarts do not recompile.")
 
 
 def _multi_process_env() -> bool:
@@ -62,6 +75,10 @@ def _config_override(argv, missing: str) -> str | None:
 def _flag_error_message(e: Exception, argv) -> str:
   """One line naming the flag and the fix for an error raised while parsing."""
   text = str(e)
+  if isinstance(e, AttributeError) and "has no attribute 'get_config'" in text:
+    return _config_file_message(e, argv, what="the file defines no get_config()")
+  if isinstance(e, (KeyError, AttributeError)) and "'NoneType'" in text:
+    return _config_file_message(e, argv, what=_RETURNED_NONE)
   if isinstance(e, (KeyError, AttributeError)):
     while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
       e = e.args[0]
@@ -76,7 +93,7 @@ def _flag_error_message(e: Exception, argv) -> str:
     return f"{arg}: the config has no field {field!r}; {hint}"
   if isinstance(e, flags.UnrecognizedFlagError):
     return (f"{' '.join(text.split())}; settings go through --config.FIELD=VALUE, the "
-            "other flags are --config, --workdir and --distributed")
+            "other flags are --config, --workdir, --distributed and --compilation_cache")
   if isinstance(e, flags.IllegalFlagValueError):
     one = " ".join(text.split())
     if one.startswith("flag --config=") or "parsing config file" in one:
@@ -90,10 +107,16 @@ def _flag_error_message(e: Exception, argv) -> str:
   return f"{type(e).__name__}: {' '.join(text.split())}"
 
 
-def _config_file_message(e, argv) -> str:
+_RETURNED_NONE = ("its get_config() returned None; return the ConfigDict (e.g. "
+                  "`return recipes.quickstart('pretrain')`)")
+
+
+def _config_file_message(e, argv, what: str | None = None) -> str:
   value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
   text = str(e or "")
-  if "No such file" in text:
+  if what is not None:
+    pass
+  elif "No such file" in text:
     what = "no such config file"
   else:
     last = [line.strip() for line in text.splitlines() if line.strip()]
@@ -104,7 +127,19 @@ def _config_file_message(e, argv) -> str:
 
 
 def _parse_flags(argv):
-  """absl's parser, but every mistake is one line and exit code 2."""
+  """absl's parser, but every mistake is one line and exit code 2; --help exits 0."""
+  argv = cli.rewrite_config_args(argv)
+  if cli.wants_help(argv):
+    from crate_mae_jax import config_lib
+    cli.print_help(argv, FLAGS, config_lib.default_config())
+    sys.exit(0)
+  given = [a for a in argv[1:] if a.startswith("--config=") or a == "--config"]
+  if len(given) > 1:
+    _fail(f"--config is given {len(given)} times ({', '.join(given)}); give one config "
+          "file and change fields with --config.FIELD=VALUE")
+  quiet = logging.get_absl_logger()  # ml_collections warns (get_config() returned None)
+  level = quiet.level
+  quiet.setLevel(std_logging.ERROR)
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -112,6 +147,12 @@ def _parse_flags(argv):
   except (KeyError, AttributeError, ValueError, TypeError, OSError, SyntaxError) as e:
     # ml_collections raises these for unknown fields, bad overrides and bad files.
     _fail(_flag_error_message(e, argv))
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file's own code raised: name the file and the exception.
+    _fail(_config_file_message(e, argv, what=(
+        f"its get_config() raised {type(e).__name__}: {' '.join(str(e).split())[:300]}")))
+  finally:
+    quiet.setLevel(level)
 
 
 # ------------------------------------------------------------------ the workdir
@@ -177,12 +218,56 @@ def _last_complete_step(workdir: str) -> int | None:
   return max(steps, default=None)
 
 
+def _failure_message(e: BaseException, workdir: str) -> str:
+  """One line for a failure during training (the traceback goes to the log)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  last = _last_complete_step(workdir)
+  kept = (f"the last complete checkpoint, step {last} in {ckpt_dir!r}, is intact"
+          if last is not None else "no checkpoint had been completed")
+  code = disk_problem(e)
+  if code is not None:
+    logging.error("%s", e)
+    return (f"cannot write to --workdir {workdir!r}: it {_DISK_ERRNOS[code]} "
+            f"({os.strerror(code)}); training stopped, {kept}; free space or make the "
+            "disk writable, then rerun the same command to resume")
+  if not workdir.startswith("gs://") and not os.path.isdir(ckpt_dir):
+    return (f"the checkpoint folder {ckpt_dir!r} disappeared during training (deleted or "
+            "unmounted?); training stopped; restore it and rerun to resume, or rerun to "
+            "start from scratch")
+  logging.exception("training failed")
+  return (f"training failed: {type(e).__name__}: {' '.join(str(e).split())[:400]} (traceback "
+          f"in the log above); {kept}; rerun the same command to resume from it")
+
+
+def _exit(message: str, code: int) -> None:
+  """Prints `error: message` and ends the process at once.
+
+  Orbax's writer threads are not daemons: after a failed save they can keep
+  the interpreter alive forever, and their teardown tracebacks would follow
+  our line. So stderr is closed to them and the process ends with os._exit.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  err = os.dup(2)
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  os.write(err, f"error: {' '.join(str(message).split())}\n".encode())
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; settings go through --config.FIELD=VALUE")
-  config = FLAGS.config
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel(std_logging.ERROR)  # ml_collections' own warning for a None config
+  try:
+    config = FLAGS.config
+  finally:
+    absl_logger.setLevel(level)
   if type(config).__name__ == "_ErrorConfig":  # ml_collections defers file errors
     _fail(_config_file_message(vars(config).get("_error"), sys.argv))
+  if config is None and any(a.startswith("--config=") for a in sys.argv):
+    _fail(_config_file_message(None, sys.argv, what=_RETURNED_NONE))
   if config is None:
     _fail("--config is required: a configs/*.py file, e.g. --config=configs/quickstart.py")
   if FLAGS.workdir is None:
@@ -197,44 +282,39 @@ def main(argv):
     if os.environ.get("JAX_PROCESS_ID"):
       kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
     jax.distributed.initialize(**kwargs)
-  from crate_mae_jax import checkpoints, config_lib, summaries, train
+  from crate_mae_jax import checkpoints, config_lib, summaries, train, workdir_lock
   summaries.quiet_library_logs()
+  cli.enable_compilation_cache(FLAGS.compilation_cache)
   workdir = FLAGS.workdir
   try:
     config_lib.validate(config)
+    import jax  # pylint: disable=import-outside-toplevel
+    config_lib.check_mesh(config, jax.device_count())
     _check_workdir(workdir)
+    lock = workdir_lock.acquire(workdir, jax.process_index())  # held until exit
     results = train.train_and_evaluate(config, workdir)
-  except (config_lib.ConfigError, checkpoints.CheckpointError) as e:
-    _fail(str(e))
-  except train.TrainingStopped as e:
+  except (config_lib.ConfigError, checkpoints.CheckpointError,
+          workdir_lock.WorkdirBusyError) as e:
+    _exit(str(e), 2)
+  except (train.TrainingStopped, checkpoints.NonFiniteStateError,
+          checkpoints.CheckpointFolderLost) as e:
     logging.error("%s", e)
-    _fail(str(e), code=1)
+    _exit(str(e), 1)
+  except KeyboardInterrupt:
+    _exit("interrupted (Ctrl-C) before training started; nothing was saved", 130)
   except Exception as e:  # pylint: disable=broad-except
-    code = disk_problem(e)
-    if code is None:
-      raise
-    last = _last_complete_step(workdir)
-    kept = (f"the last complete checkpoint, step {last} in "
-            f"{os.path.join(workdir, 'checkpoints')!r}, is intact" if last is not None
-            else "no checkpoint had been completed")
-    logging.error("%s", e)
-    message = (f"cannot write to --workdir {workdir!r}: it {_DISK_ERRNOS[code]} "
-               f"({os.strerror(code)}); training stopped, {kept}; free space or make the "
-               "disk writable, then rerun the same command to resume")
-    # The failed save's writer threads cannot finish on this disk. Leave them,
-    # with stderr closed to them, so that their teardown tracebacks do not
-    # follow (or interleave with) the one line that says what happened.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    err = os.dup(2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    os.write(err, f"error: {' '.join(message.split())}\n".encode())
-    os._exit(1)  # pylint: disable=protected-access
+    _exit(_failure_message(e, workdir), 1)
+  if results.get("interrupted"):
+    _exit(f"interrupted ({results['interrupted']}) at step {results['step']}: a checkpoint "
+          f"was saved in {os.path.join(workdir, 'checkpoints')!r}; rerun the same command "
+          "to resume", 130)
+  del lock
   logging.info("final: %s", results)
 
 
 def run():
   """Console-script entry point."""
+  cli.quiet_startup()
   from crate_mae_jax import xla_defaults  # before JAX creates its backends
   xla_defaults.apply()
   app.run(main, flags_parser=_parse_flags)

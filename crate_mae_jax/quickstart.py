@@ -17,7 +17,7 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
-from crate_mae_jax import baselines, recipes
+from crate_mae_jax import baselines, cli, recipes
 from crate_mae_jax.evaluators import features, reconstruction
 
 FLAGS = flags.FLAGS
@@ -68,6 +68,7 @@ def main(argv):
   del argv
   from crate_mae_jax import summaries, train
   summaries.quiet_library_logs()
+  cli.enable_compilation_cache()
   start = time.time()
   pre_dir = os.path.join(FLAGS.workdir, "pretrain")
   probe_dir = os.path.join(FLAGS.workdir, "linear_probe")
@@ -109,5 +110,12 @@ def main(argv):
   logging.info("quick start done in %.1f min", minutes)
 
 
-if __name__ == "__main__":
+def run():
+  """Console-script entry point."""
+  from crate_mae_jax import cli
+  cli.quiet_startup()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

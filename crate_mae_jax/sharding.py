@@ -4,15 +4,18 @@ Parameters carry logical names (see `layers`); `config.mesh.rules` maps them ont
 the axes of a mesh built from `config.mesh.shape`. Pure data parallelism, FSDP
 and data × fsdp × tensor mixes are therefore config changes. JAX (GSPMD through
 `jax.jit` with shardings) does the rest.
+
+`activate(mesh, rules)` sets the mesh (`jax.set_mesh`) and the rules for tracing,
+so the activation constraints of `layers.constrain` land in the compiled program.
 """
+import contextlib
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 # Mesh axes over which the batch is split (all that exist in the mesh).
 BATCH_AXES = ("data", "fsdp")
@@ -36,13 +39,23 @@ def mesh_shape(shape_cfg, num_devices: int) -> tuple[tuple[str, ...], tuple[int,
 
 
 def create_mesh(shape_cfg, devices=None) -> Mesh:
+  """A mesh laid out on the physical topology (`jax.make_mesh`), with automatic
+  (GSPMD) axes: shardings come from jit and the constraints, not from types."""
   devices = jax.devices() if devices is None else devices
   names, sizes = mesh_shape(shape_cfg, len(devices))
+  auto = (AxisType.Auto,) * len(names)
   try:
-    grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+    return jax.make_mesh(sizes, names, axis_types=auto, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
-    grid = np.asarray(devices).reshape(sizes)
-  return Mesh(grid, names)
+    # Device sets make_mesh cannot lay out (e.g. multi-slice): keep their order.
+    return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=auto)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, logical_rules):
+  """The mesh and logical rules under which steps are traced, lowered and run."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
+    yield
 
 
 def rules(mesh_cfg) -> tuple[tuple[str, Any], ...]:
@@ -50,13 +63,17 @@ def rules(mesh_cfg) -> tuple[tuple[str, Any], ...]:
                for name, axes in mesh_cfg.rules)
 
 
-def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """Drops mesh axes that do not divide a dimension (that dim is replicated)."""
+def fit_spec(spec: P, shape: tuple[int, ...], axis_sizes) -> P:
+  """Drops mesh axes that do not divide a dimension (that dim is replicated).
+
+  `axis_sizes` maps mesh axis names to sizes (`mesh.shape` of a concrete or an
+  abstract mesh); axes of size 1 are dropped too, so specs stay readable.
+  """
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-    names = tuple(a for a in names if mesh.shape[a] > 1)
-    size = math.prod(mesh.shape[a] for a in names)
+    names = tuple(a for a in names if axis_sizes.get(a, 1) > 1)
+    size = math.prod(axis_sizes[a] for a in names)
     fitted.append(None if not names or dim % size else (names if len(names) > 1 else names[0]))
   return P(*fitted)
 
@@ -70,7 +87,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, logical_rules) -> Any:
   mesh_specs = nn.logical_to_mesh(specs, logical_rules)
   shapes = nn.meta.unbox(abstract_boxed)
   return jax.tree_util.tree_map(
-      lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+      lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh.shape)),
       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 

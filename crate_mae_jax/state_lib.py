@@ -55,7 +55,7 @@ def init_state(model, tx, mesh: Mesh, logical_rules, init_inputs: tuple, init_kw
                                          *init_inputs, **init_kwargs))
     return variables["params"], variables.get("batch_stats", {})
 
-  with mesh, nn.logical_axis_rules(logical_rules):
+  with sharding.activate(mesh, logical_rules):
     params, stats = jax.jit(make, out_shardings=(shard.params, shard.batch_stats))(init_key)
     if params_override is not None:
       params = jax.device_put(params_override(params), shard.params)
@@ -72,14 +72,14 @@ def jit_train_step(step_fn: Callable, shard, mesh: Mesh, logical_rules) -> Calla
                    out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=(0,))
 
   def run(state, batch):
-    with mesh, nn.logical_axis_rules(logical_rules):
+    with sharding.activate(mesh, logical_rules):
       return jitted(state, batch)
   run.lower = lambda state, batch: _lower(jitted, mesh, logical_rules, state, batch)
   return run
 
 
 def _lower(jitted, mesh, logical_rules, *args):
-  with mesh, nn.logical_axis_rules(logical_rules):
+  with sharding.activate(mesh, logical_rules):
     return jitted.lower(*args)
 
 
@@ -88,6 +88,6 @@ def jit_eval_step(step_fn: Callable, variables_sharding, mesh: Mesh, logical_rul
                    out_shardings=sharding.replicated(mesh))
 
   def run(variables, batch, index):
-    with mesh, nn.logical_axis_rules(logical_rules):
+    with sharding.activate(mesh, logical_rules):
       return jitted(variables, batch, jnp.asarray(index, jnp.int32))
   return run

@@ -42,14 +42,19 @@ def step_keys(state: TrainState, n: int):
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(tree)
+  leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _apply(state: TrainState, tx, grads, loss, batch_stats=None) -> tuple[TrainState, dict]:
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & _all_finite(grads)
+  # The updated state too: a NaN/inf learning rate or an overflowing optimizer
+  # moment turns finite gradients into non-finite parameters.
+  finite = (jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+            & _all_finite(opt_state))
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_stats = state.batch_stats if batch_stats is None else keep(batch_stats, state.batch_stats)
   state = state.replace(
@@ -58,7 +63,7 @@ def _apply(state: TrainState, tx, grads, loss, batch_stats=None) -> tuple[TrainS
       nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
       first_nonfinite_step=jnp.where(~finite & (state.first_nonfinite_step < 0),
                                      state.step, state.first_nonfinite_step))
-  return state, {"grad_norm": optax.global_norm(grads), "finite": finite.astype(jnp.float32)}
+  return state, {"grad_norm": optax.tree.norm(grads), "finite": finite.astype(jnp.float32)}
 
 
 def _accumulate(loss_and_grad: Callable, params, batch: dict, keys, accum_steps: int):

@@ -1,8 +1,9 @@
 """Metric writers and progress hooks (the only non-data module touching TF).
 
 CLU's writers (TensorBoard + logging) and periodic actions are used when they
-import; on hosts without TensorFlow the same interface falls back to logging
-scalars and writing images as PNG files, so training never needs TF.
+import; on hosts without TensorFlow the same interface writes TensorBoard event
+files with tensorboardX (or, without it, logs scalars and writes images as PNG
+files), so training never needs TF.
 """
 import os
 import time
@@ -45,12 +46,56 @@ class LoggingWriter:
     pass
 
 
+class _TensorboardXWriter(LoggingWriter):
+  """TensorBoard event files through tensorboardX (pure Python, no TensorFlow), and
+  the same log lines as the logging writer."""
+
+  def __init__(self, logdir: str):
+    super().__init__(None)
+    from tensorboardX import SummaryWriter
+    self.logdir = logdir
+    self.tb = SummaryWriter(logdir, flush_secs=30)
+
+  def write_scalars(self, step, scalars):
+    super().write_scalars(step, scalars)
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, float(v), step)
+
+  def write_images(self, step, images):
+    for k, img in images.items():
+      arr = np.asarray(img)
+      arr = arr[0] if arr.ndim == 4 else arr
+      self.tb.add_image(k, arr, step, dataformats="HW" if arr.ndim == 2 else "HWC")
+
+  def write_texts(self, step, texts):
+    super().write_texts(step, texts)
+    for k, v in texts.items():
+      self.tb.add_text(k, str(v), step)
+
+  def write_hparams(self, hparams):
+    super().write_hparams(hparams)
+    self.tb.add_hparams(dict(hparams), {}, name="hparams")  # a run of its own, as TB expects
+
+  def flush(self):
+    self.tb.flush()
+
+  def close(self):
+    self.tb.close()
+
+
 def create_writer(logdir: str, is_chief: bool):
-  """TensorBoard + logging writer on the chief, logging-only elsewhere."""
+  """TensorBoard + logging writer on the chief, logging-only elsewhere. Without
+  TensorFlow (no CLU writers) the chief writes event files with tensorboardX."""
   try:
     from clu import metric_writers
   except ImportError:
-    logging.warning("clu.metric_writers unavailable (no TensorFlow?): logging only")
+    if is_chief:
+      try:
+        return _TensorboardXWriter(logdir)
+      except ImportError:
+        pass
+    logging.warning("clu.metric_writers and tensorboardX unavailable: metrics go to the "
+                    "log only")
     return LoggingWriter(logdir if is_chief else None)
   return metric_writers.create_default_writer(logdir, just_logging=not is_chief,
                                               asynchronous=True)

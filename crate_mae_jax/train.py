@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from absl import logging
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from crate_mae_jax import (checkpoints, config_lib, evaluators, models, optim, sharding,
                            state_lib, steps)
@@ -34,25 +34,46 @@ class TrainingStopped(RuntimeError):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls between steps."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop polls between steps,
+  so both save a checkpoint at the current step; `interrupted` names a Ctrl-C.
 
-  def __init__(self):
+  On several processes hosts receive SIGTERM at different steps, so the
+  decision is Orbax's sync point (`CheckpointManager.reached_preemption`, fed
+  by JAX's distributed pre-emption notifier, whose SIGTERM handler is left in
+  place): every host then saves the same step.
+  """
+
+  def __init__(self, manager=None):
     self.requested = False
-    self._previous = None
+    self.interrupted = None
+    self._manager = manager
+    self._multi_host = jax.process_count() > 1
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      signals = (signal.SIGINT,) if self._multi_host else (signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
+  def check(self, step: int) -> bool:
+    """Whether to save at `step` and stop (the same answer on every host)."""
+    if self._multi_host and not self.requested:
+      self.requested = bool(self._manager.reached_preemption(step))
+    return self.requested
+
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
+    del frame
+    name = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint at the current step, then exiting", name)
     self.requested = True
+    if signum == signal.SIGINT:
+      self.interrupted = "Ctrl-C"
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _dtype_of(name: str):
@@ -90,53 +111,6 @@ def check_against_checkpoint(config, meta: dict, path: str) -> None:
           f"set --config.model.{key}={saved[key]!r} (or pick the matching variant)")
 
 
-def _checkpoint_manager(directory: str, config, best: bool = False):
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=1 if best else config.keep_checkpoints,
-      create=True, enable_async_checkpointing=config.checkpoint_async and not best,
-      save_interval_steps=1,
-      cleanup_tmp_directories=True)  # partial saves of a killed run: never restored, removed
-  handlers = {checkpoints.PARAMS: ocp.StandardCheckpointHandler(),
-              checkpoints.TRAIN_STATE: ocp.StandardCheckpointHandler(),
-              checkpoints.META: ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_handlers=handlers)
-
-
-def _split_state(state: steps.TrainState) -> tuple[Any, dict]:
-  rest = dict(step=state.step, opt_state=state.opt_state, batch_stats=state.batch_stats,
-              rng=state.rng, nonfinite_count=state.nonfinite_count,
-              first_nonfinite_step=state.first_nonfinite_step)
-  return state.params, rest
-
-
-def _abstract_with_sharding(abstract, shard):
-  return jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
-
-
-def save(manager, state, meta: dict, force: bool = False) -> bool:
-  params, rest = _split_state(state)
-  step = int(jax.device_get(state.step))
-  return manager.save(step, args=ocp.args.Composite(**{
-      checkpoints.PARAMS: ocp.args.StandardSave(params),
-      checkpoints.TRAIN_STATE: ocp.args.StandardSave(rest),
-      checkpoints.META: ocp.args.JsonSave(meta)}), force=force)
-
-
-def restore(manager, step: int, abstract, shard) -> steps.TrainState:
-  target = _abstract_with_sharding(abstract, shard)
-  params_t, rest_t = _split_state(target)
-  saved = manager.item_metadata(step)
-  if saved is not None and saved.get(checkpoints.PARAMS) is not None:
-    checkpoints.check_compatible(saved[checkpoints.PARAMS], params_t,
-                                 where=f"{manager.directory}/{step}")
-  out = manager.restore(step, args=ocp.args.Composite(**{
-      checkpoints.PARAMS: ocp.args.StandardRestore(params_t),
-      checkpoints.TRAIN_STATE: ocp.args.StandardRestore(rest_t)}))
-  return steps.TrainState(params=out[checkpoints.PARAMS], **out[checkpoints.TRAIN_STATE])
-
-
 def _num_steps(config, num_examples: int) -> tuple[int, float]:
   steps_per_epoch = num_examples / config.batch_size
   if config.num_train_steps > 0:
@@ -166,6 +140,21 @@ def _encoder_from(path: str, config) -> tuple[Any, dict]:
   if "encoder" not in params:
     raise ConfigError(f"config.init_from={path!r} holds no 'encoder' parameters")
   return params["encoder"], meta
+
+
+def _record_run(workdir, config, mesh, writer, params, is_chief) -> None:
+  """The workdir's record of this start (config, command, versions, devices), the
+  config as TensorBoard hparams, and a table of the parameters in the log."""
+  from crate_mae_jax import run_record
+  if is_chief:
+    run_record.record(workdir, config, mesh)
+    writer.write_hparams(run_record.hparams(config))
+  try:
+    from clu import parameter_overview
+  except ImportError:  # a host without clu: the record above still holds the config
+    return
+  parameter_overview.log_parameter_overview(params, include_stats="sharding",
+                                            jax_logging_process=0)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=None,
@@ -226,11 +215,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
     return {**params, "encoder": encoder_params}
 
   abstract, shard = state_lib.state_shardings(model, tx, mesh, rules, init_inputs, init_kwargs)
-  manager = _checkpoint_manager(ckpt_dir, config)
+  manager = checkpoints.TrainCheckpoints(ckpt_dir, keep=config.keep_checkpoints,
+                                         asynchronous=config.checkpoint_async)
+  state = None
   if latest is not None:
+    state, latest = manager.restore_newest(abstract, shard, optimizer=config.optim.name)
+  if state is not None:
     logging.info("Resuming from %s/%d", ckpt_dir, latest)
-    state = restore(manager, latest, abstract, shard)
   else:
+    if encoder_params is None and config.task != "pretrain" and config.init_from:
+      # Every step of the workdir was damaged: start over from init_from.
+      encoder_params, _ = _encoder_from(config.init_from, config)
+      checkpoints.check_compatible(encoder_params, abstract_params["encoder"],
+                                   where=config.init_from)
     state, _ = state_lib.init_state(model, tx, mesh, rules, init_inputs, init_kwargs,
                                     jax.random.key(config.seed), params_override=override)
   start_step = int(jax.device_get(state.step))
@@ -260,6 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
 
   if writer is None:
     writer = summaries.create_writer(workdir, is_chief)
+  _record_run(workdir, config, mesh, writer, state.params, is_chief)
   if hooks is None:
     hooks = summaries.progress_hooks(total_steps, writer, workdir, is_chief,
                                      config.profile_steps,
@@ -267,8 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
   meta = {"model": resolved, "task": config.task, "config": config.to_json_best_effort(),
           "num_classes": num_classes if config.task != "pretrain" else None,
           "data_position": "step"}
-  best_value = None
-  best_manager = None
+  best_manager, best_value = None, None
   results: dict = {}
   logging.info("%s: %d steps (%.1f per epoch), global batch %d on %d devices, mesh %s",
                config.task, total_steps, steps_per_epoch, config.batch_size,
@@ -277,16 +274,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
   def maybe_stop(state):
     if config.nonfinite == "stop" and int(jax.device_get(state.nonfinite_count)):
       bad = int(jax.device_get(state.first_nonfinite_step))
-      manager.wait_until_finished()  # the last good checkpoint may still be in flight
+      manager.wait()  # the last good checkpoint may still be in flight
       raise TrainingStopped(
-          f"non-finite loss or gradient at step {bad}; training stopped, the last good "
-          f"checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to skip such "
-          "updates, or lower config.optim.base_lr)")
+          f"non-finite loss, gradient or updated state at step {bad}; training stopped, "
+          f"the last good checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to "
+          "skip such updates, or lower config.optim.base_lr)")
 
+  if start_step < total_steps:
+    logging.info("Compiling the %s train step for %d %s device(s) (this can take minutes on "
+                 "CPU; the compilation cache makes restarts faster) ...", config.task,
+                 jax.device_count(), jax.default_backend())
   train_iter = source.train_batches(start_step)
   pending: list = []
   step = start_step
-  with _Preemption() as preemption:
+  with _Preemption(manager.manager) as preemption:
     while step < total_steps:
       batch = sharding.global_batch(next(train_iter), mesh)
       state, metrics = train_step(state, batch)
@@ -315,27 +316,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
           results.update({f"{entry.prefix}{k}": v for k, v in scalars.items()})
         if entry.name != PRIMARY_EVAL:
           continue
+        if config.keep_best and best_manager is None:  # opened at the first eval
+          best_manager = checkpoints.TrainCheckpoints(
+              os.path.join(workdir, "checkpoints_best"), best_metric=best_metric,
+              best_mode=best_mode)
+          best_value = best_manager.best_value()  # a resumed run keeps its best unless beaten
         value = results.get(best_metric)
         improved = value is not None and (best_value is None or (
             value < best_value if best_mode == "min" else value > best_value))
         if config.keep_best and improved:
           best_value = value
-          best_manager = best_manager or _checkpoint_manager(
-              os.path.join(workdir, "checkpoints_best"), config, best=True)
-          save(best_manager, state, {**meta, "best": {best_metric: value}}, force=True)
-      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
+          best_manager.save(state, {**meta, "best": {best_metric: value}},
+                            metrics={best_metric: value})
+      preempted = preemption.check(step)
+      if step % config.checkpoint_every_steps == 0 or last or preempted:
         maybe_stop(state)
-        save(manager, state, meta, force=True)
-      if preemption.requested:
+        manager.save(state, meta)
+      if preempted:
         logging.warning("Pre-empted at step %d: checkpoint saved", step)
         break
-  manager.wait_until_finished()
+  if not results and step >= total_steps:
+    # A finished run started again trains nothing: evaluate the restored final state
+    # (deterministic in seed and batch index) so it reports what the first run did.
+    logging.info("Step %d of %d already done: evaluating the final checkpoint", step,
+                 total_steps)
+    for entry in evals:
+      if not entry.due(step, True):
+        continue
+      scalars = evaluators.scalars_only(entry.evaluator.run(state))
+      if entry.name == PRIMARY_EVAL:
+        results = {**results, **scalars}
+      else:
+        results.update({f"{entry.prefix}{k}": v for k, v in scalars.items()})
   manager.close()
   if best_manager is not None:
-    best_manager.wait_until_finished()
     best_manager.close()
   writer.flush()
   results = {k: float(v) for k, v in results.items()}
+  if preemption.interrupted:
+    results["interrupted"] = preemption.interrupted
   results.update(step=step, preempted=preemption.requested,
                  nonfinite_count=int(jax.device_get(state.nonfinite_count)),
                  skipped_bad_images=int(source.stats.get("skipped_bad_images", 0)))

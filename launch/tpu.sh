@@ -9,6 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 : "${TPU_NAME:=}" "${ZONE:=}" "${PROJECT:=}" "${ACCELERATOR_TYPE:=}" "${RUNTIME_VERSION:=}"
 : "${QUEUED:=0}" "${SPOT:=0}" "${GIT_URL:=}" "${GIT_REF:=}" "${TARBALL:=}" "${EXTRAS:=tf,tpu}"
 : "${CONFIG:=configs/base.py}" "${WORKDIR:=}" "${DATA_DIR:=}" "${WORKER:=}"
+: "${TOPOLOGY:=}" "${MESH:=}" "${PYTHON:=python3}"
 
 COMMON="--name=TPU_NAME --zone=ZONE --project=PROJECT"
 LIBTPU_INDEX=https://storage.googleapis.com/jax-releases/libtpu_releases.html
@@ -19,10 +20,26 @@ PID=crate-mae-train.pid
 
 usage() {
   case ${CMD:-} in
+    plan) cat <<EOF
+Usage: $0 plan --topology TOPOLOGY [--config FILE] [--mesh data=N,fsdp=M] [--json OUT] [--config.FIELD=VALUE ...]
+On this machine (no TPU, no gcloud): compile the train step for the slice with
+libtpu (pip install -e '.[tpu]') and print per-chip memory, collectives and
+XLA's step-time estimate; recommends a mesh. Exit 1 if nothing fits.
+  --topology T   TOPOLOGY  e.g. v4:2x2x4 (v4-32), v5p:2x4x4 (v5p-64), v5e:16x16
+                           (v5litepod-256), v6e:4x4 (v6e-16)
+  --config FILE  CONFIG    (default: configs/base.py)
+  --mesh M       MESH      one layout instead of the candidates
+  --json OUT               also write the report as JSON
+  PYTHON                   the Python to run it with (default: python3)
+EOF
+    ;;
     create) cat <<EOF
-Usage: $0 create --name NAME --zone ZONE --accelerator-type TYPE [--runtime-version V] [--queued] [--spot]
+Usage: $0 create --name NAME --zone ZONE --accelerator-type TYPE [--topology T [--config FILE] [--mesh M]] [--runtime-version V] [--queued] [--spot]
 Create a TPU VM, or with --queued a queued resource whose node is also called NAME.
+With --topology the planner (see plan) runs here first, and nothing is created
+unless the config fits the slice.
   --accelerator-type TYPE  ACCELERATOR_TYPE  e.g. v4-32, v5litepod-8, v5p-8, v6e-8 (required)
+  --topology T             TOPOLOGY          plan for this topology before paying for it
   --runtime-version V      RUNTIME_VERSION   default: tpu-ubuntu2204-base (v2-v4),
                                              v2-alpha-tpuv5-lite (v5e), v2-alpha-tpuv5 (v5p),
                                              v2-alpha-tpuv6e (v6e)
@@ -77,6 +94,7 @@ EOF
     *) cat <<EOF
 Usage: $0 COMMAND [FLAGS]   ($0 COMMAND --help for its flags)
 Run crate-mae-jax on a Cloud TPU VM or pod slice.
+  plan    compile for a topology here; per-chip memory and speed (before create)
   create  create the TPU VM (--queued: a queued resource)
   setup   install crate-mae-jax on every worker
   train   start training on every worker, in the background
@@ -104,11 +122,28 @@ on_workers() { tpus tpu-vm ssh "$TPU_NAME" --worker="$1" --command "$2"; }
 
 require_tpu() { require TPU_NAME --name; require ZONE --zone; }
 
+# The pod planner, run on this machine; exits 1 when the config fits no mesh.
+planner() {
+  run "$PYTHON" -m crate_mae_jax.plan --config="$CONFIG" --topology="$TOPOLOGY" \
+    ${MESH:+"--mesh=$MESH"} "$@"
+}
+
+cmd_plan() {
+  local json=
+  parse_flags "--config=CONFIG --topology=TOPOLOGY --mesh=MESH --json=json" "$@"
+  require TOPOLOGY --topology
+  planner ${json:+"--json=$json"} "${REST[@]}"
+}
+
 cmd_create() {
-  parse_flags "$COMMON --accelerator-type=ACCELERATOR_TYPE --runtime-version=RUNTIME_VERSION --queued:QUEUED --spot:SPOT" "$@"
-  no_rest
+  parse_flags "$COMMON --accelerator-type=ACCELERATOR_TYPE --runtime-version=RUNTIME_VERSION --queued:QUEUED --spot:SPOT --topology=TOPOLOGY --config=CONFIG --mesh=MESH" "$@"
   require_tpu
   require ACCELERATOR_TYPE --accelerator-type
+  if [[ -n $TOPOLOGY ]]; then
+    planner "${REST[@]}" || usage_error "the planner says $CONFIG does not fit $TOPOLOGY: nothing created"
+  else
+    no_rest
+  fi
   if [[ -z $RUNTIME_VERSION ]]; then
     case $ACCELERATOR_TYPE in
       v2-* | v3-* | v4-*) RUNTIME_VERSION=tpu-ubuntu2204-base ;;
@@ -194,8 +229,8 @@ cmd_ssh() {
 
 CMD=${1:-}
 case $CMD in
-  create | setup | train | logs | stop | delete | ssh) shift; "cmd_$CMD" "$@" ;;
+  plan | create | setup | train | logs | stop | delete | ssh) shift; "cmd_$CMD" "$@" ;;
   -h | --help | help) usage ;;
   '') usage >&2; exit 2 ;;
-  *) usage_error "unknown command '$CMD' (create, setup, train, logs, stop, delete or ssh)" ;;
+  *) usage_error "unknown command '$CMD' (plan, create, setup, train, logs, stop, delete or ssh)" ;;
 esac

@@ -1,9 +1,11 @@
-"""Shared test setup: CPU only, the golden fixtures from ../shared/fixtures."""
+"""Shared test setup: CPU only, the golden fixtures in tests/fixtures (see its README)."""
 import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Tests write no compilation cache into the user's home.
+os.environ.setdefault("CRATE_MAE_JAX_COMPILATION_CACHE", "off")
 
 import fcntl
 import json
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ and signal handling are the entry point's own). Environment switches:
   inside the jitted step, a deterministic stand-in for a transient numerical
   fault; everything after that (the finite check, skipping, counting, stopping)
   is the train loop's own code.
+* FAULT_NAN_UPDATE_STEPS=2,5 – the optimizer's update at those steps is NaN
+  while loss and gradients stay finite (the updated state must be checked).
 * FAULT_STEP_SECONDS=0.25 – each train step takes at least that long (a sleep
   when its batch is handed over), so that a signal can land mid-run.
 * FAULT_DISK_ERROR=ENOSPC|EROFS and FAULT_DISK_AFTER=k – once the train loop has
@@ -29,6 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _hide_clu():
   sys.modules["clu"] = None  # `from clu import ...` raises ImportError
+  # ... and the tensorboardX writer too: the logging-only writer keeps no file open
+  # in the workdir, so the tests' tmpfs can be remounted read-only at any moment.
+  sys.modules["tensorboardX"] = None
 
 
 def _poison_steps(bad_steps):
@@ -40,6 +45,26 @@ def _poison_steps(bad_steps):
     bad = jnp.isin(state.step, jnp.asarray(bad_steps, jnp.int32))
     loss = jnp.where(bad, jnp.nan, loss)
     return original(state, tx, grads, loss, batch_stats)
+  steps._apply = _apply  # pylint: disable=protected-access
+
+
+def _poison_updates(bad_steps):
+  """Finite loss and gradients, but the optimizer's update turns NaN (as a NaN
+  learning rate or an overflowing moment would)."""
+  import jax
+  import jax.numpy as jnp
+  from crate_mae_jax import steps
+  original = steps._apply  # pylint: disable=protected-access
+
+  def _apply(state, tx, grads, loss, batch_stats=None):
+    bad = jnp.isin(state.step, jnp.asarray(bad_steps, jnp.int32))
+
+    class Poisoned:
+      @staticmethod
+      def update(g, s, p):
+        updates, new_s = tx.update(g, s, p)
+        return jax.tree_util.tree_map(lambda u: jnp.where(bad, jnp.nan, u), updates), new_s
+    return original(state, Poisoned, grads, loss, batch_stats)
   steps._apply = _apply  # pylint: disable=protected-access
 
 
@@ -58,15 +83,15 @@ def _break_disk(code: int, after: int, workdir: str):
   """OSError(code) for writes under `workdir` once `after` saves have started."""
   import builtins
   import pathlib
-  from crate_mae_jax import train
+  from crate_mae_jax import checkpoints
   root = os.path.abspath(workdir)
   saves = {"n": 0}
-  original_save = train.save
+  original_save = checkpoints.TrainCheckpoints.save
 
   def counting_save(*args, **kwargs):
     saves["n"] += 1
     return original_save(*args, **kwargs)
-  train.save = counting_save
+  checkpoints.TrainCheckpoints.save = counting_save
 
   def broken(path) -> bool:
     try:
@@ -108,6 +133,8 @@ def main():
     _hide_clu()
   if os.environ.get("FAULT_NAN_STEPS"):
     _poison_steps([int(s) for s in os.environ["FAULT_NAN_STEPS"].split(",")])
+  if os.environ.get("FAULT_NAN_UPDATE_STEPS"):
+    _poison_updates([int(s) for s in os.environ["FAULT_NAN_UPDATE_STEPS"].split(",")])
   if os.environ.get("FAULT_STEP_SECONDS"):
     _slow_steps(float(os.environ["FAULT_STEP_SECONDS"]))
   if os.environ.get("FAULT_DISK_ERROR"):

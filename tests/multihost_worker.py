@@ -9,12 +9,12 @@ Everything after `--` goes to `crate_mae_jax.main` unchanged: with
 coordinator from JAX_COORDINATOR_ADDRESS and main takes the process count and id
 from JAX_NUM_PROCESSES / JAX_PROCESS_ID. The worker only adds spies:
 
-* `train.save` – keeps the state of the last save, i.e. the state the run ended
+* `checkpoints.TrainCheckpoints.save` – keeps the state of the last save, i.e. the state the run ended
   with; afterwards its params are gathered from all processes
   (`multihost_utils.process_allgather`) and written to OUT_DIR/final_params.npz;
 * `sharding.global_batch` – per train step, a digest of each example this process
   fed (to show that each process read its own slice of the global batch);
-* `train.restore` – the step a run resumed from.
+* `checkpoints.TrainCheckpoints.restore` – the step a run resumed from.
 
 `--restore_first=WORKDIR` first restores that checkpoint's params with
 `checkpoints.restore_params` (OUT_DIR/restored_params.npz); `--reference=WORKDIR`
@@ -49,26 +49,27 @@ def _gathered_params(state) -> dict:
 
 class Spies:
   def __init__(self):
-    from crate_mae_jax import sharding, train
+    from crate_mae_jax import checkpoints, sharding
     self.last_saved = None
     self.saved_steps = []
     self.restored_step = None
     self.batches = []  # per train step: [sha1 of each local example]
-    self._train, self._sharding = train, sharding
-    self._save, self._restore = train.save, train.restore
+    store = checkpoints.TrainCheckpoints
+    self._save, self._restore = store.save, store.restore
     self._global_batch = sharding.global_batch
-    train.save, train.restore = self.save, self.restore
+    spies = self
+
+    def save(manager, state, meta, metrics=None):
+      import jax
+      spies.last_saved = state
+      spies.saved_steps.append(int(jax.device_get(state.step)))
+      return spies._save(manager, state, meta, metrics)
+
+    def restore(manager, step, abstract, shard, optimizer=""):
+      spies.restored_step = int(step)
+      return spies._restore(manager, step, abstract, shard, optimizer)
+    store.save, store.restore = save, restore
     sharding.global_batch = self.global_batch
-
-  def save(self, manager, state, meta, force=False):
-    import jax
-    self.last_saved = state
-    self.saved_steps.append(int(jax.device_get(state.step)))
-    return self._save(manager, state, meta, force=force)
-
-  def restore(self, manager, step, abstract, shard):
-    self.restored_step = int(step)
-    return self._restore(manager, step, abstract, shard)
 
   def global_batch(self, local, mesh):
     if "mask" not in local:  # eval batches carry a padding mask, train batches do not

@@ -39,6 +39,7 @@ def test_tiny_run_writes_sane_fields(tmp_path, capsys):
   assert data["env"]["backend"] == "cpu" and data["env"]["jax"]
 
 
+@pytest.mark.slow
 def test_vit_mae_runs():
   rows = benchmark.main(TINY + ["--arch", "vit_mae", "--quiet"])
   assert "error" not in rows[0], rows[0]
@@ -64,6 +65,7 @@ def test_mesh_flag():
     benchmark.parse_mesh("model=2")
 
 
+@pytest.mark.slow
 def test_sweep_isolates_runs_and_reports(tmp_path):
   out = tmp_path / "sweep.json"
   cmd = [sys.executable, "-m", "crate_mae_jax.benchmark", *TINY, "--dtype", "float32,bfloat16",

@@ -92,6 +92,44 @@ MISTAKES = [
      ["unexpected arguments", "--config.FIELD=VALUE"]),
     ("workdir_under_a_file", ["--workdir={file}/run"],
      ["--workdir", "part of its path is a file"]),
+    # Non-finite numbers, wherever a float is expected.
+    ("nan_lr", ["--config.optim.lr=nan"], ["config.optim.lr", "nan", "not a finite number"]),
+    ("inf_base_lr", ["--config.optim.base_lr=inf"],
+     ["config.optim.base_lr", "inf", "not a finite number"]),
+    ("nan_weight_decay", ["--config.optim.weight_decay=nan"],
+     ["config.optim.weight_decay", "not a finite"]),
+    ("negative_clip_norm", ["--config.optim.clip_grad_norm=-1.0"],
+     ["config.optim.clip_grad_norm", "must be > 0"]),
+    ("zero_clip_norm", ["--config.optim.clip_grad_norm=0.0"],
+     ["config.optim.clip_grad_norm", "must be > 0"]),
+    ("quickstart_ignores_path", ["--config.data.path={tmpdir}"],
+     ["config.data.path", "not used by source='quickstart'"]),
+    # Meshes, config files, --config twice.
+    ("mesh_vs_devices", ["--config.mesh.shape=(('data',2),('fsdp',1),('tensor',1))"],
+     ["config.mesh.shape", "needs 2 devices but 1 are available"]),
+    ("mesh_without_rule_axis", ["--config.mesh.shape=(('data',-1),('fsdp',1))"],
+     ["config.mesh.rules", "'tensor'", "add ('tensor', 1)"]),
+    ("config_file_raises", ["--config={raises}"],
+     ["--config=", "raises.py", "RuntimeError: boom"]),
+    ("config_returns_none", ["--config={none}"],
+     ["none.py", "get_config() returned None"]),
+    ("config_twice", ["SECOND_CONFIG"], ["--config is given 2 times"]),
+    # Bad files.
+    ("truncated_gz_idx", ["--config.data.source=fashion_mnist", "--config.data.path={fmnist}"],
+     ["train-images-idx3-ubyte.gz", "damaged gzip file"]),
+    ("nan_pixels_in_arrays", ["--config.data.source=arrays", "--config.data.path={nan_npz}"],
+     ["NaN or inf pixels"]),
+    ("image_name_not_utf8", ["--config.data.source=image_folder",
+                             "--config.data.path={latin1}", "--config.data.in_memory=False"],
+     ["not valid UTF-8", "caf\\xe9.png"]),
+    ("unknown_tfds_name", ["--config.data.source=tfds", "--config.data.name=cifar100x",
+                           "--config.data.in_memory=False", "--config.model.channels=3",
+                           "--config.data.image_size=32", "--config.data.mean=(0.5,0.5,0.5)",
+                           "--config.data.std=(0.2,0.2,0.2)"],
+     ["config.data.name='cifar100x' is not a TFDS dataset", "did you mean 'cifar100'"]),
+    # A second run in a workdir whose lock another process holds.
+    ("workdir_in_use", ["HOLD_LOCK"],
+     ["is in use by another run", "pid 4242 on otherhost", "pick another --workdir"]),
 ]
 
 
@@ -109,7 +147,10 @@ def _run(case, tmp: pathlib.Path) -> dict:
   name, args, _ = case
   workdir = tmp / name
   fill = dict(workdir=str(workdir), ckpt32=str(tmp / "ckpt32"), ckpt64=str(tmp / "ckpt64"),
-              file=str(tmp / "a_file"), tmpdir=str(tmp))
+              file=str(tmp / "a_file"), tmpdir=str(tmp), raises=str(tmp / "raises.py"),
+              none=str(tmp / "none.py"), fmnist=str(tmp / "fmnist"),
+              nan_npz=str(tmp / "nan.npz"), latin1=str(tmp / "latin1"))
+  held = None
   argv = ["--config=configs/quickstart.py", f"--workdir={workdir}"] + TINY
   devices = 1
   for a in args:
@@ -117,10 +158,14 @@ def _run(case, tmp: pathlib.Path) -> dict:
       argv = [x for x in argv if not x.startswith("--workdir=")]
     elif a == "NO_CONFIG":
       argv = [x for x in argv if not x.startswith("--config")]
+    elif a == "SECOND_CONFIG":
+      argv.append("--config=configs/tiny.py")
+    elif a == "HOLD_LOCK":
+      held = _hold_lock(workdir)
     elif a.startswith("DEVICES="):
       devices = int(a.split("=")[1])
     elif a.startswith("--config="):
-      argv[0] = a
+      argv[0] = a.format(**fill)
     elif a.startswith("--workdir="):
       argv[1] = a.format(**fill)
     else:
@@ -130,10 +175,46 @@ def _run(case, tmp: pathlib.Path) -> dict:
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              PYTHONPATH=str(ROOT))
   start = time.monotonic()
-  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.main"] + argv, cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  try:
+    proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.main"] + argv, cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+  finally:
+    if held is not None:
+      held.close()
   return dict(rc=proc.returncode, stderr=proc.stderr, stdout=proc.stdout,
               seconds=time.monotonic() - start, argv=argv, workdir=workdir)
+
+
+def _hold_lock(workdir: pathlib.Path):
+  """The lock of a live run (this test process), as another host would leave it."""
+  import fcntl
+  import json
+  workdir.mkdir(parents=True, exist_ok=True)
+  f = open(workdir / ".lock", "w")  # pylint: disable=consider-using-with
+  fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  json.dump({"pid": 4242, "host": "otherhost", "started": "2026-01-01T00:00:00+00:00"}, f)
+  f.flush()
+  return f
+
+
+def _bad_files(tmp: pathlib.Path) -> None:
+  import gzip
+  (tmp / "raises.py").write_text("def get_config():\n  raise RuntimeError('boom')\n")
+  (tmp / "none.py").write_text("def get_config():\n  return None\n")
+  fmnist = tmp / "fmnist"
+  fmnist.mkdir()
+  header = bytes([0, 0, 8, 3]) + np.array([10, 28, 28], ">u4").tobytes()
+  data = gzip.compress(header + bytes(10 * 28 * 28))
+  (fmnist / "train-images-idx3-ubyte.gz").write_bytes(data[: len(data) // 2])
+  images = np.zeros((16, 28, 28, 1), np.float32)
+  images[3, 4, 5] = np.nan
+  np.savez(tmp / "nan.npz", train_images=images, train_labels=np.zeros(16, np.int32),
+           test_images=images, test_labels=np.zeros(16, np.int32))
+  for c in ("a", "b"):
+    (tmp / "latin1" / c).mkdir(parents=True)
+  name = os.path.join(os.fsencode(tmp / "latin1" / "a"), b"caf\xe9.png")
+  with open(name, "wb") as f:  # the name is refused before anything is decoded
+    f.write(b"\x89PNG not decoded")
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +223,7 @@ def outcomes(tmp_path_factory):
   _fake_checkpoint(tmp / "ckpt32", 32)
   _fake_checkpoint(tmp / "ckpt64", 64)
   (tmp / "a_file").write_text("not a folder\n")
+  _bad_files(tmp)
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
     futures = {case[0]: pool.submit(_run, case, tmp) for case in MISTAKES}
     return {name: f.result() for name, f in futures.items()}

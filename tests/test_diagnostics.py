@@ -228,6 +228,7 @@ def _run(*args, timeout=120):
                         env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_analyze_cli_end_to_end(tmp_path, official_tiny, tiny):
   cfg, _, params = tiny
   ckpt = checkpoints.save_params(str(tmp_path / "ckpt"), params,

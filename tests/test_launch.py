@@ -88,6 +88,40 @@ def test_v4_pod_create(fakes):
       "--version=tpu-ubuntu2204-base", *V4_WHERE]]
 
 
+def test_create_runs_the_planner_first(fakes):
+  """With --topology the user sees the compiled plan before paying: the planner
+  runs on this machine, then the slice is created."""
+  cmds = dry_run(TPU, "create", *V4, "--accelerator-type=v4-32", "--topology=v4:2x2x4",
+                 "--config=configs/large.py", "--config.batch_size=2048", fakes=fakes)
+  assert cmds == [
+      ["python3", "-m", "crate_mae_jax.plan", "--config=configs/large.py",
+       "--topology=v4:2x2x4", "--config.batch_size=2048"],
+      GCLOUD_TPUS + ["tpu-vm", "create", "crate-v4", "--accelerator-type=v4-32",
+                     "--version=tpu-ubuntu2204-base", *V4_WHERE]]
+
+
+def test_plan_command_passes_mesh_json_and_overrides(fakes):
+  cmds = dry_run(TPU, "plan", "--topology", "v5p:2x4x4", "--mesh=data=8,fsdp=4",
+                 "--json", "plan.json", "--config.model.remat_policy=full", fakes=fakes)
+  assert cmds == [["python3", "-m", "crate_mae_jax.plan", "--config=configs/base.py",
+                   "--topology=v5p:2x4x4", "--mesh=data=8,fsdp=4", "--json=plan.json",
+                   "--config.model.remat_policy=full"]]
+  res = launch(TPU, "plan", "--dry-run", fakes=fakes)
+  assert res.returncode == 2 and "missing --topology" in res.stderr, res.stderr
+
+
+def test_create_is_refused_when_the_plan_does_not_fit(fakes, tmp_path):
+  """A planner that exits 1 (nothing fits) stops create before any gcloud call."""
+  planner = tmp_path / "planner"
+  planner.write_text(f'#!/bin/sh\necho "$*" > "{tmp_path}/planned"\nexit 1\n')
+  planner.chmod(0o755)
+  res = launch(TPU, "create", *V4, "--accelerator-type=v4-32", "--topology=v4:2x2x4",
+               fakes=fakes, PYTHON=str(planner))
+  assert res.returncode == 2, res.stderr
+  assert "does not fit v4:2x2x4: nothing created" in res.stderr, res.stderr
+  assert "--topology=v4:2x2x4" in (tmp_path / "planned").read_text()
+
+
 def test_v4_pod_setup_from_git(fakes):
   cmds = dry_run(TPU, "setup", *V4, "--git-url", "https://github.com/me/crate-mae-jax.git",
                  "--git-ref=v0.1", fakes=fakes)

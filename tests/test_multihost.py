@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -248,3 +249,48 @@ def test_restore_params_without_target_on_another_topology(runs):
   assert runs["one"]["untargeted_restore_error"] is None, runs["one"]["untargeted_restore_error"]
   for k, v in runs["two_final"].items():
     np.testing.assert_array_equal(runs["untargeted"][k], v, err_msg=k)
+
+
+def test_preemption_of_one_host_saves_the_same_step_on_all(tmp_path):
+  """SIGTERM reaches one of two processes mid-run: through Orbax's pre-emption
+  sync point both stop after the same step, save it, and exit cleanly."""
+  codes, logs = _two_processes(["-c", PROBE], tmp_path, 120, "probe")
+  if codes != [0, 0]:
+    pytest.skip(f"this platform cannot run two JAX CPU processes (exit codes {codes})")
+  workdir, out = tmp_path / "workdir", tmp_path / "out"
+  args = [str(WORKER), out, "--", *COMMON_FLAGS, f"--workdir={workdir}", "--distributed=on",
+          "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+          "--config.eval_every_steps=100000", "--config.log_every_steps=1"]
+  port = _free_port()
+  procs, logs = [], []
+  for i in range(2):
+    logs.append(tmp_path / f"preempt_{i}.log")
+    with open(logs[-1], "w") as f:
+      procs.append(subprocess.Popen(
+          [sys.executable, *map(str, args)], cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT,
+          env=_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
+                   JAX_PROCESS_ID=i)))
+  try:
+    deadline = time.monotonic() + 400
+    # Training is under way once process 0 has logged a few steps' metrics.
+    while "step 3" not in _tail(logs[0], 100_000) and "[3]" not in _tail(logs[0], 100_000):
+      assert all(p.poll() is None for p in procs), _tail(logs[0]) + _tail(logs[1])
+      assert time.monotonic() < deadline, "training did not start in time"
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=max(deadline - time.monotonic(), 10)) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  if codes != [0, 0]:
+    _fail("the pre-empted 2-process run", codes, logs)
+  facts = [json.loads((out / f"facts_{i}.json").read_text()) for i in range(2)]
+  saved = [f["saved_steps"] for f in facts]
+  assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+  step = saved[0][0]
+  assert 3 <= step < 100000, saved
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [step]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["preempted"] and results["step"] == step, results

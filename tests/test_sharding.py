@@ -7,6 +7,7 @@ check runs this file as a script in a subprocess with the device count it needs
 (`python tests/test_sharding.py MODE OUT_DIR`); the tests compare what it writes.
 """
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -30,6 +31,16 @@ LAYOUTS = {
     "data8": (("data", 8), ("fsdp", 1), ("tensor", 1)),
     "fsdp8": (("data", 1), ("fsdp", 8), ("tensor", 1)),
     "data2_fsdp4": (("data", 2), ("fsdp", 4), ("tensor", 1)),
+    # Tensor parallelism alone, on the first 2 / 4 devices.
+    "tensor2": (("data", 1), ("fsdp", 1), ("tensor", 2)),
+    "tensor4": (("data", 1), ("fsdp", 1), ("tensor", 4)),
+}
+# Meshes whose lowered train step is inspected for activation constraints.
+CONSTRAINED = {
+    "data8": (("data", 8), ("fsdp", 1), ("tensor", 1)),
+    "fsdp8": (("data", 1), ("fsdp", 8), ("tensor", 1)),
+    "tensor2": (("data", 1), ("fsdp", 1), ("tensor", 2)),
+    "mixed": (("data", 2), ("fsdp", 2), ("tensor", 2)),
 }
 
 
@@ -95,7 +106,7 @@ def load_flat(path) -> dict:
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory):
   def compute(out):
-    halves = (["single", "fsdp8"], ["data8", "data2_fsdp4"])
+    halves = (["single", "fsdp8", "tensor2"], ["data8", "data2_fsdp4", "tensor4"])
     run_scripts([(["equivalence", out, *names], device_env(8)) for names in halves],
                 timeout=400, log_dir=out)
   out = once_per_run(tmp_path_factory, "equivalence", compute)
@@ -151,6 +162,35 @@ def test_batch_is_split_over_the_data_axes(equivalence):
     assert b["shard_shape"] == [16 // shards, 16, 16, 3], (name, b)
     if shards > 1:
       assert b["spec"][0] == ["data", "fsdp"], (name, b)
+
+
+def test_tensor_parallelism_splits_the_activations(equivalence):
+  """Same batch per device on 1, 2 and 4 tensor devices: the heads (attention
+  logits and per-head projections) and the embedding of the ISTA/residual
+  activations are split, so XLA's temporary bytes per device shrink."""
+  facts, _ = equivalence
+  temp = {n: facts["layouts"][n]["temp_bytes_per_device"] for n in
+          ("single", "tensor2", "tensor4")}
+  assert temp["tensor2"] < 0.75 * temp["single"], temp
+  assert temp["tensor4"] < 0.75 * temp["tensor2"], temp
+  # The 4 heads of the attention projections are split over the tensor devices.
+  for name, tensor in (("single", 1), ("tensor2", 2), ("tensor4", 4)):
+    assert facts["layouts"][name]["heads_per_device"] == 4 // tensor, (name, facts)
+
+
+def test_activation_constraints_land_in_the_lowered_step(tmp_path):
+  """Every `layers.constrain` becomes a sharding constraint of the lowered train
+  step on the mesh axes the rules name (they were silently dropped before)."""
+  run_scripts([(["constraints", tmp_path], device_env(8))], timeout=300, log_dir=tmp_path)
+  facts = json.loads((tmp_path / "constraints.json").read_text())
+  counts = {name: f["count"] for name, f in facts.items()}
+  assert all(c > 0 for c in counts.values()), counts
+  assert len(set(counts.values())) == 1, f"some constraints vanish on some meshes: {counts}"
+  axes = {name: set(f["axes"]) for name, f in facts.items()}
+  assert axes["data8"] == {"data"}, axes
+  assert axes["fsdp8"] == {"fsdp"}, axes
+  assert axes["tensor2"] == {"tensor"}, axes
+  assert axes["mixed"] == {"data", "fsdp", "tensor"}, axes
 
 
 def test_checkpoint_moves_between_meshes_and_device_counts(tmp_path):
@@ -215,7 +255,7 @@ def _equivalence(out: pathlib.Path, names: list):
              for _ in range(3)]
   for name in names:
     shape = LAYOUTS[name]
-    devices = jax.devices()[:1] if name == "single" else jax.devices()
+    devices = jax.devices()[:math.prod(size for _, size in shape)]
     mesh = sharding.create_mesh(shape, devices)
     rules = sharding.rules(c.mesh)
     state, shard = state_lib.init_state(model, tx, mesh, rules, init_inputs,
@@ -224,6 +264,7 @@ def _equivalence(out: pathlib.Path, names: list):
       np.savez(out / "params_init.npz", **_flat(state.params))
     step = state_lib.jit_train_step(
         steps.make_pretrain_step(model, tx, 0.75, 1, schedule=lr), shard, mesh, rules)
+    compiled = step.lower(state, sharding.global_batch(batches[0], mesh)).compile()
     losses, grad_norms = [], []
     for local in batches:
       batch = sharding.global_batch(local, mesh)
@@ -243,12 +284,52 @@ def _equivalence(out: pathlib.Path, names: list):
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "dictionary": _layout_facts(dictionary), "moments": moments,
         "batch": _layout_facts(batch["image"]),
+        "temp_bytes_per_device": int(compiled.memory_analysis().temp_size_in_bytes),
+        "heads_per_device": _head_split(compiled.as_text()),
         "param_bytes_total": int(sum(x.nbytes for x in leaves)),
         "param_bytes_per_device": int(sum(x.addressable_shards[0].data.nbytes
                                           for x in leaves)),
     }
     np.savez(out / f"params_{name}.npz", **_flat(state.params))
     (out / f"facts_{name}.json").write_text(json.dumps(facts, indent=1))
+
+
+def _head_split(hlo: str) -> int:
+  """Heads per device of the decoder's per-head projections in the compiled step,
+  f32[batch 16, tokens 17, heads, head_dim 16] (16 patches of 4 px + cls)."""
+  import re
+  found = {int(h) for h in re.findall(r"f32\[16,17,(\d+),16\]", hlo)}
+  return found.pop() if len(found) == 1 else sorted(found)
+
+
+def _constraints(out: pathlib.Path):
+  """Lowers the train step on each CONSTRAINED mesh: how many sharding
+  constraints it holds and which mesh axes they name."""
+  import re
+  import jax
+  from crate_mae_jax import config_lib, models, optim, sharding, state_lib, steps
+
+  c = config_lib.default_config()
+  c.model.update(variant="tiny", width=64, depth=2, heads=4, patch_size=4, channels=3)
+  model = models.build_mae(c.model)
+  tx, lr = optim.create(c, None, 100, 10)
+  facts = {}
+  for name, shape in CONSTRAINED.items():
+    mesh = sharding.create_mesh(shape, jax.devices()[:math.prod(n for _, n in shape)])
+    rules = sharding.rules(c.mesh)
+    abstract, shard = state_lib.state_shardings(
+        model, tx, mesh, rules, (np.zeros((1, 16, 16, 3), np.float32),), dict(mask_ratio=0.75))
+    state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+    batch = {"image": jax.ShapeDtypeStruct((16, 16, 16, 3), np.float32,
+                                           sharding=sharding.batch_sharding(mesh, 4))}
+    step = state_lib.jit_train_step(steps.make_pretrain_step(model, tx, 0.75, 1, schedule=lr),
+                                    shard, mesh, rules)
+    lines = [l for l in step.lower(state, batch).as_text().splitlines()
+             if "sharding_constraint" in l]
+    axes = {a for l in lines for a in re.findall(r'"(\w+)"', l.split('<@', 1)[-1])}
+    facts[name] = {"count": len(lines), "axes": sorted(axes)}
+  (out / "constraints.json").write_text(json.dumps(facts, indent=1))
 
 
 def _train(workdir: pathlib.Path, mesh_shape, num_train_steps: int) -> dict:
@@ -287,8 +368,12 @@ def _train(workdir: pathlib.Path, mesh_shape, num_train_steps: int) -> dict:
 
 def _main(argv):
   mode, out = argv[0], pathlib.Path(argv[1])
+  import warnings
+  warnings.filterwarnings("error", category=DeprecationWarning, module="crate_mae_jax")
   import jax
-  if mode == "equivalence":
+  if mode == "constraints":
+    _constraints(out)
+  elif mode == "equivalence":
     assert jax.device_count() == 8, jax.devices()
     _equivalence(out, argv[2:])
   elif mode == "save_on_8":

@@ -67,6 +67,7 @@ def test_finetune_updates_encoder(pretrained, tmp_path):
   assert max(diff) > 0
 
 
+@pytest.mark.slow
 def test_restart_from_checkpoint_matches_uninterrupted_run(tmp_path):
   cfg = tiny_train_config("pretrain", num_train_steps=6, keep_checkpoints=10)
   full, cut = tmp_path / "full", tmp_path / "cut"
@@ -99,6 +100,7 @@ def test_probe_refuses_checkpoint_of_another_size(pretrained, tmp_path):
     train.train_and_evaluate(cfg, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_probe_and_finetune_on_shipped_subset(tmp_path):
   """The TF-free path: in-memory arrays, augmentation (RandAugment, mixup) on device."""
   pre = tmp_path / "pre"

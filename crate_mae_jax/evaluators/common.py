@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from crate_mae_jax import sharding
 from crate_mae_jax.config_lib import ConfigError
 
 REGISTRY: dict[str, type] = {}
@@ -61,7 +62,7 @@ class Context:
     if self.mesh is None:
       yield
       return
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with sharding.activate(self.mesh, self.rules):
       yield
 
 

@@ -1,0 +1,1 @@
+"""Shipped configs: `--config=configs/NAME.py` in a checkout, `--config=NAME` anywhere."""

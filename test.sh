@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Tests on a fresh clone: creates .venv-test (once), installs the pinned CPU-only
+# dependencies, then runs pytest.
+#
+#   ./test.sh            the default run: every test but those marked slow
+#   ./test.sh --full     everything, slow multi-process and end-to-end tests included
+#                        (also TEST_FULL=1 ./test.sh); this is what CI runs
+#   ./test.sh [--full] ARGS...   extra arguments go to pytest (e.g. -k fixture -x)
+#
+# TEST_VENV picks another environment folder; TEST_WORKERS the number of pytest-xdist
+# workers (default 2); TORCH_INDEX a pip index for the CPU build of torch.
+set -euo pipefail
+cd "$(dirname "$0")"
+full="${TEST_FULL:-0}"
+if [ "${1:-}" = "--full" ]; then
+  full=1
+  shift
+fi
+venv="${TEST_VENV:-.venv-test}"
+if [ ! -f "$venv/.installed" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  # torch first, alone, as the CPU build: let the dependency resolver pick it and it
+  # takes PyPI's CUDA build (several GB). Where pip does not already find a CPU wheel
+  # (CI's machines do), set TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+  "$venv/bin/python" -m pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0"
+  "$venv/bin/python" -m pip install -q -c requirements-ci.txt -e '.[dev]'
+  touch "$venv/.installed"
+fi
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
+markers=(-m "not slow")
+if [ "$full" = "1" ]; then
+  markers=()
+fi
+exec "$venv/bin/python" -m pytest -q -n "${TEST_WORKERS:-2}" "${markers[@]}" "$@" tests

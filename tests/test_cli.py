@@ -1,0 +1,135 @@
+"""Command-line conventions: help, config lookup, packaging, caches and quiet logs."""
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from crate_mae_jax import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.update(extra)
+  return env
+
+
+@pytest.mark.parametrize("flag", ["--help", "--helpfull"])
+def test_help_exits_0_and_lists_config_fields(flag, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.main", flag], cwd=tmp_path,
+                        env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "--config.optim.base_lr" in proc.stdout and "--workdir" in proc.stdout
+  assert "base.py" in proc.stdout  # the shipped configs are named
+  if flag == "--helpfull":
+    assert "--compilation_cache" in proc.stdout
+
+
+@pytest.mark.parametrize("spelling", ["configs/quickstart.py", "quickstart",
+                                      "crate_mae_jax/configs/quickstart.py"])
+def test_config_spellings_resolve_to_the_shipped_file(spelling, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # no configs/ here
+  resolved = cli.resolve_config_path(spelling + ":linear_probe")
+  path, arg = resolved.split(":")
+  assert arg == "linear_probe"
+  assert os.path.samefile(path, ROOT / "configs" / "quickstart.py")
+
+
+def test_existing_paths_and_unknown_names_are_left_alone(tmp_path):
+  mine = tmp_path / "base.py"
+  mine.write_text("")
+  assert cli.resolve_config_path(str(mine)) == str(mine)
+  assert cli.resolve_config_path("no_such_config") == "no_such_config"
+  assert cli.rewrite_config_args(["p", "--config", "base", "--x"])[2].endswith("configs/base.py")
+
+
+def test_shipped_config_name_works_from_another_folder(tmp_path):
+  """Parsed and validated (an out-of-range value is then refused, before compiling)."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "crate_mae_jax.main", "--config=quickstart:linear_probe",
+       f"--workdir={tmp_path / 'w'}", "--config.model.mask_ratio=1.5"],
+      cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "mask_ratio" in proc.stderr and "config file" not in proc.stderr
+
+
+def test_converter_help_exits_0():
+  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.convert_torch", "--help"],
+                        env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "--checkpoint" in proc.stdout
+
+
+_CACHE_PROBE = ("import jax; from crate_mae_jax import cli; "
+                "print(cli.enable_compilation_cache(), jax.config.jax_compilation_cache_dir)")
+
+
+@pytest.mark.parametrize("setting", ["default", "env", "off"])
+def test_compilation_cache(setting, tmp_path):
+  env = _env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env.pop(cli.CACHE_ENV, None)
+  if setting == "env":
+    env[cli.CACHE_ENV] = str(tmp_path / "mine")
+  elif setting == "off":
+    env[cli.CACHE_ENV] = "off"
+  proc = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  used, configured = proc.stdout.split()
+  expected = {"default": str(tmp_path / "xdg" / "crate_mae_jax" / "jax_cache"),
+              "env": str(tmp_path / "mine"), "off": "None"}[setting]
+  assert used == expected
+  if setting != "off":
+    assert configured == expected and os.path.isdir(expected)
+
+
+def test_quiet_startup_drops_only_the_known_noise(caplog):
+  cli.quiet_startup()
+  with caplog.at_level(logging.INFO):
+    logging.getLogger("jax._src.xla_bridge").info(
+        "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so")
+    logging.getLogger("absl").warning(
+        'Item "%s" was found in the checkpoint, but could not be restored. Please provide',
+        "train_state")
+    logging.getLogger("absl").warning("something that matters")
+  text = caplog.text
+  assert "Unable to initialize" not in text and "could not be restored" not in text
+  assert "something that matters" in text
+
+
+def test_tensorflow_is_hidden_from_gpus(monkeypatch):
+  tf = pytest.importorskip("tensorflow")
+  from crate_mae_jax import input_pipeline
+  calls = []
+  monkeypatch.setattr(tf.config, "set_visible_devices", lambda d, kind: calls.append((d, kind)))
+  input_pipeline._tf.cache_clear()
+  try:
+    assert input_pipeline._tf() is tf
+  finally:
+    input_pipeline._tf.cache_clear()
+  assert calls == [([], "GPU")]
+
+
+def test_wheel_ships_configs_and_console_scripts(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                         "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                        capture_output=True, text=True, timeout=600)
+  if proc.returncode != 0 and "No module named pip" in proc.stderr:
+    pytest.skip("pip is not installed")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  wheel, = tmp_path.glob("crate_mae_jax-*.whl")
+  with zipfile.ZipFile(wheel) as z:
+    names = set(z.namelist())
+    entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+  for config in (ROOT / "configs").glob("*.py"):
+    assert f"crate_mae_jax/configs/{config.name}" in names
+  assert "crate_mae_jax/data/fashion_mnist_subset.npz" in names
+  for module in (ROOT / "crate_mae_jax").rglob("*.py"):
+    assert str(module.relative_to(ROOT)) in names, f"{module} is not in the wheel"
+  for script in ("train", "analyze", "convert", "benchmark", "plan", "quickstart", "eval"):
+    assert f"crate-mae-{script} = " in entry_points

@@ -1,0 +1,113 @@
+"""The pod planner: the real train step compiled for a small Cloud TPU topology
+(libtpu, no TPU needed), and its report checked against arithmetic."""
+import json
+import os
+import subprocess
+import sys
+import pathlib
+
+import pytest
+
+from crate_mae_jax import plan, recipes
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _libtpu_missing() -> str | None:
+  try:
+    import libtpu  # noqa: F401  (the TPU compiler the planner needs)
+  except ImportError:
+    return "libtpu is not installed: pip install 'crate-mae-jax[tpu]' (jax[tpu]==jax)"
+  return None
+
+
+needs_libtpu = pytest.mark.skipif(_libtpu_missing() is not None,
+                                  reason=str(_libtpu_missing()))
+
+
+def small_config():
+  c = recipes.pretrain_imagenet("tiny")
+  c.model.update(width=64, depth=1, heads=4, decoder_depth=1)
+  c.data.image_size = 32
+  c.batch_size = 32
+  return c
+
+
+@pytest.fixture(scope="module")
+def plans():
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other planners may run
+  config = plan.for_tpu(small_config())
+  devices = plan.topology_devices("v5e:2x2")
+  return {name: plan.plan_one(config, "v5e:2x2", devices, plan.parse_mesh(mesh, 4))
+          for name, mesh in (("data", "data=4"), ("fsdp", "fsdp=4"))}
+
+
+@needs_libtpu
+def test_report_matches_the_arithmetic(plans):
+  data, fsdp = plans["data"], plans["fsdp"]
+  total = data.param_bytes_total
+  # float32 parameters: 4 bytes each, whole on every chip of a data-parallel mesh.
+  assert data.param_bytes_per_chip == total
+  # FSDP over 4 chips: a quarter each (norm scales and biases of odd size stay whole).
+  assert total / 4 <= fsdp.param_bytes_per_chip <= 1.05 * total / 4, fsdp
+  # Adam keeps two moments of every parameter (plus a step count).
+  for p in (data, fsdp):
+    assert 2 * p.param_bytes_per_chip <= p.opt_state_bytes_per_chip <= \
+        2 * p.param_bytes_per_chip + 64, p
+    assert p.peak_bytes_per_chip >= p.param_bytes_per_chip + p.opt_state_bytes_per_chip
+    assert p.chip == "TPU v5 lite" and p.hbm_bytes_per_chip == 16 * plan.GiB
+    assert p.fits and p.advice is None
+    assert p.step_seconds > 0 and p.flops_per_chip > 0
+    assert p.images_per_second == pytest.approx(32 / p.step_seconds)
+    assert p.mfu == pytest.approx(p.flops_per_chip / p.step_seconds / 197e12)
+  # Data parallel all-reduces every gradient once; the bfloat16 matmuls' weight
+  # gradients travel in bfloat16 (2 of the parameter's 4 bytes).
+  assert total / 2 <= data.collectives["all-reduce"]["bytes"] <= 1.1 * total
+  assert "all-gather" not in data.collectives
+  # FSDP gathers the parameters (at least once, forward) instead.
+  assert fsdp.collectives["all-gather"]["bytes"] >= total / 2
+
+
+def test_advice_names_the_smallest_change():
+  base = dict(topology="v5e:2x2", chip="TPU v5 lite", num_chips=4, global_batch=64,
+              param_bytes_total=8 * plan.GiB, collectives={}, step_seconds=1.0,
+              step_time_source="test", images_per_second=64.0, flops_per_chip=1.0, mfu=0.1,
+              hbm_bytes_per_chip=16 * plan.GiB, fits=False)
+  config = small_config()
+  config.batch_size = 64
+  # The state fits easily; activations need about 3x the room left -> accum 4.
+  tight = plan.Plan(mesh={"data": 4, "fsdp": 1, "tensor": 1}, param_bytes_per_chip=plan.GiB,
+                    opt_state_bytes_per_chip=2 * plan.GiB, activation_bytes_per_chip=36 * plan.GiB,
+                    peak_bytes_per_chip=39 * plan.GiB, **base)
+  line = plan.advice(tight, config)
+  assert "--config.accum_steps=4" in line and "--config.batch_size=16" in line, line
+  # Parameters + Adam moments alone exceed half the chip: shard them.
+  big = plan.Plan(mesh={"data": 4, "fsdp": 1, "tensor": 1}, param_bytes_per_chip=8 * plan.GiB,
+                  opt_state_bytes_per_chip=16 * plan.GiB, activation_bytes_per_chip=plan.GiB,
+                  peak_bytes_per_chip=25 * plan.GiB, **base)
+  assert "fsdp=4" in plan.advice(big, config), plan.advice(big, config)
+
+
+def test_mesh_flags_and_candidates():
+  assert plan.parse_mesh("data=2,fsdp=4", 8) == (("data", 2), ("fsdp", 4), ("tensor", 1))
+  with pytest.raises(plan.ConfigError, match="--mesh"):
+    plan.parse_mesh("model=8", 8)
+  with pytest.raises(ValueError, match="needs 4 devices"):
+    plan.parse_mesh("data=4", 8)
+  shapes = plan.candidate_meshes(64, 4096)
+  assert shapes[0] == (("data", 64), ("fsdp", 1), ("tensor", 1))
+  assert (("data", 1), ("fsdp", 64), ("tensor", 1)) in shapes
+  assert (("data", 8), ("fsdp", 8), ("tensor", 1)) in shapes
+  assert (("data", 16), ("fsdp", 1), ("tensor", 4)) in shapes
+  # A batch that does not split over 64 data shards rules out the pure layouts.
+  assert all(d * f <= 16 for (_, d), (_, f), _ in plan.candidate_meshes(64, 16))
+
+
+def test_cli_refuses_a_bad_mesh_in_one_line():
+  out = subprocess.run(
+      [sys.executable, "-m", "crate_mae_jax.plan", "--config=configs/tiny.py",
+       "--topology=v5e:2x2", "--mesh=rows=4"], cwd=ROOT, capture_output=True, text=True,
+      timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "--mesh" in errors[0], out.stderr[-2000:]
