@@ -150,6 +150,36 @@ def quiet_startup() -> None:
     std_logging.getLogger(name).addFilter(drop)
   for handler in std_logging.getLogger().handlers:
     handler.addFilter(drop)
+  import_tensorflow_quietly()
+
+
+def import_tensorflow_quietly() -> bool:
+  """Imports TensorFlow (when installed) with the process's stderr closed.
+
+  TF 2.21 prints its oneDNN notice from C++ before its logging is set up, so
+  TF_CPP_MIN_LOG_LEVEL cannot hide it, and a one-line error would come out as
+  five lines. Importing it once here, quietly, keeps later imports (clu's writer,
+  the tf.data pipeline) silent. A failed import is not an error: TensorFlow is
+  optional. Returns whether it imported.
+  """
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if "tensorflow" in sys.modules:
+    return True
+  if importlib.util.find_spec("tensorflow") is None:
+    return False
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def benchmark() -> None:

@@ -153,6 +153,8 @@ def main(argv):
 
 def run():
   """Console-script entry point (crate-mae-eval)."""
+  from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.quiet_startup()
   app.run(main)
 
 

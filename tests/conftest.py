@@ -34,7 +34,7 @@ def tiny_train_config(task: str = "pretrain", source: str = "tfds", **overrides)
   """A seconds-sized config: 32 px (28 for Fashion-MNIST), patch 4, width 32."""
   from crate_mae_jax import recipes
   c = recipes.quickstart(task)
-  c.model.update(width=32, depth=2, heads=2, decoder_depth=2)
+  c.model.update(width=32, depth=2, heads=2, decoder_depth=2, norm_pix_loss=False)
   if source == "tfds":
     c.data.update(source="tfds", name="cifar10", image_size=32, in_memory=False,
                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), train_split="train",

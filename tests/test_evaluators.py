@@ -206,3 +206,21 @@ def test_batch_progress_logs_every_interval_not_every_batch():
   finally:
     absl_logging.info = original
   assert lines == ["eval: batch 3/10", "eval: batch 6/10", "eval: batch 9/10"], lines
+
+
+def test_trivial_reconstruction_mse():
+  from crate_mae_jax.evaluators import reconstruction
+  rng = np.random.default_rng(0)
+  flat = np.full((2, 8, 8, 1), 3.0, np.float32)               # constant patches
+  assert reconstruction.trivial_mse(flat, 4, True) == pytest.approx(0.0, abs=1e-6)
+  assert reconstruction.trivial_mse(flat, 4, False) == pytest.approx(9.0)
+  noise = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)
+  # standardised with the unbiased variance (as MAE): (n - 1) / n for n = 16 pixels
+  assert reconstruction.trivial_mse(noise, 4, True) == pytest.approx(15 / 16, abs=1e-3)
+
+
+def test_best_layer_picks_the_best_pool_and_layer():
+  from crate_mae_jax.evaluators import features
+  scalars = features.per_layer_scalars({"cls": [0.5, 0.7], "mean": [0.6, 0.65]},
+                                       ["layer_00", "final"])
+  assert features.best_layer(scalars) == (pytest.approx(0.7), "cls/final")

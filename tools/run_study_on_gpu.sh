@@ -100,6 +100,57 @@ case "$mode" in
     exit "$rc"
     ;;
 
+  device2)
+    # The study of crate_mae_jax.experiments.study_v2 (baselines, layer-wise read-outs,
+    # random-init controls, 3 seeds) in one call of the device tool:
+    #     run(kind="nvidia-h100-x1", timeout_s=600, carry=[".fmnist", ".whl"],
+    #         command="bash tools/run_study_on_gpu.sh device2")
+    # STUDY2_WORKERS (default 6) processes share the GPU; a worker starts no run
+    # expected to end after STUDY2_DEADLINE (default 490 s); STUDY2_TIMEOUT (default
+    # 540 s) sends SIGTERM (a running stage saves and stops; KILL 15 s later), then the
+    # tar and the report of what finished (<= 25 s); STUDY2_ARGS adds flags (e.g. --pretrain_epochs=30).
+    # Returns (under $OUT): study2.json, study2.md, answers.md, layerwise_readout.png,
+    # white_box.png, study2.log, study2_files.tar.gz (runs/*/results.json, stage
+    # scalars, worker logs; no checkpoints).
+    set -o pipefail
+    : "${OUT:?OUT is unset: this mode runs on the device machine}"
+    [ -d .fmnist ] || { echo ".fmnist/ missing: run 'prepare' here and carry .fmnist"; exit 1; }
+    export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+      export PYTHONPATH="/tmp/site:$PWD"
+    else
+      export PYTHONPATH="$PWD"
+    fi
+    nvidia-smi -L
+    study=/tmp/study2
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    timeout -k 15 -s TERM "${STUDY2_TIMEOUT:-540}" python3 -m crate_mae_jax.experiments.study_v2 \
+      --workdir="$study" --data_path=.fmnist --workers="${STUDY2_WORKERS:-6}" \
+      --deadline_s="${STUDY2_DEADLINE:-490}" ${STUDY2_ARGS:-} 2>&1 | tee "$OUT/study2.log"
+    rc=$?
+    echo "study exit status $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/study2.log"
+    tar -C "$study" --exclude=checkpoints --exclude=claims -czf "$OUT/study2_files.tar.gz" .
+    JAX_PLATFORMS=cpu timeout 25 python3 -m crate_mae_jax.experiments.study_v2 --workdir="$study" --report_only \
+      --docs="$OUT" >/dev/null 2>>"$OUT/study2.log"
+    ls -la "$OUT"
+    exit "$rc"
+    ;;
+
+  unpack2)
+    files="${2:?usage: $0 unpack2 FILES_AT [RUNS_DIR] [DOCS_DIR]}"
+    dir="${3:-workdirs/study2_gpu}"
+    docs="${4:-docs/study_fashion_mnist_v2}"
+    mkdir -p "$dir" "$docs"
+    tar -xzf "$files/study2_files.tar.gz" -C "$dir" || exit 1
+    cp "$files/study2.log" "$docs/study2.log" 2>/dev/null
+    PYTHON="${PYTHON:-python3}"
+    JAX_PLATFORMS=cpu "$PYTHON" -m crate_mae_jax.experiments.study_v2 --workdir="$dir" \
+      --report_only --docs="$docs"
+    ;;
+
   unpack)
     files="${2:?usage: $0 unpack FILES_AT [DIR]}"
     dir="${3:-workdirs/study_gpu}"
@@ -112,6 +163,7 @@ case "$mode" in
 
   *)
     sed -n '2,40p' "$0"
+    echo "also: device2 / unpack2 FILES_AT [RUNS_DIR] [DOCS_DIR] (crate_mae_jax.experiments.study_v2)"
     exit 2
     ;;
 esac

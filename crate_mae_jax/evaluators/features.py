@@ -106,3 +106,9 @@ def per_layer_scalars(accuracies: dict, names: list[str]) -> dict:
       out[f"{pool}/{name}"] = float(value)
     out[f"{pool}/best"] = float(np.max(values))
   return out
+
+
+def best_layer(scalars: dict) -> tuple[float, str]:
+  """(top-1, '<pool>/<layer>') of the best layer and pool in `per_layer_scalars`' output."""
+  key = max((k for k in scalars if not k.endswith("/best")), key=scalars.get)
+  return float(scalars[key]), key

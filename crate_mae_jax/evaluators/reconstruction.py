@@ -11,6 +11,17 @@ from crate_mae_jax import diagnostics, models, steps
 from crate_mae_jax.evaluators import _batches, common
 
 
+def trivial_mse(images, patch_size: int, norm_pix_loss: bool) -> float:
+  """The patch MSE of predicting zeros everywhere, the floor a reconstruction must
+  beat: with `norm_pix_loss` each patch's own mean, otherwise the data set's
+  mean pixel (inputs are normalised). Masked patches are a uniform sample, so
+  the mean over all patches is the expected masked MSE."""
+  from crate_mae_jax import patches
+  target = patches.patchify(jnp.asarray(images), patch_size)
+  return float(patches.per_patch_mse(jnp.zeros_like(target), target,
+                                     bool(norm_pix_loss)).mean())
+
+
 @common.register("reconstruction")
 class Evaluator:
   """{'loss', 'examples'} and, with `num_images`, the image 'reconstruction'

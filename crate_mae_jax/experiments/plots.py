@@ -47,7 +47,8 @@ def _label(value: float, step: float) -> str:
 
 def line_plot(panels, path: str, panel_size: tuple[int, int] = (480, 340)) -> str:
   """panels: [(title, xlabel, [(name, xs, ys, color, 'line'|'dots'), ...]), ...]
-  drawn side by side; returns `path`. Pillow only."""
+  drawn side by side; returns `path`. Pillow only. Series named '' stay out of
+  the legend, which wraps onto more rows (above the plot) when it is wide."""
   from PIL import Image, ImageDraw
   pw, ph = panel_size
   image = Image.new("RGB", (pw * max(len(panels), 1), ph), (255, 255, 255))
@@ -56,6 +57,16 @@ def line_plot(panels, path: str, panel_size: tuple[int, int] = (480, 340)) -> st
   for k, (title, xlabel, series) in enumerate(panels):
     x0 = k * pw
     left, right, top, bottom = x0 + 58, x0 + pw - 14, 50, ph - 42
+    legend, lx, row = [], left + 6, 0
+    for name, _, _, color, style in series:
+      if not name:
+        continue
+      width = draw.textbbox((0, 0), name, font=small)[2] + 34
+      if lx + width > right and lx > left + 6:
+        lx, row = left + 6, row + 1
+      legend.append((lx, 36 + 15 * row, name, color, style))
+      lx += width
+    top += 15 * row
     tb = draw.textbbox((0, 0), title, font=font)
     draw.text(((left + right - (tb[2] - tb[0])) // 2, 6), title, fill=(0, 0, 0), font=font)
     series = [s for s in series if len(s[1])]
@@ -95,11 +106,9 @@ def line_plot(panels, path: str, panel_size: tuple[int, int] = (480, 340)) -> st
         for x, y in pts:
           draw.ellipse([x - 3.5, y - 3.5, x + 3.5, y + 3.5], outline=color, width=2)
     draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    lx = left + 6
-    for name, _, _, color, style in series:
-      draw.line([lx, 36, lx + 16, 36], fill=color, width=2 if style == "line" else 1)
-      draw.text((lx + 20, 29), name, fill=(0, 0, 0), font=small)
-      lx += draw.textbbox((0, 0), name, font=small)[2] + 34
+    for lx, ly, name, color, style in legend:
+      draw.line([lx, ly, lx + 16, ly], fill=color, width=2 if style == "line" else 1)
+      draw.text((lx + 20, ly - 7), name, fill=(0, 0, 0), font=small)
   return figures.save_png(np.asarray(image), path)
 
 
