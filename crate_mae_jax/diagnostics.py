@@ -407,7 +407,8 @@ def reconstruct(model, params, images, mask_ratio: float, key: jax.Array,
   """A masked reconstruction with a mask drawn from `key`: returns
   (`reconstruction_panels(...)`, the model outputs). `model` is a CrateMAE or
   ViTMAE (its patch size and norm_pix_loss set how the panels are undone)."""
-  noise = jax.random.uniform(key, (images.shape[0], patches.num_patches(images, model.patch_size)))
+  p = model.patch_size
+  noise = jax.random.uniform(key, (images.shape[0], patches.num_patches(images, p)))
   out = model.apply({"params": params}, jnp.asarray(images), mask_ratio=mask_ratio, noise=noise)
   panels = reconstruction_panels(np.asarray(images), np.asarray(out["pred"]),
                                  np.asarray(out["mask"]), p, mean, std, model.norm_pix_loss)
