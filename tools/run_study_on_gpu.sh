@@ -40,6 +40,22 @@ cd "$(dirname "$0")/.." || exit 1
 mode="${1:-}"
 FMNIST_SRC="${FMNIST_SRC:-/usr/share/datasets/fashion-mnist}"
 
+# On the device machine: the carried data and wheels, and the environment both modes use.
+device_setup() {
+  : "${OUT:?OUT is unset: this mode runs on the device machine}"
+  [ -d .fmnist ] || { echo ".fmnist/ missing: run 'prepare' here and carry .fmnist"; exit 1; }
+  # Recompiles of identical programs hit this cache instead of XLA.
+  export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD"
+  else
+    export PYTHONPATH="$PWD"
+  fi
+  nvidia-smi -L
+}
+
 case "$mode" in
   prepare)
     exclude="$(git rev-parse --git-path info/exclude)"
@@ -67,20 +83,7 @@ case "$mode" in
 
   device)
     set -o pipefail
-    : "${OUT:?OUT is unset: this mode runs on the device machine}"
-    [ -d .fmnist ] || { echo ".fmnist/ missing: run 'prepare' here and carry .fmnist"; exit 1; }
-    export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
-    # Recompiles of identical programs (the per-evaluation reconstruction summary)
-    # hit this cache instead of XLA.
-    export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
-    if ls .whl/*.whl >/dev/null 2>&1; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-      export PYTHONPATH="/tmp/site:$PWD"
-    else
-      export PYTHONPATH="$PWD"
-    fi
-    nvidia-smi -L
+    device_setup
     study=/tmp/study
     start=$(date +%s)
     # A guard under the tool's 600 s (pip and tar take seconds): SIGTERM makes a
@@ -113,17 +116,7 @@ case "$mode" in
     # white_box.png, study2.log, study2_files.tar.gz (runs/*/results.json, stage
     # scalars, worker logs; no checkpoints).
     set -o pipefail
-    : "${OUT:?OUT is unset: this mode runs on the device machine}"
-    [ -d .fmnist ] || { echo ".fmnist/ missing: run 'prepare' here and carry .fmnist"; exit 1; }
-    export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
-    if ls .whl/*.whl >/dev/null 2>&1; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-      export PYTHONPATH="/tmp/site:$PWD"
-    else
-      export PYTHONPATH="$PWD"
-    fi
-    nvidia-smi -L
+    device_setup
     study=/tmp/study2
     start=$(date +%s)
     # shellcheck disable=SC2086

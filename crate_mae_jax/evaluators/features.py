@@ -112,3 +112,12 @@ def best_layer(scalars: dict) -> tuple[float, str]:
   """(top-1, '<pool>/<layer>') of the best layer and pool in `per_layer_scalars`' output."""
   key = max((k for k in scalars if not k.endswith("/best")), key=scalars.get)
   return float(scalars[key]), key
+
+
+def readout_per_layer(data, params, pools, score) -> dict:
+  """Per-layer scalars of `score(train_features, test_features) -> top-1` for every
+  pool, over features `data` (a SplitFeatures) extracts once for `params`."""
+  train, test = data.features(params)
+  acc = {pool: [score(train[pool][i], test[pool][i]) for i in range(len(data.names))]
+         for pool in pools}
+  return per_layer_scalars(acc, data.names)

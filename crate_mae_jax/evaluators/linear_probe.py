@@ -58,9 +58,8 @@ class Evaluator:
                                                max_test=max_test, batch_size=batch_size)
 
   def run(self, state) -> dict:
-    train, test = self.data.features(common.encoder_params(state))
     d = self.data
-    acc = {pool: [ridge_probe_accuracy(train[pool][i], d.train_y, test[pool][i], d.test_y,
-                                       d.num_classes)[0]
-                  for i in range(len(d.names))] for pool in self.pools}
-    return features.per_layer_scalars(acc, d.names)
+    return features.readout_per_layer(
+        d, common.encoder_params(state), self.pools,
+        lambda train, test: ridge_probe_accuracy(train, d.train_y, test, d.test_y,
+                                                 d.num_classes)[0])
