@@ -28,6 +28,11 @@ HERE = pathlib.Path(__file__).resolve()
 ROOT = HERE.parents[1]
 WORKER = HERE.parent / "multihost_worker.py"
 TOL = 1e-5
+# Resumed-vs-uninterrupted parameters: the first four steps ran on two processes, whose
+# gradient sums (and the now-effective activation constraints) add in another order
+# than one process does; Adam's normalisation turns that float32 rounding into a few
+# 1e-5 after a handful of steps. A wrong resume (data order, state) is off by > 1e-3.
+RESUME_TOL = 1e-4
 pytestmark = pytest.mark.slow
 
 # The quick-start recipe (Fashion-MNIST subset shipped in the package), made tiny.
@@ -240,7 +245,7 @@ def test_one_process_resumes_and_matches_an_uninterrupted_single_process_run(run
   assert _all_finite(resumed)
   worst = max(float(np.max(np.abs(resumed[k] - ref[k]))) for k in ref)
   for k in ref:
-    np.testing.assert_allclose(resumed[k], ref[k], rtol=TOL, atol=TOL,
+    np.testing.assert_allclose(resumed[k], ref[k], rtol=RESUME_TOL, atol=RESUME_TOL,
                                err_msg=f"{k} (largest difference {worst:.2e})")
   assert max(float(np.max(np.abs(resumed[k] - two[k]))) for k in two) > 100 * TOL
 
