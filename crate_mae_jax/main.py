@@ -15,6 +15,7 @@ saves a checkpoint at the current step and exits with 0; Ctrl-C does the same an
 exits with 130. A workdir another live run holds (its lock) is refused, exit 2.
 Failures end the process with os._exit, so no background writer can hang it.
 """
+import contextlib
 import errno
 import logging as std_logging
 import os
@@ -114,16 +115,27 @@ _RETURNED_NONE = ("its get_config() returned None; return the ConfigDict (e.g. "
 def _config_file_message(e, argv, what: str | None = None) -> str:
   value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
   text = str(e or "")
-  if what is not None:
-    pass
-  elif "No such file" in text:
+  if what is None and "No such file" in text:
     what = "no such config file"
-  else:
+  elif what is None:
     last = [line.strip() for line in text.splitlines() if line.strip()]
     what = (f"the config file cannot be loaded ({type(e).__name__}: "
             f"{last[-1] if last else ''})")
   return (f"--config={value}: {what}; pass one of configs/*.py (optionally with :ARG, "
           "e.g. configs/quickstart.py:linear_probe)")
+
+
+@contextlib.contextmanager
+def _absl_errors_only():
+  """ml_collections logs its own warning (e.g. get_config() returned None) beside the
+  one line we print; keep the absl logger to errors while the config is loaded."""
+  logger = logging.get_absl_logger()
+  level = logger.level
+  logger.setLevel(std_logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _parse_flags(argv):
@@ -137,11 +149,9 @@ def _parse_flags(argv):
   if len(given) > 1:
     _fail(f"--config is given {len(given)} times ({', '.join(given)}); give one config "
           "file and change fields with --config.FIELD=VALUE")
-  quiet = logging.get_absl_logger()  # ml_collections warns (get_config() returned None)
-  level = quiet.level
-  quiet.setLevel(std_logging.ERROR)
   try:
-    return FLAGS(argv)
+    with _absl_errors_only():
+      return FLAGS(argv)
   except flags.Error as e:
     _fail(_flag_error_message(e, argv))
   except (KeyError, AttributeError, ValueError, TypeError, OSError, SyntaxError) as e:
@@ -151,8 +161,6 @@ def _parse_flags(argv):
     # The config file's own code raised: name the file and the exception.
     _fail(_config_file_message(e, argv, what=(
         f"its get_config() raised {type(e).__name__}: {' '.join(str(e).split())[:300]}")))
-  finally:
-    quiet.setLevel(level)
 
 
 # ------------------------------------------------------------------ the workdir
@@ -257,13 +265,8 @@ def _exit(message: str, code: int) -> None:
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; settings go through --config.FIELD=VALUE")
-  absl_logger = logging.get_absl_logger()
-  level = absl_logger.level
-  absl_logger.setLevel(std_logging.ERROR)  # ml_collections' own warning for a None config
-  try:
+  with _absl_errors_only():
     config = FLAGS.config
-  finally:
-    absl_logger.setLevel(level)
   if type(config).__name__ == "_ErrorConfig":  # ml_collections defers file errors
     _fail(_config_file_message(vars(config).get("_error"), sys.argv))
   if config is None and any(a.startswith("--config=") for a in sys.argv):

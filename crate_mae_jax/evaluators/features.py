@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_mae_jax import models
+from crate_mae_jax.evaluators import common
 from crate_mae_jax.evaluators._batches import BatchProgress
 
 POOLS = ("cls", "mean")
@@ -114,10 +115,25 @@ def best_layer(scalars: dict) -> tuple[float, str]:
   return float(scalars[key]), key
 
 
-def readout_per_layer(data, params, pools, score) -> dict:
-  """Per-layer scalars of `score(train_features, test_features) -> top-1` for every
-  pool, over features `data` (a SplitFeatures) extracts once for `params`."""
-  train, test = data.features(params)
-  acc = {pool: [score(train[pool][i], test[pool][i]) for i in range(len(data.names))]
-         for pool in pools}
-  return per_layer_scalars(acc, data.names)
+
+class LayerReadout:
+  """Base of the evaluators that read every encoder layer out with a classifier on
+  frozen features: features are extracted once per `run` (train and test split,
+  each pool), and `score(train_features, test_features) -> top-1` is applied to
+  every layer. Returns {'<pool>/layer_NN', '<pool>/final', '<pool>/best'}."""
+
+  def __init__(self, context, *, max_train: int | None = 10_000,
+               max_test: int | None = None, pools: tuple = POOLS, batch_size: int = 256,
+               data=None):
+    self.pools = tuple(pools)
+    self.data = data or SplitFeatures(context.config, max_train=max_train,
+                                      max_test=max_test, batch_size=batch_size)
+
+  def score(self, train_features, test_features) -> float:
+    raise NotImplementedError
+
+  def run(self, state) -> dict:
+    train, test = self.data.features(common.encoder_params(state))
+    acc = {pool: [self.score(train[pool][i], test[pool][i])
+                  for i in range(len(self.data.names))] for pool in self.pools}
+    return per_layer_scalars(acc, self.data.names)

@@ -43,19 +43,15 @@ def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray,
 
 
 @common.register("knn")
-class Evaluator:
+class Evaluator(features.LayerReadout):
   """{'<pool>/layer_NN', '<pool>/final', '<pool>/best'}: k-NN top-1 per layer."""
 
   def __init__(self, context: common.Context, *, k: int = 20, temperature: float = 0.07,
-               max_train: int | None = 10_000, max_test: int | None = None,
-               pools: tuple = features.POOLS, batch_size: int = 256, data=None):
-    self.k, self.temperature, self.pools = int(k), float(temperature), tuple(pools)
-    self.data = data or features.SplitFeatures(context.config, max_train=max_train,
-                                               max_test=max_test, batch_size=batch_size)
+               **readout):
+    super().__init__(context, **readout)
+    self.k, self.temperature = int(k), float(temperature)
 
-  def run(self, state) -> dict:
+  def score(self, train_features, test_features) -> float:
     d = self.data
-    return features.readout_per_layer(
-        d, common.encoder_params(state), self.pools,
-        lambda train, test: knn_accuracy(train, d.train_y, test, d.test_y, d.num_classes,
-                                         self.k, self.temperature))
+    return knn_accuracy(train_features, d.train_y, test_features, d.test_y, d.num_classes,
+                        self.k, self.temperature)

@@ -47,19 +47,10 @@ def ridge_probe_accuracy(train_f: np.ndarray, train_y: np.ndarray, test_f: np.nd
 
 
 @common.register("linear_probe")
-class Evaluator:
+class Evaluator(features.LayerReadout):
   """{'<pool>/layer_NN', '<pool>/final', '<pool>/best'}: probe top-1 per layer."""
 
-  def __init__(self, context: common.Context, *, max_train: int | None = 10_000,
-               max_test: int | None = None, pools: tuple = features.POOLS,
-               batch_size: int = 256, data=None):
-    self.pools = tuple(pools)
-    self.data = data or features.SplitFeatures(context.config, max_train=max_train,
-                                               max_test=max_test, batch_size=batch_size)
-
-  def run(self, state) -> dict:
+  def score(self, train_features, test_features) -> float:
     d = self.data
-    return features.readout_per_layer(
-        d, common.encoder_params(state), self.pools,
-        lambda train, test: ridge_probe_accuracy(train, d.train_y, test, d.test_y,
-                                                 d.num_classes)[0])
+    return ridge_probe_accuracy(train_features, d.train_y, test_features, d.test_y,
+                                d.num_classes)[0]
