@@ -251,6 +251,7 @@ class Plan:
   flops_per_chip: float
   mfu: float | None
   advice: str | None = None
+  accum_steps: int = 1               # micro-batches per step (global batch unchanged)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -288,7 +289,8 @@ def plan_one(config, topology: str, devices, mesh_shape,
       collectives=comm, step_seconds=seconds, step_time_source=source,
       images_per_second=config.batch_size / seconds if seconds else None,
       flops_per_chip=flops,
-      mfu=flops / seconds / chip.peak_flops if seconds and chip else None)
+      mfu=flops / seconds / chip.peak_flops if seconds and chip else None,
+      accum_steps=config.accum_steps)
   if not plan.fits:
     plan.advice = advice(plan, config)
   return plan
@@ -324,8 +326,9 @@ def recommend(plans: list[Plan]) -> Plan | None:
 def format_plan(p: Plan) -> str:
   gib = lambda b: f"{b / GiB:.2f} GiB"
   mesh = " × ".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "one chip"
+  accum = f" in {p.accum_steps} micro-batches" if p.accum_steps > 1 else ""
   lines = [f"{p.topology} ({p.num_chips} × {p.chip}), mesh {mesh}, global batch "
-           f"{p.global_batch}",
+           f"{p.global_batch}{accum}",
            f"  per chip: parameters {gib(p.param_bytes_per_chip)} (of "
            f"{gib(p.param_bytes_total)}), optimizer state {gib(p.opt_state_bytes_per_chip)}, "
            f"activations+temporaries {gib(p.activation_bytes_per_chip)}",
@@ -378,6 +381,25 @@ def plan(config, topology: str, mesh_text: str | None = None,
           "recommended": None if best is None else best.to_json()}
 
 
+def merge_reports(reports: list[dict]) -> dict:
+  """One report from several of the same model and topology (e.g. one
+  `--mesh` run per layout, so that each compile's result survives on its own),
+  with the recommendation taken over all their plans."""
+  if not reports:
+    raise ConfigError("--merge: give at least one JSON report")
+  first = reports[0]
+  for r in reports[1:]:
+    for key in ("topology", "model"):
+      if r[key] != first[key]:
+        raise ConfigError(f"--merge: reports differ in {key!r} ({first[key]} vs {r[key]}); "
+                          "merge only reports of one model on one topology")
+  plans = [Plan(**p) for r in reports for p in r["plans"]]
+  best = recommend(plans)
+  return {"topology": first["topology"], "model": first["model"],
+          "plans": [p.to_json() for p in plans],
+          "recommended": None if best is None else best.to_json()}
+
+
 # ------------------------------------------------------------------ command line
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -385,6 +407,8 @@ config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
 flags.DEFINE_string("topology", None, "Cloud TPU topology, e.g. v5p:4x4x4, v5e:16x16, v4:2x2x4.")
 flags.DEFINE_string("mesh", None, "One layout to plan, e.g. data=8,fsdp=8 (default: try several).")
 flags.DEFINE_string("json", None, "Write the report as JSON to this file.")
+flags.DEFINE_list("merge", None, "Instead of compiling: merge these JSON reports (one model, "
+                  "one topology) into --json, recommending over all their plans.")
 flags.DEFINE_integer("num_train_examples", IMAGENET_TRAIN_EXAMPLES,
                      "Training set size (only the learning-rate schedule uses it).")
 
@@ -395,6 +419,25 @@ def main(argv):
   # may have, and let several planners share libtpu.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if FLAGS.merge:
+    try:
+      reports = []
+      for path in FLAGS.merge:
+        with open(path) as f:
+          reports.append(json.load(f))
+      report = merge_reports(reports)
+    except (ConfigError, OSError, ValueError, KeyError, TypeError) as e:
+      print(f"error: --merge: {' '.join(str(e).split())}", file=sys.stderr)
+      sys.exit(2)
+    for p in report["plans"]:
+      print(format_plan(Plan(**p)))
+    best = report["recommended"]
+    print("recommended: " + (" × ".join(f"{k}={v}" for k, v in best["mesh"].items() if v > 1)
+                             if best else "none fits"))
+    if FLAGS.json:
+      with open(FLAGS.json, "w") as f:
+        json.dump(report, f, indent=1)
+    sys.exit(0 if best is not None else 1)
   if FLAGS.config is None or not FLAGS.topology:
     print("error: --config and --topology are required, e.g. --config=configs/base.py "
           "--topology=v5p:4x4x4", file=sys.stderr)

@@ -111,3 +111,45 @@ def test_cli_refuses_a_bad_mesh_in_one_line():
   assert out.returncode == 2, out.stderr[-2000:]
   errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "--mesh" in errors[0], out.stderr[-2000:]
+
+
+def _report(mesh, peak, seconds, accum=1, topology="v5e:2x2", model=None):
+  p = plan.Plan(topology=topology, chip="TPU v5 lite", num_chips=4, mesh=mesh, global_batch=64,
+                param_bytes_total=plan.GiB, param_bytes_per_chip=plan.GiB,
+                opt_state_bytes_per_chip=2 * plan.GiB, activation_bytes_per_chip=plan.GiB,
+                peak_bytes_per_chip=peak, hbm_bytes_per_chip=16 * plan.GiB,
+                fits=peak <= plan.HBM_USABLE * 16 * plan.GiB, collectives={},
+                step_seconds=seconds, step_time_source="test",
+                images_per_second=64 / seconds, flops_per_chip=1.0, mfu=0.1,
+                accum_steps=accum).to_json()
+  return {"topology": topology, "model": model or {"arch": "crate_mae"}, "plans": [p],
+          "recommended": p if p["fits"] else None}
+
+
+def test_merge_recommends_over_separately_compiled_layouts(tmp_path):
+  data = _report({"data": 4, "fsdp": 1, "tensor": 1}, 20 * plan.GiB, 1.0)  # too big
+  fsdp = _report({"data": 1, "fsdp": 4, "tensor": 1}, 10 * plan.GiB, 2.0)
+  accum = _report({"data": 4, "fsdp": 1, "tensor": 1}, 12 * plan.GiB, 1.5, accum=2)
+  old = dict(data)  # a report written before plans recorded accum_steps
+  old["plans"] = [{k: v for k, v in data["plans"][0].items() if k != "accum_steps"}]
+  merged = plan.merge_reports([old, fsdp, accum])
+  assert len(merged["plans"]) == 3 and merged["plans"][0]["accum_steps"] == 1
+  # The fastest that fits: data parallel in two micro-batches, not the faster one that doesn't fit.
+  assert merged["recommended"]["accum_steps"] == 2
+  assert merged["recommended"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert plan.merge_reports([data])["recommended"] is None
+  with pytest.raises(plan.ConfigError, match="'topology'"):
+    plan.merge_reports([data, _report({"data": 4}, plan.GiB, 1.0, topology="v4:2x2x1")])
+  # The command line: files in, one merged JSON out, exit 0 when one fits.
+  paths = []
+  for i, r in enumerate((data, fsdp)):
+    paths.append(tmp_path / f"{i}.json")
+    paths[-1].write_text(json.dumps(r))
+  out = subprocess.run(
+      [sys.executable, "-m", "crate_mae_jax.plan", "--merge=" + ",".join(map(str, paths)),
+       f"--json={tmp_path / 'merged.json'}"], cwd=ROOT, capture_output=True, text=True,
+      timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "recommended: fsdp=4" in out.stdout, out.stdout
+  merged = json.loads((tmp_path / "merged.json").read_text())
+  assert merged["recommended"]["mesh"]["fsdp"] == 4 and len(merged["plans"]) == 2
