@@ -14,7 +14,9 @@ Every number is XLA's compile-time estimate, not a measurement on hardware.
 
 Without --mesh a few data × fsdp (× tensor) layouts are compiled and the
 fastest that fits is recommended. A config that fits none gets one line with
-the smallest change that would fit.
+the smallest change that would fit. Layouts compiled one `--mesh` run at a
+time (each result then survives on its own) are joined, and the recommendation
+made over all of them, by `--merge=a.json,b.json --json=cell.json`.
 """
 import dataclasses
 import json
