@@ -153,3 +153,18 @@ def test_merge_recommends_over_separately_compiled_layouts(tmp_path):
   assert "recommended: fsdp=4" in out.stdout, out.stdout
   merged = json.loads((tmp_path / "merged.json").read_text())
   assert merged["recommended"]["mesh"]["fsdp"] == 4 and len(merged["plans"]) == 2
+
+
+def test_pod_table_prints_only_the_reports_numbers():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("pod_table", ROOT / "tools" / "pod_table.py")
+  pod_table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(pod_table)
+  fsdp = _report({"data": 1, "fsdp": 4, "tensor": 1}, 10 * plan.GiB, 0.5)
+  accum = _report({"data": 4, "fsdp": 1, "tensor": 1}, 12 * plan.GiB, 0.25, accum=2)
+  row = pod_table.row("CRATE-MAE-Base", "v5e:2x2", "v5e-4", plan.merge_reports([fsdp, accum]))
+  assert "**data 4, accum 2**" in row and "12.00 of 16" in row and "| 256 |" in row, row
+  assert "searched: 2 layouts (fsdp 4; data 4, accum 2)" in row and "| 250.0 |" in row, row
+  big = _report({"data": 4, "fsdp": 1, "tensor": 1}, 20 * plan.GiB, 1.0)
+  assert "none fits (least: data 4, 20.00 of 16 GiB)" in pod_table.row("x", "t", "a", big)
+  assert "not compiled" in pod_table.row("x", "t", "a", None)

@@ -1,13 +1,13 @@
 """The "Pod plans" table of BENCHMARKS.md from the planner's JSON reports.
 
-    python tools/pod_table.py [--merge]
+    python tools/pod_table.py [--merge] [--compact]
 
 benchmarks/plans/<model>_<topology>_<layout>.json hold one `--mesh` run each
 (one compile, so each survives on its own); --merge first writes
 benchmarks/plans/<model>_<topology>.json, the report over all of a cell's
 layouts with the recommendation (`crate_mae_jax.plan.merge_reports`). The
 table is then printed from the cell reports only, so every number in it is
-one the planner wrote.
+one the planner wrote. --compact adds the models × topologies summary of the README.
 """
 import glob
 import json
@@ -72,7 +72,25 @@ def row(label: str, topology: str, alias: str, report: dict | None) -> str:
           f"{1e3 * best['step_seconds']:.1f} | {how} | {source} |")
 
 
+def compact(reports: dict) -> str:
+  """Models × topologies, one cell each: recommended mesh, est. img/s, MFU, peak GiB."""
+  tops = [(t, a) for t, a in TOPOLOGIES if a != "v5p-128"]
+  lines = ["| | " + " | ".join(f"{a} (`{t}`)" for t, a in tops) + " |",
+           "|---|" + "---|" * len(tops)]
+  for model, label in MODELS:
+    cells = []
+    for topology, _ in tops:
+      r = reports.get((model, topology))
+      best = r and r["recommended"]
+      cells.append("not compiled" if r is None else "none fits" if best is None else
+                   f"{mesh_text(best)}: {best['images_per_second']:,.0f} img/s, "
+                   f"MFU {100 * best['mfu']:.0f}%, {best['peak_bytes_per_chip'] / plan.GiB:.1f} GiB")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(argv):
+  reports = {}
   lines = ["| model | topology | recommended mesh | peak GiB per device (of HBM) | est. img/s "
            "| MFU | est. ms/step | layouts compiled | step-time source |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -84,11 +102,13 @@ def main(argv):
       report = None
       if os.path.exists(path):
         with open(path) as f:
-          report = json.load(f)
+          report = reports[model, topology] = json.load(f)
       if report is None and alias == "v5p-128":
         continue  # extra rows only where an earlier session compiled them
       lines.append(row(label, topology, alias, report))
   print("\n".join(lines))
+  if "--compact" in argv:
+    print("\n" + compact(reports))
 
 
 if __name__ == "__main__":
