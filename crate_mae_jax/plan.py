@@ -266,12 +266,18 @@ def plan_one(config, topology: str, devices, mesh_shape,
   config.mesh.shape = mesh_shape
   mesh = sharding.create_mesh(mesh_shape, devices)
   lowered, abstract, shard = lower_train_step(config, mesh, num_train_examples)
-  compiled = lowered.compile()
+  chip_name = devices[0].device_kind
+  chip = device_share(CHIPS.get(chip_name), devices)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    used = hbm_oom_bytes(str(e))
+    if used is None:
+      raise
+    return oom_plan(config, topology, devices, mesh, abstract, shard, chip, used)
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  chip_name = devices[0].device_kind
-  chip = device_share(CHIPS.get(chip_name), devices)
   hbm = chip.hbm_bytes if chip else None
   params = per_device_bytes(abstract.params, shard.params)
   opt = per_device_bytes(abstract.opt_state, shard.opt_state)
@@ -295,6 +301,40 @@ def plan_one(config, topology: str, devices, mesh_shape,
       accum_steps=config.accum_steps)
   if not plan.fits:
     plan.advice = advice(plan, config)
+  return plan
+
+
+# XLA:TPU's two wordings: while scheduling, and for temporaries alone.
+_HBM_OOM = re.compile(r"Ran out of memory (?:in memory space hbm\. Used |on HBM, the total "
+                      r"memory required for [^(]*\()([0-9.]+)([KMGT]?)")
+
+
+def hbm_oom_bytes(message: str) -> int | None:
+  """The HBM bytes XLA:TPU says a program needs when it refuses to compile it
+  for want of HBM (at least that much: it stops counting there); else None."""
+  m = _HBM_OOM.search(message)
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def oom_plan(config, topology, devices, mesh, abstract, shard, chip, used: int) -> Plan:
+  """A plan for a layout the TPU compiler refused for want of HBM: what the
+  state takes, the peak XLA reported, and the advice; no step time."""
+  params = per_device_bytes(abstract.params, shard.params)
+  opt = per_device_bytes(abstract.opt_state, shard.opt_state)
+  hbm = chip.hbm_bytes if chip else 0
+  peak = max(used, int(hbm) + 1)  # XLA's own limit is below the chip's HBM
+  plan = Plan(
+      topology=topology, chip=devices[0].device_kind, num_chips=len(devices),
+      mesh={k: int(v) for k, v in mesh.shape.items()}, global_batch=config.batch_size,
+      param_bytes_total=total_bytes(abstract.params), param_bytes_per_chip=params,
+      opt_state_bytes_per_chip=opt, activation_bytes_per_chip=max(peak - params - opt, 0),
+      peak_bytes_per_chip=peak, hbm_bytes_per_chip=int(hbm), fits=False, collectives={},
+      step_seconds=None, step_time_source="not compiled: XLA:TPU ran out of HBM "
+      f"(needs at least {used / GiB:.2f} GiB)", images_per_second=None, flops_per_chip=0.0,
+      mfu=None, accum_steps=config.accum_steps)
+  plan.advice = advice(plan, config)
   return plan
 
 
@@ -347,6 +387,8 @@ def format_plan(p: Plan) -> str:
                  f"{p.images_per_second:,.0f} img/s, MFU {100 * (p.mfu or 0):.0f}% "
                  f"({p.flops_per_chip / 1e12:.2f} TFLOP per chip per step; "
                  f"{p.step_time_source})")
+  elif p.step_time_source.startswith("not compiled"):
+    lines.append(f"  {p.step_time_source}")
   if p.advice:
     lines.append(f"  to fit: {p.advice}")
   return "\n".join(lines)

@@ -168,3 +168,30 @@ def test_pod_table_prints_only_the_reports_numbers():
   big = _report({"data": 4, "fsdp": 1, "tensor": 1}, 20 * plan.GiB, 1.0)
   assert "none fits (least: data 4, 20.00 of 16 GiB)" in pod_table.row("x", "t", "a", big)
   assert "not compiled" in pod_table.row("x", "t", "a", None)
+
+
+def test_hbm_oom_message_is_parsed():
+  msg = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
+         "of memory in memory space hbm. Used 15.29G of 15.25G hbm. Exceeded hbm capacity by 45.38M.")
+  assert plan.hbm_oom_bytes(msg) == int(15.29 * plan.GiB)
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (65.36G) exceeds available HBM (15.75G).")
+  assert plan.hbm_oom_bytes(msg) == int(65.36 * plan.GiB)
+  assert plan.hbm_oom_bytes("INTERNAL: something else") is None
+
+
+@needs_libtpu
+def test_a_layout_xla_cannot_fit_is_a_plan_with_advice():
+  # Its input batch alone (32,768 images of 224 px per chip) outgrows a v5e chip's 16 GiB:
+  # XLA:TPU refuses to compile it; the planner reports that layout instead of failing.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  config = small_config()
+  config.data.image_size = 224
+  config.model.patch_size = 32
+  config.batch_size = 4 * 32768
+  report = plan.plan(config, "v5e:2x2", "data=4", log=lambda _: None)
+  p = report["plans"][0]
+  assert report["recommended"] is None and not p["fits"]
+  assert p["peak_bytes_per_chip"] > 15 * plan.GiB and p["step_seconds"] is None
+  assert p["step_time_source"].startswith("not compiled: XLA:TPU ran out of HBM")
+  assert "--config.accum_steps=" in p["advice"], p["advice"]
