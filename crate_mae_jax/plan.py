@@ -324,7 +324,7 @@ def oom_plan(config, topology, devices, mesh, abstract, shard, chip, used: int) 
   params = per_device_bytes(abstract.params, shard.params)
   opt = per_device_bytes(abstract.opt_state, shard.opt_state)
   hbm = chip.hbm_bytes if chip else 0
-  peak = max(used, int(hbm) + 1)  # XLA's own limit is below the chip's HBM
+  peak = used  # XLA:TPU's own figure, a lower bound (its limit is below the chip's HBM)
   plan = Plan(
       topology=topology, chip=devices[0].device_kind, num_chips=len(devices),
       mesh={k: int(v) for k, v in mesh.shape.items()}, global_batch=config.batch_size,
@@ -379,9 +379,13 @@ def format_plan(p: Plan) -> str:
             "spare)" if p.fits else
             f"does NOT fit (over by "
             f"{gib(p.peak_bytes_per_chip - HBM_USABLE * p.hbm_bytes_per_chip)})")]
-  coll = ", ".join(f"{k} ×{v['count']} {v['bytes'] / 2**20:.1f} MiB"
-                   for k, v in sorted(p.collectives.items())) or "none"
-  lines.append(f"  collectives per step: {coll}")
+  if p.step_time_source.startswith("not compiled"):
+    lines[-1] = (f"  peak at least {gib(p.peak_bytes_per_chip)} of {gib(p.hbm_bytes_per_chip)} "
+                 "HBM: does NOT fit")
+  else:
+    coll = ", ".join(f"{k} ×{v['count']} {v['bytes'] / 2**20:.1f} MiB"
+                     for k, v in sorted(p.collectives.items())) or "none"
+    lines.append(f"  collectives per step: {coll}")
   if p.step_seconds:
     lines.append(f"  XLA estimate: {p.step_seconds * 1e3:.1f} ms/step, "
                  f"{p.images_per_second:,.0f} img/s, MFU {100 * (p.mfu or 0):.0f}% "

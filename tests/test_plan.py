@@ -195,3 +195,5 @@ def test_a_layout_xla_cannot_fit_is_a_plan_with_advice():
   assert p["peak_bytes_per_chip"] > 15 * plan.GiB and p["step_seconds"] is None
   assert p["step_time_source"].startswith("not compiled: XLA:TPU ran out of HBM")
   assert "--config.accum_steps=" in p["advice"], p["advice"]
+  text = plan.format_plan(plan.Plan(**p))
+  assert "does NOT fit" in text and "ran out of HBM" in text and "collectives" not in text, text
