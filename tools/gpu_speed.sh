@@ -8,6 +8,8 @@
 # Then, through the device tool (carry .official and .whl):
 #     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), batch sweep, profile
 #     bash tools/gpu_speed.sh table      # tiny/small/large, ViT-MAE-Base, remat, `main` on in-memory data
+#     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
+#                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -32,6 +34,13 @@ case "${1:-}" in
     T=400 bench --variant base --batch_size 128,384,512 --json "$OUT/jax_base_batches.json"
     bench --variant base --batch_size 256 --profile /tmp/prof --json "$OUT/jax_base_profile.json" \
       | tail -45
+    ;;
+  kernels)
+    # Each candidate at CRATE-MAE-Base's shapes (fwd + bwd, gradient error against
+    # the first), then the whole train step with each LayerNorm path.
+    bench --micro --variant base --batch_size 256 --json "$OUT/micro_base.json" | grep -v "^{" | tail -3
+    T=400 bench --variant base --batch_size 256 --norm_impl flax,fused,tokamax \
+      --json "$OUT/jax_base_norms.json" | tail -6
     ;;
   table)
     # In order of importance; each step has its own time limit.
