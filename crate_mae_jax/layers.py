@@ -88,18 +88,16 @@ NORM_IMPLS = ("auto", "flax", "fused", "tokamax")
 
 def resolve_norm(implementation: str | None, dtype: Dtype,
                  platform: str | None = None) -> str:
-  """The LayerNorm path 'auto' (or None) stands for on this backend and dtype.
+  """The LayerNorm path 'auto' (or None) stands for: flax's `nn.LayerNorm`.
 
-  'fused' (one-pass backward, below) on GPUs in bf16/fp16, where LayerNorm is
-  bandwidth-bound and autodiff's backward reads its inputs more often than it
-  needs; flax's `nn.LayerNorm` everywhere else (TPU, CPU, float32: the path
-  the golden fixtures are checked on).
+  On GPUs XLA already runs its forward as a cuDNN norm fused with its
+  neighbours; the 'fused' custom-VJP LayerNorm is faster alone but slower inside
+  the whole train step (it hides the pattern from XLA's fusions: BENCHMARKS.md,
+  kernel choices), and 'tokamax' needs an optional package, so both are opt-in.
   """
+  del dtype, platform
   if implementation not in (None, "auto"):
     return implementation
-  platform = platform or jax.default_backend()
-  if platform in ("gpu", "cuda") and jnp.dtype(dtype) in HALF_DTYPES:
-    return "fused"
   return "flax"
 
 

@@ -8,6 +8,7 @@
 # Then, through the device tool (carry .official and .whl):
 #     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), batch sweep, profile
 #     bash tools/gpu_speed.sh table      # tiny/small/large, ViT-MAE-Base, remat, `main` on in-memory data
+#     bash tools/gpu_speed.sh remat      # remat policies of Base, ViT-MAE-Base
 #     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
 #                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
@@ -69,7 +70,15 @@ PY
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     bench --variant base --remat_policy full --isolate --batch_size 256 --steps 10 \
       --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -3
-    python3 -m crate_mae_jax.experiments.benchmark --report "$OUT"/jax_*.json
+    python3 -m crate_mae_jax.experiments.benchmark --report="$(ls "$OUT"/jax_*.json | paste -sd,)"
     ;;
-  *) echo "usage: $0 defaults|table"; exit 2 ;;
+  remat)
+    # Rematerialisation policies of Base, and ViT-MAE-Base, at batch 256.
+    T=500 bench --variant base --batch_size 256 \
+      --remat_policy none,full,dots_saveable,dots_with_no_batch_dims_saveable \
+      --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -6
+    bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
+      --warmup 2 --json "$OUT/jax_vit.json" | tail -3
+    ;;
+  *) echo "usage: $0 defaults|table|kernels|remat"; exit 2 ;;
 esac
