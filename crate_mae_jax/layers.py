@@ -5,6 +5,7 @@ a table of rules in the config decide how it is sharded; outside a mesh the name
 cost nothing. Initialisers follow the official PyTorch code so training from
 scratch starts from the same distribution.
 """
+import importlib.util
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -86,18 +87,28 @@ HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 NORM_IMPLS = ("auto", "flax", "fused", "tokamax")
 
 
+def tokamax_available() -> bool:
+  return importlib.util.find_spec("tokamax") is not None
+
+
 def resolve_norm(implementation: str | None, dtype: Dtype,
                  platform: str | None = None) -> str:
-  """The LayerNorm path 'auto' (or None) stands for: flax's `nn.LayerNorm`.
+  """The LayerNorm path 'auto' (or None) stands for on this backend and dtype.
 
-  On GPUs XLA already runs its forward as a cuDNN norm fused with its
-  neighbours; the 'fused' custom-VJP LayerNorm is faster alone but slower inside
-  the whole train step (it hides the pattern from XLA's fusions: BENCHMARKS.md,
-  kernel choices), and 'tokamax' needs an optional package, so both are opt-in.
+  tokamax's Triton LayerNorm on NVIDIA GPUs in bf16/fp16 when the package is
+  installed (`pip install 'crate-mae-jax[gpu]'`): the whole Base train step is
+  7 % faster on an H100 with it (BENCHMARKS.md, kernel choices). Otherwise
+  flax's `nn.LayerNorm`: TPUs, CPUs, float32 (the path the golden fixtures are
+  checked on) and GPUs without tokamax. 'fused' (the custom-VJP LayerNorm
+  below) is faster alone but slower inside the step, so it is opt-in.
+  The choice is logged and written to the workdir's run.json.
   """
-  del dtype, platform
   if implementation not in (None, "auto"):
     return implementation
+  platform = platform or jax.default_backend()
+  if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in HALF_DTYPES
+      and tokamax_available()):
+    return "tokamax"
   return "flax"
 
 
@@ -148,7 +159,8 @@ def tokamax_layer_norm(x, scale, bias, eps: float, dtype: Dtype) -> jax.Array:
     import tokamax  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError("config.model.norm_impl='tokamax' needs the tokamax package: "
-                      "pip install 'crate-mae-jax[kernels]', or use norm_impl='auto'") from e
+                      "pip install 'crate-mae-jax[gpu]' (or tokamax), or set "
+                      "config.model.norm_impl='auto'") from e
   return tokamax.layer_norm(x, scale, bias, epsilon=eps,
                             implementation="triton").astype(dtype)
 

@@ -59,8 +59,9 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
       param_dtype="float32",
       attention_impl="auto",             # "auto" (cuDNN on GPU in bf16/fp16, else XLA),
                                          # "explicit", "xla", "cudnn"
-      norm_impl="auto",                  # "auto" (one-pass backward on GPU in bf16/fp16,
-                                         # else flax), "flax", "fused", "tokamax"
+      norm_impl="auto",                  # "auto" (tokamax's Triton kernel on GPU in
+                                         # bf16/fp16 if installed, else flax), "flax",
+                                         # "fused", "tokamax"
       remat_policy=placeholder(str),     # None, "full" or a jax.checkpoint_policies name
   ))
 
@@ -129,6 +130,14 @@ def resolve(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"config.model.remat_policy={policy!r} is unknown; use None, 'full' "
                      "or a name in jax.checkpoint_policies")
   return out
+
+
+def kernels(resolved: dict, platform: str | None = None) -> dict[str, str]:
+  """The attention and LayerNorm kernels a resolved model config runs with on
+  `platform` (default: JAX's backend), after 'auto' is decided."""
+  dtype = DTYPES[resolved["dtype"]]
+  return {"attention": layers.resolve_attention(resolved["attention_impl"], dtype, platform),
+          "layernorm": layers.resolve_norm(resolved["norm_impl"], dtype, platform)}
 
 
 def build_mae(cfg: ml_collections.ConfigDict):

@@ -139,12 +139,12 @@ def _encoder_from(path: str, config) -> tuple[Any, dict]:
   return params["encoder"], meta
 
 
-def _record_run(workdir, config, mesh, writer, params, is_chief) -> None:
+def _record_run(workdir, config, mesh, writer, params, is_chief, kernels) -> None:
   """The workdir's record of this start (config, command, versions, devices), the
   config as TensorBoard hparams, and a table of the parameters in the log."""
   from crate_mae_jax import run_record
   if is_chief:
-    run_record.record(workdir, config, mesh)
+    run_record.record(workdir, config, mesh, kernels=kernels)
     writer.write_hparams(run_record.hparams(config))
   try:
     from clu import parameter_overview
@@ -256,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
 
   if writer is None:
     writer = summaries.create_writer(workdir, is_chief)
-  _record_run(workdir, config, mesh, writer, state.params, is_chief)
+  _record_run(workdir, config, mesh, writer, state.params, is_chief, models.kernels(resolved))
   if hooks is None:
     hooks = summaries.progress_hooks(total_steps, writer, workdir, is_chief,
                                      config.profile_steps,
@@ -266,9 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
           "data_position": "step"}
   best_manager, best_value = None, None
   results: dict = {}
-  logging.info("%s: %d steps (%.1f per epoch), global batch %d on %d devices, mesh %s",
-               config.task, total_steps, steps_per_epoch, config.batch_size,
-               jax.device_count(), dict(mesh.shape))
+  logging.info("%s: %d steps (%.1f per epoch), global batch %d on %d devices, mesh %s, "
+               "kernels %s", config.task, total_steps, steps_per_epoch, config.batch_size,
+               jax.device_count(), dict(mesh.shape), models.kernels(resolved))
 
   def maybe_stop(state):
     if config.nonfinite == "stop" and int(jax.device_get(state.nonfinite_count)):

@@ -80,14 +80,17 @@ def test_whole_model_same_loss_and_grads():
     assert _rel(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("platform,dtype", [
-    ("gpu", jnp.bfloat16), ("gpu", jnp.float32), ("tpu", jnp.bfloat16), ("cpu", jnp.float32)])
-def test_auto_norm_choice(platform, dtype):
-  # flax everywhere: 'fused' is faster alone but slower inside the train step
-  # on an H100 (BENCHMARKS.md, kernel choices), so it is opt-in.
-  assert layers.resolve_norm("auto", dtype, platform) == "flax"
-  assert layers.resolve_norm(None, dtype, platform) == "flax"
+@pytest.mark.parametrize("platform,dtype,installed,expected", [
+    ("gpu", jnp.bfloat16, True, "tokamax"), ("gpu", jnp.float16, True, "tokamax"),
+    ("gpu", jnp.bfloat16, False, "flax"), ("gpu", jnp.float32, True, "flax"),
+    ("tpu", jnp.bfloat16, True, "flax"), ("cpu", jnp.float32, True, "flax")])
+def test_auto_norm_choice(monkeypatch, platform, dtype, installed, expected):
+  monkeypatch.setattr(layers, "tokamax_available", lambda: installed)
+  assert layers.resolve_norm("auto", dtype, platform) == expected
+  assert layers.resolve_norm(None, dtype, platform) == expected
   assert layers.resolve_norm("fused", dtype, platform) == "fused"
+  kernels = models.kernels(models.resolve(models.model_config("tiny")), platform)
+  assert kernels == {"attention": "xla", "layernorm": "flax"}   # float32 config
 
 
 def test_config_checks_norm_impl():

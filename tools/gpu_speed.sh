@@ -6,8 +6,8 @@
 #     mkdir -p .official && git -C <mirror of Ma-Lab-Berkeley/CRATE> archive HEAD model | tar -x -C .official
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml-collections==1.1.0
 # Then, through the device tool (carry .official and .whl):
-#     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), batch sweep, profile
-#     bash tools/gpu_speed.sh table      # tiny/small/large, ViT-MAE-Base, remat, `main` on in-memory data
+#     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), profile
+#     bash tools/gpu_speed.sh table      # `main` on in-memory data, tiny/small/large, ViT-MAE-Base, remat
 #     bash tools/gpu_speed.sh remat      # remat policies of Base, ViT-MAE-Base
 #     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
 #                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
@@ -24,15 +24,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 bench() { timeout "${T:-300}" python3 -m crate_mae_jax.experiments.benchmark "$@"; }
 case "${1:-}" in
   defaults)
-    # 1. What a user gets: no flags at all (attention 'auto', XLA GPU defaults).
-    bench --variant base --batch_size 256 --json "$OUT/jax_base_default.json"
+    # 1. What a user gets: no flags at all (attention and LayerNorm 'auto', XLA GPU
+    #    defaults; tokamax carried as a wheel, as `pip install crate-mae-jax[gpu]` gives).
+    bench --variant base --batch_size 256 --json "$OUT/jax_base_default.json" | tail -3
     # 2. The official code, torch.compile, with and without PyTorch's fused SDPA.
-    T=330 timeout 330 python3 tools/bench_official_torch.py --official_dir .official \
+    T=300 timeout 300 python3 tools/bench_official_torch.py --official_dir .official \
       --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
-    # 3. The old default (XLA attention, no flags) beside it, and the best batch.
-    CRATE_MAE_XLA_DEFAULTS=0 bench --variant base --attention_impl xla --batch_size 256 \
-      --label old-default --json "$OUT/jax_base_old.json"
-    T=400 bench --variant base --batch_size 128,384,512 --json "$OUT/jax_base_batches.json"
+    # 3. The previous default (flax LayerNorm, i.e. without tokamax) beside it.
+    bench --variant base --batch_size 256 --norm_impl flax --label flax-layernorm \
+      --json "$OUT/jax_base_flax_ln.json" | tail -3
+    # 4. Where the time goes now.
     bench --variant base --batch_size 256 --profile /tmp/prof --json "$OUT/jax_base_profile.json" \
       | tail -45
     ;;
@@ -45,8 +46,6 @@ case "${1:-}" in
     ;;
   table)
     # In order of importance; each step has its own time limit.
-    T=330 timeout 330 python3 tools/bench_official_torch.py --official_dir .official \
-      --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
     # The real loop: `main` with configs/base.py on in-memory data (device augmentation).
     python3 - <<'PY'
 import numpy as np
@@ -68,8 +67,8 @@ PY
       --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_variants.json" | tail -6
     bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
-    bench --variant base --remat_policy full --isolate --batch_size 256 --steps 10 \
-      --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -3
+    T=200 bench --variant base --remat_policy full,dots_with_no_batch_dims_saveable \
+      --batch_size 256 --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -3
     python3 -m crate_mae_jax.experiments.benchmark --report="$(ls "$OUT"/jax_*.json | paste -sd,)"
     ;;
   remat)
