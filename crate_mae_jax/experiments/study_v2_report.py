@@ -5,7 +5,7 @@ folder: study2.json (per-run numbers and the aggregates), study2.md (tables),
 answers.md (the block for RESULTS.md), layerwise_readout.png (k-NN / ridge probe
 top-1 against encoder layer, pre-trained lines and random-initialisation dots)
 and white_box.png (CRATE-MAE coding rate and non-zero fraction against layer at
-mask ratio 0 and 0.75). Pillow only.
+mask ratio 0 and 0.75), drawn with matplotlib (`plots.line_plot`).
 """
 import glob
 import json
