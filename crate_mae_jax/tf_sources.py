@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
-from crate_mae_jax import augment_jax, data_arrays, randaugment_tf
+from crate_mae_jax import augment_jax, cli, data_arrays, randaugment_tf
 from crate_mae_jax.config_lib import value_or_default as _get
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
@@ -25,15 +25,12 @@ _EVAL_ALIASES = ("val", "validation")
 
 
 # ============================================================================ TF helpers
-@functools.cache
 def tensorflow():
-  """TensorFlow for tf.data only: hidden from the GPUs, which belong to JAX (TF would
-  otherwise reserve their memory)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF's devices were already initialised by someone else
-    logging.warning("TensorFlow already initialised its devices; it may hold GPU memory")
+  """TensorFlow for tf.data only, imported quietly and hidden from the GPUs (which
+  belong to JAX); see `cli.import_tensorflow_quietly`."""
+  tf = cli.import_tensorflow_quietly()
+  if tf is None:  # not installed, or broken: raise its own ImportError here
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel,redefined-outer-name
   return tf
 
 
@@ -299,8 +296,8 @@ class TfdsSource(_TFSource):
 
   def __init__(self, data_cfg, augment_cfg, **kwargs):
     super().__init__(data_cfg, augment_cfg, **kwargs)
+    self.builder = _tfds_builder(data_cfg)  # imports TF quietly first
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    self.builder = _tfds_builder(data_cfg)
     self._feature = self.builder.info.features["image"]
     self._decoders = {"image": tfds.decode.SkipDecoding()}
     num_classes = _get(data_cfg, "num_classes")
