@@ -57,6 +57,8 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
       param_dtype="float32",
       attention_impl="auto",             # "auto" (cuDNN on GPU in bf16/fp16, else XLA),
                                          # "explicit", "xla", "cudnn"
+      norm_impl="auto",                  # "auto" (one-pass backward on GPU in bf16/fp16,
+                                         # else flax), "flax", "fused", "tokamax"
       remat_policy=placeholder(str),     # None, "full" or a jax.checkpoint_policies name
   ))
 
@@ -130,6 +132,11 @@ def _fill_and_check(cfg) -> ResolvedModel:
   if out["attention_impl"] not in layers.ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl={out['attention_impl']!r} is unknown; "
                      f"use one of {layers.ATTENTION_IMPLS}")
+  if out.get("norm_impl") is None:       # older configs and checkpoints' metadata
+    out["norm_impl"] = "auto"
+  if out["norm_impl"] not in layers.NORM_IMPLS:
+    raise ValueError(f"config.model.norm_impl={out['norm_impl']!r} is unknown; "
+                     f"use one of {layers.NORM_IMPLS}")
   policy = out["remat_policy"]
   if policy not in (None, "none", "full") and not hasattr(jax.checkpoint_policies, policy):
     raise ValueError(f"config.model.remat_policy={policy!r} is unknown; use None, 'full' "
@@ -151,7 +158,7 @@ def build_mae(cfg):
                 depth=r["depth"], heads=r["heads"], decoder_depth=r["decoder_depth"],
                 norm_pix_loss=r["norm_pix_loss"], dtype=DTYPES[r["dtype"]],
                 param_dtype=DTYPES[r["param_dtype"]], attention_impl=r["attention_impl"],
-                remat_policy=r["remat_policy"])
+                norm_impl=r["norm_impl"], remat_policy=r["remat_policy"])
   if r["arch"] == "crate_mae":
     return CrateMAE(decoder_heads=r["decoder_heads"], ista_step=r["ista_step"],
                     ista_lambda=r["ista_lambda"], ista_fused=r["ista_fused"], **common)
@@ -165,7 +172,7 @@ def build_encoder(cfg):
   common = dict(patch_size=r["patch_size"], width=r["width"], depth=r["depth"],
                 heads=r["heads"], drop_path=r["drop_path"], dtype=DTYPES[r["dtype"]],
                 param_dtype=DTYPES[r["param_dtype"]], attention_impl=r["attention_impl"],
-                remat_policy=r["remat_policy"])
+                norm_impl=r["norm_impl"], remat_policy=r["remat_policy"])
   if r["arch"] == "crate_mae":
     return CrateEncoder(ista_step=r["ista_step"], ista_lambda=r["ista_lambda"],
                         ista_fused=r["ista_fused"], **common)

@@ -111,12 +111,14 @@ def candidate_meshes(num_devices: int, batch: int) -> list[tuple[tuple[str, int]
 
 
 def for_tpu(config: ml_collections.ConfigDict, resolved=None) -> ml_collections.ConfigDict:
-  """The config as it would run on a TPU: the attention kernel resolved for
-  the TPU backend (the planner's own backend is the CPU)."""
+  """The config as it would run on a TPU: the attention and LayerNorm kernels
+  resolved for the TPU backend (the planner's own backend is the CPU)."""
   config = ml_collections.ConfigDict(config.to_dict())
   resolved = models.resolve(config.model if resolved is None else resolved)
   config.model.attention_impl = layers.resolve_attention(
       resolved["attention_impl"], models.DTYPES[resolved["dtype"]], platform="tpu")
+  config.model.norm_impl = layers.resolve_norm(
+      resolved["norm_impl"], models.DTYPES[resolved["dtype"]], platform="tpu")
   return config
 
 

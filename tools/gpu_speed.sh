@@ -8,6 +8,9 @@
 # Then, through the device tool (carry .official and .whl):
 #     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), batch sweep, profile
 #     bash tools/gpu_speed.sh table      # tiny/small/large, ViT-MAE-Base, remat, `main` on in-memory data
+#     bash tools/gpu_speed.sh remat      # remat policies of Base, ViT-MAE-Base
+#     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
+#                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -32,6 +35,13 @@ case "${1:-}" in
     T=400 bench --variant base --batch_size 128,384,512 --json "$OUT/jax_base_batches.json"
     bench --variant base --batch_size 256 --profile /tmp/prof --json "$OUT/jax_base_profile.json" \
       | tail -45
+    ;;
+  kernels)
+    # Each candidate at CRATE-MAE-Base's shapes (fwd + bwd, gradient error against
+    # the first), then the whole train step with each LayerNorm path.
+    bench --micro --variant base --batch_size 256 --json "$OUT/micro_base.json" | grep -v "^{" | tail -3
+    T=400 bench --variant base --batch_size 256 --norm_impl flax,fused,tokamax \
+      --json "$OUT/jax_base_norms.json" | tail -6
     ;;
   table)
     # In order of importance; each step has its own time limit.
@@ -60,7 +70,15 @@ PY
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     bench --variant base --remat_policy full --isolate --batch_size 256 --steps 10 \
       --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -3
-    python3 -m crate_mae_jax.experiments.benchmark --report "$OUT"/jax_*.json
+    python3 -m crate_mae_jax.experiments.benchmark --report="$(ls "$OUT"/jax_*.json | paste -sd,)"
     ;;
-  *) echo "usage: $0 defaults|table"; exit 2 ;;
+  remat)
+    # Rematerialisation policies of Base, and ViT-MAE-Base, at batch 256.
+    T=500 bench --variant base --batch_size 256 \
+      --remat_policy none,full,dots_saveable,dots_with_no_batch_dims_saveable \
+      --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -6
+    bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
+      --warmup 2 --json "$OUT/jax_vit.json" | tail -3
+    ;;
+  *) echo "usage: $0 defaults|table|kernels|remat"; exit 2 ;;
 esac
