@@ -358,7 +358,7 @@ def plan(config, topology: str, mesh_text: str | None = None,
   if mesh_text:
     parse_mesh(mesh_text, None)  # a typo fails before libtpu is loaded
   config = for_tpu(config, resolved)
-  resolved = models.resolve(config.model)  # with the TPU attention kernel
+  resolved = models.resolve(config.model)  # with the TPU attention and LayerNorm kernels
   devices = topology_devices(topology)
   shapes = ([parse_mesh(mesh_text, len(devices))] if mesh_text else
             candidate_meshes(len(devices), config.batch_size // config.accum_steps))
