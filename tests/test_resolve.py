@@ -92,3 +92,13 @@ def test_a_training_run_resolves_its_model_once(tmp_path, count_resolutions):
   results = train.train_and_evaluate(cfg, str(tmp_path), resolved=resolved)
   assert np.isfinite(results["loss"])
   assert len(count_resolutions) == 1, [c["width"] for c in count_resolutions]
+
+
+def test_converting_an_official_checkpoint_resolves_once(official_tiny_pth, tmp_path,
+                                                         count_resolutions):
+  pytest.importorskip("torch")
+  from crate_mae_jax import checkpoints, convert_torch
+  convert_torch.convert(str(official_tiny_pth), str(tmp_path / "converted"), heads=4)
+  assert len(count_resolutions) == 1
+  _, meta = checkpoints.restore_params(str(tmp_path / "converted"))
+  assert meta["model"]["heads"] == 4 and meta["model"]["decoder_heads"] == 4
