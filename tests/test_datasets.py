@@ -14,7 +14,8 @@ EXPECTED = ("cifar10", "cifar100", "fashion_mnist", "imagenet2012", "oxford_flow
 @pytest.fixture
 def scratch_registry(monkeypatch):
   """Datasets registered by a test vanish after it."""
-  monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # pylint: disable=protected-access
+  current = dict(registry._REGISTRY)  # pylint: disable=protected-access
+  monkeypatch.setattr(registry, "_REGISTRY", current)
 
 
 def _data(**kw):
