@@ -5,8 +5,6 @@ A model config (`config.model`, an ml_collections ConfigDict) names an `arch`
 filled from the variant table, and any field set explicitly wins, so
 `--config.model.depth=6` works on top of any variant.
 """
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -66,40 +64,55 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
   ))
 
 
-def resolve(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+class ResolvedModel(dict):
+  """A model config with every size filled in and every field checked: what
+  `resolve` returns and what the builders read. A plain dict (checkpoints save
+  it as JSON); its type tells `resolve` that there is nothing left to do."""
+
+
+def resolve(cfg) -> ResolvedModel:
   """Fills unset sizes from the variant and checks the combination.
 
-  Raises ValueError naming the field and the fix.
+  Entry points (`config_lib.validate`, `analyze`, `convert_torch`) call it once
+  and pass the result down; given a `ResolvedModel` it returns it unchanged, so
+  the builders below accept either. Raises ValueError naming the field and the fix.
   """
-  if cfg.arch not in ARCHS:
-    raise ValueError(f"config.model.arch={cfg.arch!r} is unknown; use one of {ARCHS}")
-  if cfg.variant not in VARIANTS:
-    raise ValueError(f"config.model.variant={cfg.variant!r} is unknown; "
+  if isinstance(cfg, ResolvedModel):
+    return cfg
+  return _fill_and_check(cfg)
+
+
+def _fill_and_check(cfg) -> ResolvedModel:
+  out = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  arch, variant = out["arch"], out["variant"]
+  if arch not in ARCHS:
+    raise ValueError(f"config.model.arch={arch!r} is unknown; use one of {ARCHS}")
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant={variant!r} is unknown; "
                      f"use one of {tuple(VARIANTS)} (or set width/depth/heads)")
-  out = dict(cfg.to_dict())
-  for key, value in VARIANTS[cfg.variant].items():
+  for key, value in VARIANTS[variant].items():
     if out[key] is None:
       out[key] = value
   if out["decoder_depth"] is None:
-    out["decoder_depth"] = out["depth"] if cfg.arch == "crate_mae" else VIT_DECODER["decoder_depth"]
+    out["decoder_depth"] = out["depth"] if arch == "crate_mae" else VIT_DECODER["decoder_depth"]
   if out["decoder_width"] is None:
     out["decoder_width"] = out["width"]
   if out["decoder_heads"] is None:
-    out["decoder_heads"] = out["heads"] if cfg.arch == "crate_mae" else VIT_DECODER["decoder_heads"]
+    out["decoder_heads"] = out["heads"] if arch == "crate_mae" else VIT_DECODER["decoder_heads"]
   for key in ("width", "depth", "heads", "decoder_depth", "patch_size", "channels"):
     if not isinstance(out[key], int) or out[key] < 1:
       raise ValueError(f"config.model.{key}={out[key]!r} must be a positive integer")
   if out["width"] % out["heads"]:
     raise ValueError(f"config.model.heads={out['heads']} does not divide "
                      f"config.model.width={out['width']}; pick heads that divide the width")
-  if cfg.arch == "crate_mae" and out["decoder_width"] != out["width"]:
+  if arch == "crate_mae" and out["decoder_width"] != out["width"]:
     raise ValueError(f"config.model.decoder_width={out['decoder_width']} must equal "
                      f"config.model.width={out['width']} for CRATE-MAE (its decoder inverts "
                      "the encoder); leave it unset")
   if out["encoder_sees"] not in ("visible", "all"):
     raise ValueError(f"config.model.encoder_sees={out['encoder_sees']!r} is unknown; use "
                      "'visible' or 'all'")
-  if cfg.arch == "vit_mae" and out["encoder_sees"] == "all" and \
+  if arch == "vit_mae" and out["encoder_sees"] == "all" and \
       out["decoder_width"] != out["width"]:
     raise ValueError(f"config.model.decoder_width={out['decoder_width']} must equal "
                      f"config.model.width={out['width']} with encoder_sees='all' (the decoder "
@@ -129,7 +142,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   if policy not in (None, "none", "full") and not hasattr(jax.checkpoint_policies, policy):
     raise ValueError(f"config.model.remat_policy={policy!r} is unknown; use None, 'full' "
                      "or a name in jax.checkpoint_policies")
-  return out
+  return ResolvedModel(out)
 
 
 def kernels(resolved: dict, platform: str | None = None) -> dict[str, str]:
@@ -140,8 +153,15 @@ def kernels(resolved: dict, platform: str | None = None) -> dict[str, str]:
           "layernorm": layers.resolve_norm(resolved["norm_impl"], dtype, platform)}
 
 
-def build_mae(cfg: ml_collections.ConfigDict):
-  """The masked autoencoder module (`CrateMAE` or `ViTMAE`) a config describes."""
+def with_fields(model, **changes) -> ResolvedModel:
+  """`model` (resolved or not) with some fields changed, checked again: a derived
+  model (float32 feature extraction, another attention kernel)."""
+  return _fill_and_check({**resolve(model), **changes})
+
+
+def build_mae(cfg):
+  """The masked autoencoder module (`CrateMAE` or `ViTMAE`) a model describes
+  (a `ResolvedModel`, or a model ConfigDict resolved here)."""
   r = resolve(cfg)
   common = dict(patch_size=r["patch_size"], channels=r["channels"], width=r["width"],
                 depth=r["depth"], heads=r["heads"], decoder_depth=r["decoder_depth"],
@@ -155,7 +175,7 @@ def build_mae(cfg: ml_collections.ConfigDict):
                 mlp_ratio=r["mlp_ratio"], encoder_sees=r["encoder_sees"], **common)
 
 
-def build_encoder(cfg: ml_collections.ConfigDict):
+def build_encoder(cfg):
   """The encoder alone (for probing and fine-tuning), with `drop_path` applied."""
   r = resolve(cfg)
   common = dict(patch_size=r["patch_size"], width=r["width"], depth=r["depth"],
@@ -169,7 +189,7 @@ def build_encoder(cfg: ml_collections.ConfigDict):
                     **common)
 
 
-def build_classifier(cfg: ml_collections.ConfigDict, num_classes: int, *, pool: str = "cls",
+def build_classifier(cfg, num_classes: int, *, pool: str = "cls",
                      head_norm: bool = False, frozen: bool = False,
                      head_init_std: float = 0.01):
   from crate_mae_jax.classifier import Classifier
@@ -182,11 +202,11 @@ def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-def abstract_params(cfg: ml_collections.ConfigDict, image_size: int = 224):
+def abstract_params(cfg, image_size: int = 224):
   """Parameter shapes without allocating them (boxes removed)."""
   import flax.linen as nn
-  model = build_mae(cfg)
   r = resolve(cfg)
+  model = build_mae(r)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, r["channels"]), jnp.float32)
   shapes = jax.eval_shape(
       lambda x: model.init({"params": jax.random.key(0), "masking": jax.random.key(1)},
