@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Speed measurements of BENCHMARKS.md on one GPU of the device tool, in two calls.
+# Speed measurements of BENCHMARKS.md on one GPU of the device tool, one mode per call.
 #
 # Here, once (repo root): the official code and the one wheel the GPU image lacks,
 # into folders .git/info/exclude keeps out of git:
 #     mkdir -p .official && git -C <mirror of Ma-Lab-Berkeley/CRATE> archive HEAD model | tar -x -C .official
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml-collections==1.1.0
+#     # tokamax (the GPU LayerNorm 'auto' picks) and the needs the GPU image lacks:
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl tokamax==0.0.12 einshape qwix pydantic pydantic-core \
+#       annotated-types typing-inspection typeguard==2.13.3 immutabledict tensorboardx typing_extensions
 # Then, through the device tool (carry .official and .whl):
 #     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), profile
 #     bash tools/gpu_speed.sh table      # `main` on in-memory data, tiny/small/large, ViT-MAE-Base, remat
