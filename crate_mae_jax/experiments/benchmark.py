@@ -238,7 +238,7 @@ def build(args):
     raise SystemExit(f"--image_size {args.image_size} is not a multiple of the patch size "
                      f"{resolved['patch_size']}")
 
-  model = models.build_mae(c.model)
+  model = models.build_mae(resolved)
   tx, lr = optim.create(c, None, 10_000, 1_000)
   mesh = sharding.create_mesh(c.mesh.shape)
   rules = sharding.rules(c.mesh)

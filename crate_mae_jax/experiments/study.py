@@ -313,7 +313,7 @@ def diagnose(model_cfg, params, diag_images, figure_images, data_cfg, out_dir: s
   `out_dir`, the reconstruction / attention / PCA figures."""
   cfg = _float32(model_cfg)
   r = models.resolve(cfg)
-  model = models.build_mae(cfg)
+  model = models.build_mae(r)
   out: dict = {"masked_mse": masked_loss(model, params, diag_images, r["mask_ratio"], seed)}
   if r["arch"] == "crate_mae":
     measures = diagnostics.layerwise_measures(model, params, diag_images, mask_ratio=0.0)
