@@ -112,3 +112,24 @@ def test_tokamax_missing_names_the_fix():
   module = layers.layer_norm(1e-5, jnp.float32, jnp.float32, "n", "tokamax")
   with pytest.raises(ImportError, match=r"norm_impl='tokamax' needs the tokamax package"):
     module.init(jax.random.key(0), jnp.ones((2, 8)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not layers.tokamax_available(),
+                    reason="tokamax's Triton LayerNorm runs on NVIDIA GPUs only")
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_tokamax_layer_norm_matches_flax_on_gpu(dtype, tol):
+  x = (jax.random.normal(jax.random.key(0), (4, 208, 768)) * 2.5 + 0.7).astype(dtype)
+  cot = jax.random.normal(jax.random.key(3), x.shape, jnp.float32)
+  ref = layers.layer_norm(1e-5, dtype, jnp.float32, "n", "flax")
+  new = layers.layer_norm(1e-5, dtype, jnp.float32, "n", "tokamax")
+  params = _perturbed_params(ref, x)
+
+  def loss(module):
+    return lambda p, x: (module.apply(p, x).astype(jnp.float32) * cot).sum()
+
+  y_ref, y_new = ref.apply(params, x), new.apply(params, x)
+  assert y_new.dtype == dtype and _rel(y_new, y_ref) < tol
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  g_new = jax.grad(loss(new), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+    assert _rel(a, b) < tol, (a.shape, _rel(a, b))
