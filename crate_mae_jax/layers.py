@@ -161,6 +161,13 @@ def tokamax_layer_norm(x, scale, bias, eps: float, dtype: Dtype) -> jax.Array:
     raise ImportError("config.model.norm_impl='tokamax' needs the tokamax package: "
                       "pip install 'crate-mae-jax[gpu]' (or tokamax), or set "
                       "config.model.norm_impl='auto'") from e
+  # tokamax reads absl flags when it runs; in programs that never parse them
+  # (notebooks, pytest, argparse scripts) it would parse sys.argv and fail on
+  # the program's own arguments, so they take their defaults, as absl advises
+  # libraries. The entry points parse them already (absl.app).
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   return tokamax.layer_norm(x, scale, bias, epsilon=eps,
                             implementation="triton").astype(dtype)
 
