@@ -12,7 +12,7 @@ donated, batch already on the devices). After `--warmup` steps it runs
 only at the end of a window, and reports the median window's ms/step with the
 spread over windows.
 
-Comma lists in --variant/--arch/--dtype/--attention_impl/--remat_policy/
+Comma lists in --variant/--arch/--dtype/--attention_impl/--norm_impl/--remat_policy/
 --batch_size and '|'-separated alternatives in --xla_flags give a sweep: every
 combination runs in its own subprocess (own XLA flags, own peak memory), and
 the table of all rows is printed at the end. `--report=a.json,b.json` prints
