@@ -6,6 +6,7 @@ cost nothing. Initialisers follow the official PyTorch code so training from
 scratch starts from the same distribution.
 """
 import importlib.util
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -95,9 +96,11 @@ def resolve_norm(implementation: str | None, dtype: Dtype,
                  platform: str | None = None) -> str:
   """The LayerNorm path 'auto' (or None) stands for on this backend and dtype.
 
-  tokamax's Triton LayerNorm on NVIDIA GPUs in bf16/fp16 when the package is
-  installed (`pip install 'crate-mae-jax[gpu]'`): the whole Base train step is
-  7 % faster on an H100 with it (BENCHMARKS.md, kernel choices). Otherwise
+  tokamax's Triton LayerNorm on one NVIDIA GPU in bf16/fp16 when the package
+  is installed (`pip install 'crate-mae-jax[gpu]'`): the whole Base train step is
+  7 % faster on an H100 with it (BENCHMARKS.md, kernel choices). Not on a mesh
+  of several devices: XLA cannot partition the Triton call, so it gathers the
+  activations to run it whole (2 H200s ran at 55 % scaling efficiency). Otherwise
   flax's `nn.LayerNorm`: TPUs, CPUs, float32 (the path the golden fixtures are
   checked on) and GPUs without tokamax. 'fused' (the custom-VJP LayerNorm
   below) is faster alone but slower inside the step, so it is opt-in.
@@ -107,9 +110,15 @@ def resolve_norm(implementation: str | None, dtype: Dtype,
     return implementation
   platform = platform or jax.default_backend()
   if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in HALF_DTYPES
-      and tokamax_available()):
+      and tokamax_available() and num_mesh_devices() == 1):
     return "tokamax"
   return "flax"
+
+
+def num_mesh_devices() -> int:
+  """Devices of the mesh being traced under (all devices outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.device_count() if mesh.empty else mesh.size
 
 
 def _fused_layer_norm(x, scale, bias, eps, dtype):
@@ -189,6 +198,10 @@ class KernelLayerNorm(nn.Module):
     if self.implementation == "fused":
       return fused_layer_norm(x, scale, bias, self.epsilon, self.dtype)
     if self.implementation == "tokamax":
+      if num_mesh_devices() > 1:
+        warnings.warn(f"model.norm_impl='tokamax' on {num_mesh_devices()} devices: XLA does not "
+                      "partition its Triton kernel, so every device runs it on the whole "
+                      "batch; set model.norm_impl='auto' (flax there)", stacklevel=2)
       return tokamax_layer_norm(x, scale, bias, self.epsilon, self.dtype)
     raise ValueError(f"LayerNorm implementation {self.implementation!r} is unknown; "
                      f"use one of {NORM_IMPLS}")

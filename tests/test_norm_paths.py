@@ -93,6 +93,23 @@ def test_auto_norm_choice(monkeypatch, platform, dtype, installed, expected):
   assert kernels == {"attention": "xla", "layernorm": "flax"}   # float32 config
 
 
+def test_auto_norm_is_flax_on_several_devices(monkeypatch):
+  """XLA cannot partition tokamax's Triton call: on a mesh of more than one
+  device 'auto' keeps flax's LayerNorm."""
+  monkeypatch.setattr(layers, "tokamax_available", lambda: True)
+  monkeypatch.setattr(layers, "num_mesh_devices", lambda: 2)
+  assert layers.resolve_norm("auto", jnp.bfloat16, "gpu") == "flax"
+  monkeypatch.setattr(layers, "num_mesh_devices", lambda: 1)
+  assert layers.resolve_norm("auto", jnp.bfloat16, "gpu") == "tokamax"
+
+
+def test_num_mesh_devices_reads_the_mesh():
+  assert layers.num_mesh_devices() == jax.device_count()
+  mesh = jax.make_mesh((1,), ("data",))
+  with jax.set_mesh(mesh):
+    assert layers.num_mesh_devices() == 1
+
+
 def test_config_checks_norm_impl():
   cfg = models.model_config("base")
   assert cfg.norm_impl == "auto"

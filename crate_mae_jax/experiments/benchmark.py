@@ -779,51 +779,54 @@ def _print_profile(row):
 
 
 # ----------------------------------------------------------------------------- command line
-FLAGS = flags.FLAGS
-flags.DEFINE_string("variant", "base", "tiny/small/base/large, a comma list, or all")
-flags.DEFINE_string("arch", "crate_mae", "crate_mae, vit_mae or a comma list")
-flags.DEFINE_string("batch_size", "256", "global batch (comma list allowed)")
-flags.DEFINE_integer("image_size", 224, "image side in pixels")
-flags.DEFINE_string("dtype", "bfloat16", "compute dtype: float32, bfloat16 (comma list allowed)")
+# Its own flag set: the benchmark is also imported as a library (tests, the
+# study), where its flag names (dtype, variant, ...) must not collide with
+# other modules' flags in absl's global set.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("variant", "base", "tiny/small/base/large, a comma list, or all", flag_values=FLAGS)
+flags.DEFINE_string("arch", "crate_mae", "crate_mae, vit_mae or a comma list", flag_values=FLAGS)
+flags.DEFINE_string("batch_size", "256", "global batch (comma list allowed)", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 224, "image side in pixels", flag_values=FLAGS)
+flags.DEFINE_string("dtype", "bfloat16", "compute dtype: float32, bfloat16 (comma list allowed)", flag_values=FLAGS)
 flags.DEFINE_string("attention_impl", "auto",
                     "auto (the training default: cuDNN on GPU in bf16/fp16, else XLA), "
-                    "xla, cudnn, explicit (comma list allowed)")
+                    "xla, cudnn, explicit (comma list allowed)", flag_values=FLAGS)
 flags.DEFINE_string("norm_impl", "auto",
                     "LayerNorm kernel: auto (the training default), flax, fused, tokamax "
-                    "(comma list allowed)")
+                    "(comma list allowed)", flag_values=FLAGS)
 flags.DEFINE_string("remat_policy", "none",
-                    "none, full or a jax.checkpoint_policies name (comma list allowed)")
-flags.DEFINE_integer("width", 0, "override the variant's width")
-flags.DEFINE_integer("depth", 0, "override the variant's depth")
-flags.DEFINE_integer("decoder_depth", 0, "override the decoder depth")
-flags.DEFINE_integer("heads", 0, "override the variant's heads")
-flags.DEFINE_integer("patch_size", 0, "override the patch size (16)")
-flags.DEFINE_string("mesh", "data=-1", "e.g. data=-1 or data=2,fsdp=4")
-flags.DEFINE_integer("steps", 10, "steps per timed window")
-flags.DEFINE_integer("windows", 5, "timed windows (median reported)")
-flags.DEFINE_integer("warmup", 3, "untimed steps after compiling")
-flags.DEFINE_float("mask_ratio", 0.75, "fraction of patches masked")
+                    "none, full or a jax.checkpoint_policies name (comma list allowed)", flag_values=FLAGS)
+flags.DEFINE_integer("width", 0, "override the variant's width", flag_values=FLAGS)
+flags.DEFINE_integer("depth", 0, "override the variant's depth", flag_values=FLAGS)
+flags.DEFINE_integer("decoder_depth", 0, "override the decoder depth", flag_values=FLAGS)
+flags.DEFINE_integer("heads", 0, "override the variant's heads", flag_values=FLAGS)
+flags.DEFINE_integer("patch_size", 0, "override the patch size (16)", flag_values=FLAGS)
+flags.DEFINE_string("mesh", "data=-1", "e.g. data=-1 or data=2,fsdp=4", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 10, "steps per timed window", flag_values=FLAGS)
+flags.DEFINE_integer("windows", 5, "timed windows (median reported)", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 3, "untimed steps after compiling", flag_values=FLAGS)
+flags.DEFINE_float("mask_ratio", 0.75, "fraction of patches masked", flag_values=FLAGS)
 flags.DEFINE_string("xla_flags", "",
-                    "extra XLA flags; '|' separates alternatives to sweep ('default' = none)")
+                    "extra XLA flags; '|' separates alternatives to sweep ('default' = none)", flag_values=FLAGS)
 flags.DEFINE_bool("isolate", None,
-                  "run each configuration in its own process (default: when sweeping)")
-flags.DEFINE_integer("run_timeout", 600, "seconds per isolated run")
-flags.DEFINE_string("profile", "", "trace steps into this folder, print a breakdown")
-flags.DEFINE_integer("profile_steps", 3, "steps traced with --profile")
-flags.DEFINE_string("dump_hlo", "", "write the compiled step's HLO text here")
-flags.DEFINE_string("label", "", "a label for the rows")
+                  "run each configuration in its own process (default: when sweeping)", flag_values=FLAGS)
+flags.DEFINE_integer("run_timeout", 600, "seconds per isolated run", flag_values=FLAGS)
+flags.DEFINE_string("profile", "", "trace steps into this folder, print a breakdown", flag_values=FLAGS)
+flags.DEFINE_integer("profile_steps", 3, "steps traced with --profile", flag_values=FLAGS)
+flags.DEFINE_string("dump_hlo", "", "write the compiled step's HLO text here", flag_values=FLAGS)
+flags.DEFINE_string("label", "", "a label for the rows", flag_values=FLAGS)
 flags.DEFINE_bool("input_pipeline", False,
-                  "also time the host input pipeline (needs crate_mae_jax.input_pipeline)")
-flags.DEFINE_string("input_source", "quickstart", "data.source of the timed input pipeline")
-flags.DEFINE_string("input_path", "", "data.path of the timed input pipeline")
-flags.DEFINE_integer("input_batches", 20, "batches timed with --input_pipeline")
-flags.DEFINE_bool("no_model", False, "time the input pipeline only (with --input_pipeline)")
-flags.DEFINE_string("json", "", "write rows and environment here")
-flags.DEFINE_list("report", None, "print the table of these JSON files (comma list)")
+                  "also time the host input pipeline (needs crate_mae_jax.input_pipeline)", flag_values=FLAGS)
+flags.DEFINE_string("input_source", "quickstart", "data.source of the timed input pipeline", flag_values=FLAGS)
+flags.DEFINE_string("input_path", "", "data.path of the timed input pipeline", flag_values=FLAGS)
+flags.DEFINE_integer("input_batches", 20, "batches timed with --input_pipeline", flag_values=FLAGS)
+flags.DEFINE_bool("no_model", False, "time the input pipeline only (with --input_pipeline)", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "write rows and environment here", flag_values=FLAGS)
+flags.DEFINE_list("report", None, "print the table of these JSON files (comma list)", flag_values=FLAGS)
 flags.DEFINE_bool("micro", False,
                   "time ceilings (copy, matmul), LayerNorm and attention kernels at the "
-                  "model's shapes")
-flags.DEFINE_bool("quiet", False, "print no table")
+                  "model's shapes", flag_values=FLAGS)
+flags.DEFINE_bool("quiet", False, "print no table", flag_values=FLAGS)
 _FLAG_NAMES = ("variant", "arch", "batch_size", "image_size", "dtype", "attention_impl",
                "norm_impl", "remat_policy", "width", "depth", "decoder_depth", "heads",
                "patch_size", "mesh", "steps", "windows", "warmup", "mask_ratio", "xla_flags",
@@ -848,6 +851,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     print(usage())
     sys.exit(0)
   FLAGS.unparse_flags()
+  # Libraries that read absl's global flags (tokamax) see their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   try:
     FLAGS(["benchmark", *argv])
   except flags.Error as e:
