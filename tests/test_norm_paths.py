@@ -28,12 +28,12 @@ def _perturbed_params(module, x):
                                    for l, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-def test_fused_layer_norm_matches_flax(dtype, tol):
-  x = (jax.random.normal(jax.random.key(0), (3, 11, 40)) * 2.5 + 0.7).astype(dtype)
+def _check_against_flax(impl, dtype, tol, shape):
+  """`impl`'s LayerNorm against flax's: outputs and gradients (params, input)."""
+  x = (jax.random.normal(jax.random.key(0), shape) * 2.5 + 0.7).astype(dtype)
   cot = jax.random.normal(jax.random.key(3), x.shape, jnp.float32)
   ref = layers.layer_norm(1e-5, dtype, jnp.float32, "n", "flax")
-  new = layers.layer_norm(1e-5, dtype, jnp.float32, "n", "fused")
+  new = layers.layer_norm(1e-5, dtype, jnp.float32, "n", impl)
   assert isinstance(ref, nn.LayerNorm) and isinstance(new, layers.KernelLayerNorm)
   params = _perturbed_params(ref, x)
 
@@ -48,6 +48,11 @@ def test_fused_layer_norm_matches_flax(dtype, tol):
   assert g_new[1].dtype == x.dtype
   for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
     assert _rel(a, b) < tol, (a.shape, _rel(a, b))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_fused_layer_norm_matches_flax(dtype, tol):
+  _check_against_flax("fused", dtype, tol, (3, 11, 40))
 
 
 def test_same_parameters_for_every_choice():
@@ -135,18 +140,4 @@ def test_tokamax_missing_names_the_fix():
                     reason="tokamax's Triton LayerNorm runs on NVIDIA GPUs only")
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 def test_tokamax_layer_norm_matches_flax_on_gpu(dtype, tol):
-  x = (jax.random.normal(jax.random.key(0), (4, 208, 768)) * 2.5 + 0.7).astype(dtype)
-  cot = jax.random.normal(jax.random.key(3), x.shape, jnp.float32)
-  ref = layers.layer_norm(1e-5, dtype, jnp.float32, "n", "flax")
-  new = layers.layer_norm(1e-5, dtype, jnp.float32, "n", "tokamax")
-  params = _perturbed_params(ref, x)
-
-  def loss(module):
-    return lambda p, x: (module.apply(p, x).astype(jnp.float32) * cot).sum()
-
-  y_ref, y_new = ref.apply(params, x), new.apply(params, x)
-  assert y_new.dtype == dtype and _rel(y_new, y_ref) < tol
-  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
-  g_new = jax.grad(loss(new), argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
-    assert _rel(a, b) < tol, (a.shape, _rel(a, b))
+  _check_against_flax("tokamax", dtype, tol, (4, 208, 768))
