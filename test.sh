@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Tests on a fresh clone: creates .venv-test (once), installs the pinned CPU-only
-# dependencies, then runs pytest.
+# Tests on a fresh clone: creates .venv-test (once; updated when the dependency files
+# change), installs the pinned CPU-only dependencies, then runs pytest.
 #
 #   ./test.sh            the default run: every test but those marked slow
 #   ./test.sh --full     everything, slow multi-process and end-to-end tests included
@@ -17,15 +17,17 @@ if [ "${1:-}" = "--full" ]; then
   shift
 fi
 venv="${TEST_VENV:-.venv-test}"
-if [ ! -f "$venv/.installed" ]; then
-  python3 -m venv "$venv"
+# The stamp is a hash of the dependency files it was installed from: a change re-installs.
+stamp="$(cat pyproject.toml requirements-ci.txt | sha256sum | cut -c1-16)"
+if [ "$(cat "$venv/.installed" 2>/dev/null)" != "$stamp" ]; then
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
   # torch first, alone, as the CPU build: let the dependency resolver pick it and it
   # takes PyPI's CUDA build (several GB). Where pip does not already find a CPU wheel
   # (CI's machines do), set TORCH_INDEX=https://download.pytorch.org/whl/cpu.
   "$venv/bin/python" -m pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0"
   "$venv/bin/python" -m pip install -q -c requirements-ci.txt -e '.[dev]'
-  touch "$venv/.installed"
+  echo "$stamp" > "$venv/.installed"
 fi
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 markers=(-m "not slow")

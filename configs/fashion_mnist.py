@@ -60,10 +60,8 @@ import math
 
 import ml_collections
 
-from crate_mae_jax import config_lib
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-MEAN, STD = (0.2860,), (0.3530,)        # Fashion-MNIST train-set pixel statistics
+from crate_mae_jax import config_lib, datasets
+from crate_mae_jax.datasets import fashion_mnist as fashion_mnist_data
 NUM_TRAIN = 60_000
 
 ARCHS = ("crate_mae", "vit_mae", "vit_mae_all", "vit_mae_matched")
@@ -122,9 +120,11 @@ def fashion_mnist(task: str = "pretrain", arch: str = "crate_mae") -> ml_collect
   c = config_lib.default_config()
   c.task = task
   model(c, arch)
-  c.data.update(source="fashion_mnist", path=FASHION_MNIST_DIR, image_size=28, mean=MEAN,
-                std=STD, in_memory=True, flip=True, train_split="train", eval_split="test",
-                num_classes=10)
+  d = datasets.get("fashion_mnist")
+  c.data.update(source=d.name, path=fashion_mnist_data.FASHION_MNIST_DIR,
+                image_size=d.image_size, mean=d.mean, std=d.std, in_memory=True, flip=True,
+                train_split=d.train_split, eval_split=d.eval_split,
+                num_classes=d.num_classes)
   c.batch_size = BATCH
   c.num_epochs = EPOCHS[task]
   c.eval.num_images = 8

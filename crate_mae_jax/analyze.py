@@ -171,9 +171,10 @@ def analyze(checkpoint: str, output: str, config=None, images: str | None = None
     raise AnalyzeError(f"{checkpoint!r} is a {meta['task']!r} checkpoint: analyze needs the "
                        "pre-trained masked autoencoder (encoder and decoder)")
   params, _ = checkpoints.restore_params(checkpoint, step)
-  checkpoints.check_compatible(params, models.abstract_params(cfg, resolved["patch_size"] * 2),
+  checkpoints.check_compatible(params,
+                               models.abstract_params(resolved, resolved["patch_size"] * 2),
                                where=checkpoint)
-  model = models.build_mae(cfg)
+  model = models.build_mae(resolved)
   channels, p = resolved["channels"], resolved["patch_size"]
 
   data_config = _data_config(config, data, meta)

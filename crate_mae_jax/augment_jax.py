@@ -4,13 +4,12 @@ No TensorFlow. Everything is jittable with static output shapes, so it can run
 inside the jitted train step (`source.device_augment`, used for in-memory
 sources) and `mixup_cutmix` is what the fine-tuning step calls.
 
-Resampling is done with dense interpolation matrices: for every output row i a
-row of weights over the input rows (PIL's convention: pixel centres, the kernel
-widened by the down-scaling factor so down-sampling is anti-aliased, weights
-renormalised at the borders; matches PIL's bicubic resize to within rounding).
-A crop-and-resize of an (H, W) image to (S, S) is then `Wy @ image @ Wx^T` with
-per-sample `Wy`, `Wx` built from the sampled box; a horizontal flip reverses
-the rows of `Wx`. The same matrices (numpy) give the eval resize.
+Crops and resizes go through `jax.image.scale_and_translate` (per sample, vmapped,
+the box traced): pixel centres, the kernel widened by the down-scaling factor so
+down-sampling is anti-aliased, weights renormalised at the borders -- PIL's
+convention (its bicubic is Keys' a = -0.5, as JAX's), so the result matches PIL's
+resize to within rounding. A horizontal flip reverses the resized columns; the
+eval resize is the same call with a fixed box.
 
 RandAugment follows timm's `rand-m{M}-mstd0.5-inc1` (the MAE fine-tuning
 recipe): per layer one of the 15 ops in `RANDAUGMENT_OPS`, applied with
@@ -96,53 +95,49 @@ def affine_params(op: str, level, sign, height: int, width: int, xp=jnp):
 
 
 # ------------------------------------------------------------------ resampling
-def _kernel(x, method: str, xp):
-  ax = xp.abs(x)
-  if method in ("linear", "bilinear"):
-    return xp.maximum(0.0, 1.0 - ax)
-  if method in ("cubic", "bicubic"):
-    a = -0.5  # PIL's bicubic
-    near = ((a + 2.0) * ax - (a + 3.0)) * ax * ax + 1.0
-    far = ((a * ax - 5.0 * a) * ax + 8.0 * a) * ax - 4.0 * a
-    return xp.where(ax <= 1.0, near, xp.where(ax < 2.0, far, 0.0))
-  raise ValueError(f"interpolation {method!r} is unknown; use 'bilinear' or 'bicubic'")
+_METHODS = {"bilinear": "linear", "linear": "linear", "bicubic": "cubic", "cubic": "cubic"}
 
 
-def resize_matrix(in_size: int, out_size: int, start, length, method: str = "bicubic",
-                  xp=jnp):
-  """(out_size, in_size) weights mapping input pixels [start, start+length) to
-  out_size output pixels (anti-aliased when length > out_size)."""
-  i = xp.arange(out_size, dtype=xp.float32)
-  centres = start + (i + 0.5) * (length / out_size) - 0.5
-  support = xp.maximum(length / out_size, 1.0)
-  j = xp.arange(in_size, dtype=xp.float32)
-  w = _kernel((j[None, :] - centres[:, None]) / support, method, xp)
-  total = xp.sum(w, axis=1, keepdims=True)
-  return (w / xp.where(total == 0, 1.0, total)).astype(xp.float32)
+def resize_method(method: str) -> str:
+  """The `jax.image` name of an interpolation ('bilinear' or 'bicubic')."""
+  if method not in _METHODS:
+    raise ValueError(f"interpolation {method!r} is unknown; use 'bilinear' or 'bicubic'")
+  return _METHODS[method]
 
 
-def eval_resize_matrices(height: int, width: int, image_size: int, method: str = "bicubic",
-                         xp=np):
-  """Eval geometry: small images (both sides <= 64) are resized to image_size;
-  larger ones have the shorter side resized to image_size / 0.875 and are
-  centre-cropped to image_size. Returns (Wy, Wx)."""
+def crop_and_resize(images, top, left, crop_h, crop_w, size: int, method: str = "bicubic"):
+  """The box rows [top, top + crop_h) x columns [left, left + crop_w) of (..., H, W, C)
+  images, resampled to (..., size, size, C) (anti-aliased when the box is larger).
+
+  The box may be fractional and traced (vmap it for one box per sample); it must
+  lie inside the image.
+  """
+  scale = jnp.stack([size / jnp.asarray(crop_h, jnp.float32),
+                     size / jnp.asarray(crop_w, jnp.float32)])
+  translation = -jnp.stack([jnp.asarray(top, jnp.float32),
+                            jnp.asarray(left, jnp.float32)]) * scale
+  shape = images.shape[:-3] + (size, size, images.shape[-1])
+  spatial = (images.ndim - 3, images.ndim - 2)
+  return jax.image.scale_and_translate(images, shape, spatial, scale, translation,
+                                       resize_method(method), antialias=True, precision=_HI)
+
+
+def eval_box(height: int, width: int, image_size: int) -> tuple[float, float, float, float]:
+  """Eval geometry as a box of the input, (top, left, crop_h, crop_w): small images
+  (both sides <= 64) are resized whole to image_size; larger ones have the shorter
+  side resized to image_size / 0.875 and are centre-cropped to image_size (the
+  crop offset rounded to whole pixels of the resized image, as tf_sources does)."""
   if max(height, width) <= SMALL_IMAGE:
-    return (resize_matrix(height, image_size, 0.0, float(height), method, xp),
-            resize_matrix(width, image_size, 0.0, float(width), method, xp))
+    return 0.0, 0.0, float(height), float(width)
   short = int(round(image_size / EVAL_CROP_FRACTION))
-  mats = []
+  box = []
   for size in (height, width):
     resized = max(int(round(size * short / min(height, width))), image_size)
-    off = int(round((resized - image_size) / 2.0))
+    offset = int(round((resized - image_size) / 2.0))
     px = size / resized  # input pixels per resized pixel
-    mats.append(resize_matrix(size, image_size, off * px, image_size * px, method, xp))
-  return tuple(mats)
-
-
-def _apply_matrices(image, wy, wx):
-  """image (H, W, C), wy (S, H), wx (T, W) -> (S, T, C)."""
-  tmp = jnp.einsum("sh,hwc->swc", wy, image, precision=_HI)
-  return jnp.einsum("tw,swc->stc", wx, tmp, precision=_HI)
+    box.append((offset * px, image_size * px))
+  (top, crop_h), (left, crop_w) = box
+  return top, left, crop_h, crop_w
 
 
 def random_resized_crop_box(key, height: int, width: int, scale=(0.08, 1.0), ratio=RATIO,
@@ -326,10 +321,11 @@ def make_device_augment(*, image_size: int, mean: Sequence[float], std: Sequence
   C0 is converted to C = len(mean). train=True: random resized crop (scale
   crop_scale, ratio 3/4-4/3, `method`), horizontal flip (p=0.5, if `flip`),
   RandAugment (if randaugment_layers > 0), normalisation. train=False: the eval
-  resize (see `eval_resize_matrices`) and normalisation; rng is unused. Pure
+  resize (see `eval_box`) and normalisation; rng is unused. Pure
   and jittable; `train` must be a Python bool. Per-sample keys are split from
   `rng`, so the output is a function of (rng, images).
   """
+  resize_method(method)  # an unknown interpolation fails here, not inside jit
   channels = len(mean)
   mean_a = np.asarray(mean, np.float32) * 255.0
   std_a = np.asarray(std, np.float32) * 255.0
@@ -344,11 +340,9 @@ def make_device_augment(*, image_size: int, mean: Sequence[float], std: Sequence
     k_geo, k_ra = jax.random.split(key)
     u = jax.random.uniform(k_geo, (n_box + 1,))  # the box, then the flip
     top, left, ch, cw = random_resized_crop_box(None, h, w, scale, ratio, u=u[:n_box])
-    wy = resize_matrix(h, image_size, top, ch, method)
-    wx = resize_matrix(w, image_size, left, cw, method)
+    out = jnp.clip(crop_and_resize(image, top, left, ch, cw, image_size, method), 0.0, 255.0)
     if flip:
-      wx = jnp.where(u[n_box] < 0.5, wx[::-1], wx)
-    out = jnp.clip(_apply_matrices(image, wy, wx), 0.0, 255.0)
+      out = jnp.where(u[n_box] < 0.5, out[:, ::-1], out)
     out = adapt_channels(out, channels)
     if randaugment_layers > 0:
       out = randaugment(k_ra, out, randaugment_layers, randaugment_magnitude)
@@ -367,9 +361,8 @@ def make_device_augment(*, image_size: int, mean: Sequence[float], std: Sequence
     if (h, w) == (image_size, image_size):
       out = images
     else:
-      wy, wx = eval_resize_matrices(h, w, image_size, method, xp=np)
-      out = jnp.einsum("sh,bhwc->bswc", wy, images, precision=_HI)
-      out = jnp.clip(jnp.einsum("tw,bswc->bstc", wx, out, precision=_HI), 0.0, 255.0)
+      out = crop_and_resize(images, *eval_box(h, w, image_size), image_size, method)
+      out = jnp.clip(out, 0.0, 255.0)
     return normalise(adapt_channels(out, channels))
 
   def augment(rng, images, train: bool):

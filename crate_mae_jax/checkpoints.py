@@ -29,6 +29,9 @@ import orbax.checkpoint as ocp
 
 PARAMS, TRAIN_STATE, META = "params", "train_state", "meta"
 MANIFEST = "manifest.sha256.json"
+# A file the run puts in its checkpoint folder: gone means the folder was
+# deleted, even when a re-created folder gets the old inode number back.
+FOLDER_MARKER = ".train_checkpoints"
 
 
 class CheckpointError(ValueError):
@@ -205,11 +208,20 @@ class TrainCheckpoints:
     self._folder = self._identity()
 
   def _identity(self):
+    """(device, inode, marker present) of a local folder; the marker is made
+    on the first look, so a folder that loses it was replaced."""
     try:
       info = os.stat(self.directory)
     except OSError:
       return None
-    return (info.st_dev, info.st_ino)
+    marker = os.path.join(self.directory, FOLDER_MARKER)
+    if getattr(self, "_folder", None) is None:
+      try:
+        with open(marker, "a"):
+          pass
+      except OSError:
+        pass
+    return (info.st_dev, info.st_ino, os.path.exists(marker))
 
   def _open(self):
     return ocp.CheckpointManager(self.directory, options=self._options,

@@ -5,6 +5,7 @@ package as `crate_mae_jax.configs`, so `--config=configs/base.py` works in a
 checkout, and `--config=base` (or `configs/base.py`) works anywhere after
 `pip install`.
 """
+import functools
 import logging as std_logging
 import os
 import pathlib
@@ -142,44 +143,48 @@ _NOISE = (
 
 
 def quiet_startup() -> None:
-  """Hides start-up noise that says nothing wrong: TF's C++ info lines (oneDNN notice)
-  and the log lines in _NOISE. Call before TensorFlow or JAX backends are touched."""
+  """Hides start-up noise that says nothing wrong: TF's C++ info lines and the log
+  lines in _NOISE. Imports nothing heavy: TensorFlow is imported (quietly, by
+  `import_tensorflow_quietly`) only where the tf.data pipeline or CLU's writers need it,
+  so `--help` and config errors stay fast."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   drop = _DropMessages(_NOISE)
   for name in ("absl", "jax._src.xla_bridge", ""):
     std_logging.getLogger(name).addFilter(drop)
   for handler in std_logging.getLogger().handlers:
     handler.addFilter(drop)
-  import_tensorflow_quietly()
 
 
-def import_tensorflow_quietly() -> bool:
-  """Imports TensorFlow (when installed) with the process's stderr closed.
+@functools.cache
+def import_tensorflow_quietly():
+  """TensorFlow, imported with the process's stderr closed and hidden from the GPUs;
+  None when it is not installed or does not import (it is optional).
 
-  TF 2.21 prints its oneDNN notice from C++ before its logging is set up, so
-  TF_CPP_MIN_LOG_LEVEL cannot hide it, and a one-line error would come out as
-  five lines. Importing it once here, quietly, keeps later imports (clu's writer,
-  the tf.data pipeline) silent. A failed import is not an error: TensorFlow is
-  optional. Returns whether it imported.
+  Call it wherever TensorFlow may be imported first (the tf.data sources, TFDS,
+  CLU's TensorBoard writer). TF 2.21 prints its oneDNN notice from C++ before its
+  logging is set up, so TF_CPP_MIN_LOG_LEVEL cannot hide it. The GPUs belong to
+  JAX: TF would otherwise reserve their memory for tf.data.
   """
   import importlib.util  # pylint: disable=import-outside-toplevel
-  if "tensorflow" in sys.modules:
-    return True
-  if importlib.util.find_spec("tensorflow") is None:
-    return False
+  if "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
+    return None
   sys.stderr.flush()
   saved = os.dup(2)
   devnull = os.open(os.devnull, os.O_WRONLY)
   try:
     os.dup2(devnull, 2)
-    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
-    return True
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
   except Exception:  # pylint: disable=broad-except
-    return False
+    return None
   finally:
     os.dup2(saved, 2)
     os.close(saved)
     os.close(devnull)
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF's devices were already initialised by someone else
+    logging.warning("TensorFlow already initialised its devices; it may hold GPU memory")
+  return tf
 
 
 def benchmark() -> None:

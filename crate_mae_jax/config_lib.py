@@ -11,12 +11,10 @@ import os
 
 import ml_collections
 
-from crate_mae_jax import models
+from crate_mae_jax import datasets, models
 
 TASKS = ("pretrain", "linear_probe", "finetune")
-SOURCES = ("tfds", "image_folder", "fashion_mnist", "quickstart", "arrays")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+_IMAGENET = datasets.get("imagenet2012")
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,8 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = models.model_config("base", "crate_mae")
 
   c.data = ml_collections.ConfigDict(dict(
-      source="tfds",                 # one of SOURCES
-      name="imagenet2012",           # TFDS name (source='tfds')
+      source="tfds",                 # 'tfds', 'image_folder', 'arrays' or a registered
+                                     # dataset with its own loader (crate_mae_jax/datasets)
+      name=_IMAGENET.name,           # registered dataset read through TFDS (source='tfds')
       data_dir=placeholder(str),     # TFDS data dir, local or gs://
       manual_dir=placeholder(str),   # TFDS manual dir (imagenet2012)
       path=placeholder(str),         # image folder root / Fashion-MNIST IDX folder
@@ -58,8 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
       eval_split="validation",
       image_size=224,
       num_classes=placeholder(int),  # from the dataset when unset
-      mean=IMAGENET_MEAN,            # per-channel normalisation of inputs
-      std=IMAGENET_STD,
+      mean=_IMAGENET.mean,           # per-channel normalisation of inputs
+      std=_IMAGENET.std,
       crop_scale=(0.2, 1.0),         # random resized crop (pre-training: 0.2–1)
       flip=True,
       in_memory=False,               # hold arrays on device, augment there (no TF)
@@ -215,8 +214,11 @@ def validate(c: ml_collections.ConfigDict) -> dict:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   d = c.data
-  if d.source not in SOURCES:
-    _fail("data.source", f"{d.source!r} is unknown; use one of {SOURCES}")
+  if d.source not in ("image_folder", "arrays"):
+    try:
+      datasets.for_source(d.source, d.name)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   if not isinstance(d.image_size, int) or d.image_size <= 0:
     _fail("data.image_size", f"{d.image_size!r} must be a positive integer")
   if d.image_size % resolved["patch_size"]:

@@ -195,8 +195,8 @@ def torch_to_flax(sd: Mapping[str, np.ndarray], cfg) -> dict:
   """Maps an official CRATE-MAE state dict onto the Flax parameter tree of `cfg`."""
   from crate_mae_jax import models
   sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
-  check_state_dict(sd, cfg)
   r = models.resolve(cfg)
+  check_state_dict(sd, r)
   heads = r["heads"]
   conv = sd["patch_embed.proj.weight"]  # (D, C, p, p) -> (p, p, C, D) -> (p*p*C, D)
   encoder = {
@@ -225,7 +225,7 @@ def torch_to_flax(sd: Mapping[str, np.ndarray], cfg) -> dict:
   import jax
   params = jax.tree_util.tree_map(lambda x: np.ascontiguousarray(x, np.float32), params)
   from crate_mae_jax.checkpoints import check_compatible
-  check_compatible(params, models.abstract_params(cfg, image_size=r["patch_size"] * 2),
+  check_compatible(params, models.abstract_params(r, image_size=r["patch_size"] * 2),
                    where="converted state dict")
   return params
 
@@ -234,9 +234,9 @@ def convert(checkpoint: str, output: str, heads: int | None = None, **overrides)
   """Reads an official `.pth`, writes an Orbax checkpoint; returns its path."""
   from crate_mae_jax import checkpoints, models
   sd = load_torch_state_dict(checkpoint)
-  cfg = infer_model_config(sd, heads, **overrides)
-  params = torch_to_flax(sd, cfg)
-  meta = {"model": models.resolve(cfg), "task": "pretrain",
+  resolved = models.resolve(infer_model_config(sd, heads, **overrides))
+  params = torch_to_flax(sd, resolved)
+  meta = {"model": resolved, "task": "pretrain",
           "source": {"converted_from": checkpoint, "format": "official PyTorch CRATE-MAE"}}
   return checkpoints.save_params(output, params, meta)
 

@@ -32,6 +32,7 @@ class CrateEncoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str | None = None
   remat_policy: str | None = None
 
   @nn.compact
@@ -46,10 +47,10 @@ class CrateEncoder(nn.Module):
       x = layer_cls(self.heads, self.width // self.heads, self.ista_step,
                     self.ista_lambda, self.ista_fused,
                     self.drop_path * i / max(self.depth - 1, 1),
-                    attention_impl=self.attention_impl, name=f"layer_{i}",
-                    **kw)(x, not train, valid)
+                    attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                    name=f"layer_{i}", **kw)(x, not train, valid)
     x = layers.valid_rows(x, valid)
-    return layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
+    return layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", norm_impl=self.norm_impl, **kw)(x)
 
 
 class CrateDecoder(nn.Module):
@@ -62,6 +63,7 @@ class CrateDecoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str | None = None
   remat_policy: str | None = None
 
   @nn.compact
@@ -71,10 +73,10 @@ class CrateDecoder(nn.Module):
     layer_cls = layers.remat_layer(layers.CrateDecoderLayer, self.remat_policy)
     for i in range(self.depth):
       x = layer_cls(self.heads, self.width // self.heads,
-                    attention_impl=self.attention_impl, name=f"layer_{i}",
-                    **kw)(x, not train, valid)
+                    attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                    name=f"layer_{i}", **kw)(x, not train, valid)
     x = layers.valid_rows(x, valid)
-    x = layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
+    x = layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", norm_impl=self.norm_impl, **kw)(x)
     pred = nn.Dense(
         self.patch_size**2 * self.channels,
         kernel_init=layers.partitioned(layers.xavier(), ("embed", "pixels")),
@@ -104,11 +106,13 @@ class CrateMAE(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str | None = None
   remat_policy: str | None = None
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              attention_impl=self.attention_impl, remat_policy=self.remat_policy)
+              attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+              remat_policy=self.remat_policy)
     self.encoder = CrateEncoder(self.patch_size, self.width, self.depth, self.heads,
                                 self.ista_step, self.ista_lambda, self.ista_fused, **kw)
     self.decoder = CrateDecoder(self.patch_size, self.channels, self.width,

@@ -1,6 +1,7 @@
-"""TF-free in-memory data: IDX / npz loaders and the array-backed source.
+"""TF-free in-memory data: the npz loader and the array-backed source.
 
-Used for `data.source` in {'fashion_mnist', 'quickstart', 'arrays'} always, and
+Used for `data.source` 'arrays' and the registered datasets with their own
+loader (`crate_mae_jax.datasets`: 'fashion_mnist', 'quickstart') always, and
 for small TFDS datasets with `data.in_memory=True` (`input_pipeline` loads those
 once with `tfds.as_numpy` and hands the arrays over here).
 
@@ -25,51 +26,14 @@ augmentation randomness is the rng the train step passes to device_augment.
 from __future__ import annotations
 
 import functools
-import gzip
 import math
 import os
-import zlib
 from typing import Iterator
 
 import numpy as np
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot")
-QUICKSTART_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                               "fashion_mnist_subset.npz")
-
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
 
 # ------------------------------------------------------------------ loaders
-def read_idx(path: str) -> np.ndarray:
-  """Parses one IDX file (LeCun's MNIST format), gzipped or not."""
-  with open(path, "rb") as f:
-    raw = f.read()
-  if raw[:2] == b"\x1f\x8b":
-    try:
-      raw = gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as e:
-      raise ValueError(f"{path}: damaged gzip file ({type(e).__name__}: {e}); download "
-                       "it again") from None
-  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-    raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4]!r})")
-  dtype = np.dtype(_IDX_DTYPES[raw[2]])
-  ndim = raw[3]
-  header = 4 + 4 * ndim
-  if len(raw) < header:
-    raise ValueError(f"{path}: IDX header truncated")
-  shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-  count = int(np.prod(shape)) if shape else 1
-  if len(raw) - header != count * dtype.itemsize:
-    raise ValueError(f"{path}: IDX payload has {len(raw) - header} bytes, the header "
-                     f"{shape} x {dtype.itemsize} needs {count * dtype.itemsize}")
-  data = np.frombuffer(raw, dtype, count=count, offset=header).reshape(shape)
-  return data.astype(dtype.newbyteorder("="), copy=True)
-
-
 def to_uint8(images: np.ndarray, what: str) -> np.ndarray:
   """uint8 pixels from uint8, integer [0, 255], float [0, 255] or float [0, 1]
   arrays (the last scaled by 255: a float image in [0, 1] must not turn black);
@@ -92,36 +56,6 @@ def to_uint8(images: np.ndarray, what: str) -> np.ndarray:
   return np.round(images).astype(np.uint8)
 
 
-def _find_idx(folder: str, prefix: str, kind: str) -> str:
-  rank = 3 if kind == "images" else 1
-  names = [f"{prefix}-{kind}-idx{rank}-ubyte", f"{prefix}-{kind}.idx{rank}-ubyte"]
-  for name in names:
-    for candidate in (name, name + ".gz"):
-      path = os.path.join(folder, candidate)
-      if os.path.isfile(path):
-        return path
-  raise ValueError(f"{folder}: no {names[0]}[.gz] IDX file (Fashion-MNIST layout expected; "
-                   "on Debian/Ubuntu: apt install dataset-fashion-mnist)")
-
-
-def load_fashion_mnist(path: str | None = None) -> dict:
-  """Fashion-MNIST (or MNIST) IDX files in `path` -> {'train': (x, y), 'test': (x, y)},
-  x uint8 (N, 28, 28, 1), y int32."""
-  folder = path or FASHION_MNIST_DIR
-  if not os.path.isdir(folder):
-    raise ValueError(f"{folder}: Fashion-MNIST folder does not exist (set data.path, or "
-                     "apt install dataset-fashion-mnist)")
-  out = {}
-  for split, prefix in (("train", "train"), ("test", "t10k")):
-    x = read_idx(_find_idx(folder, prefix, "images"))
-    y = read_idx(_find_idx(folder, prefix, "labels"))
-    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-      raise ValueError(f"{folder}: {split} images {x.shape} and labels {y.shape} do not match")
-    out[split] = (x.astype(np.uint8)[..., None], y.astype(np.int32))
-  out["class_names"] = FASHION_MNIST_CLASSES
-  return out
-
-
 def load_npz(path: str) -> dict:
   """An .npz with `{split}_images` (N, H, W[, C]) and `{split}_labels` (N,) arrays."""
   if not os.path.isfile(path):
@@ -141,11 +75,6 @@ def load_npz(path: str) -> dict:
              for v in out.values()):
     raise ValueError(f"{path}: no '<split>_images' / '<split>_labels' arrays")
   return out
-
-
-def load_quickstart(path: str | None = None) -> dict:
-  """The Fashion-MNIST subset shipped with the package (5,000 train / 1,000 test)."""
-  return load_npz(path or QUICKSTART_PATH)
 
 
 _ALIASES = {"validation": ("validation", "val", "test"), "val": ("val", "validation", "test"),

@@ -45,35 +45,39 @@ def default_kinds(config) -> list[str]:
   return kinds
 
 
-def random_params(config):
-  """The parameters `train_and_evaluate` starts a pre-training run from."""
+def random_params(config, resolved=None):
+  """The parameters `train_and_evaluate` starts a pre-training run from;
+  `resolved`: `models.resolve(config.model)` when the caller has it."""
   import optax
   from crate_mae_jax import sharding, state_lib, train
   cfg = config.copy_and_resolve_references()
   cfg.task = "pretrain"
-  mae, init_inputs, init_kwargs = train.build_model(cfg, None)
+  mae, init_inputs, init_kwargs = train.build_model(cfg, None, resolved)
   mesh = sharding.create_mesh(config.mesh.shape)
   state, _ = state_lib.init_state(mae, optax.identity(), mesh, sharding.rules(config.mesh),
                                   init_inputs, init_kwargs, jax.random.key(config.seed))
   return jax.device_get(state.params)
 
 
-def checkpoint_params(config, path: str):
+def checkpoint_params(config, path: str, resolved=None):
   from crate_mae_jax import checkpoints, train
   meta, step = checkpoints.read_meta(path)
-  train.check_against_checkpoint(config, meta, path)
+  train.check_against_checkpoint(config, meta, path, resolved)
   params, meta = checkpoints.restore_params(path)
   return params, step
 
 
-def evaluate(config, params, kinds, *, max_train=None, max_test=None, k=20) -> dict:
+def evaluate(config, params, kinds, *, max_train=None, max_test=None, k=20,
+             resolved=None) -> dict:
   """{kind: results} of each evaluator on `params` (a MAE's or a classifier's)."""
   from crate_mae_jax import evaluators, input_pipeline, models
   cfg = config.copy_and_resolve_references()
   cfg.task = "pretrain"
+  resolved = models.resolve(cfg.model if resolved is None else resolved)
   source = input_pipeline.create(cfg.data, cfg.augment, task="pretrain", batch_size=256,
                                  seed=cfg.seed)
-  context = evaluators.Context(config=cfg, model=models.build_mae(cfg.model), source=source,
+  context = evaluators.Context(config=cfg, model=models.build_mae(resolved), resolved=resolved,
+                               source=source,
                                num_classes=cfg.data.num_classes or source.num_classes)
   options = {"knn": dict(k=k, max_train=max_train, max_test=max_test),
              "linear_probe": dict(max_train=max_train, max_test=max_test)}
@@ -123,15 +127,15 @@ def main(argv):
     if bool(FLAGS.checkpoint) == bool(FLAGS.random_init):
       raise ConfigError("pass exactly one of --checkpoint=DIR and --random_init")
     from crate_mae_jax import models
-    models.resolve(config.model)
+    resolved = models.resolve(config.model)
     if FLAGS.random_init:
-      params, tag = random_params(config), "random_init"
+      params, tag = random_params(config, resolved), "random_init"
     else:
-      params, step = checkpoint_params(config, FLAGS.checkpoint)
+      params, step = checkpoint_params(config, FLAGS.checkpoint, resolved)
       tag = f"step_{step}"
     kinds = FLAGS.evals or default_kinds(config)
     results = evaluate(config, params, kinds, max_train=FLAGS.max_train or None,
-                       max_test=FLAGS.max_test or None, k=FLAGS.k)
+                       max_test=FLAGS.max_test or None, k=FLAGS.k, resolved=resolved)
   except (ConfigError, checkpoints.CheckpointError, ValueError) as e:
     print("error: " + " ".join(str(e).split()), file=sys.stderr)
     sys.exit(2)

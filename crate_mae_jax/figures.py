@@ -1,8 +1,12 @@
-"""PNG figures of the diagnostics, drawn with Pillow and numpy only.
+"""PNG figures of the diagnostics.
 
-Images come in as float arrays in [0, 1] (or uint8), NHWC with 1 or 3 channels.
-`grid_image` is the building block: it tiles images into one uint8 (H, W, 3)
-array, which the train loop can also log to TensorBoard as it is.
+Image grids (reconstructions, attention overlays, PCA) are tiled arrays: images
+come in as float arrays in [0, 1] (or uint8), NHWC with 1 or 3 channels, and
+`grid_image` tiles them into one uint8 (H, W, 3) array, which the train loop can
+also log to TensorBoard as it is. Plots with axes (the per-layer measures, the
+study's curves) are matplotlib figures rendered by the Agg canvas: no display, no
+pyplot state. matplotlib is imported inside the functions that need it, so the
+train step and the grids never load it.
 """
 import math
 import os
@@ -17,11 +21,10 @@ BORDER_COLOR = (255, 255, 255)
 HEADER = 20                        # title row height, pixels
 RECONSTRUCTION_TITLES = ("original", "masked", "reconstruction", "recon. + visible")
 
-# A perceptually ordered dark-blue -> yellow colormap (anchor points, interpolated).
-_HEAT = np.array([[0.050, 0.030, 0.530], [0.420, 0.000, 0.660], [0.690, 0.160, 0.560],
-                  [0.880, 0.390, 0.370], [0.990, 0.650, 0.210], [0.940, 0.980, 0.130]])
-ENCODER_COLOR = (31, 119, 180)
-DECODER_COLOR = (255, 127, 14)
+HEAT_COLORMAP = "plasma"            # perceptually ordered, dark blue -> yellow
+ENCODER_COLOR = "tab:blue"
+DECODER_COLOR = "tab:orange"
+DPI = 100
 
 
 def load_font(size: int = 12):
@@ -63,11 +66,10 @@ def upsample(x, size: tuple[int, int], mode: str = "nearest") -> np.ndarray:
 
 
 def heatmap(values) -> np.ndarray:
-  """Values in [0, 1] (any shape) -> float RGB in [0, 1] with the heat colormap."""
-  v = np.clip(np.nan_to_num(np.asarray(values, np.float32)), 0.0, 1.0) * (len(_HEAT) - 1)
-  lo = np.floor(v).astype(int).clip(0, len(_HEAT) - 2)
-  t = (v - lo)[..., None]
-  return (_HEAT[lo] * (1 - t) + _HEAT[lo + 1] * t).astype(np.float32)
+  """Values in [0, 1] (any shape) -> float RGB in [0, 1] with matplotlib's HEAT_COLORMAP."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  v = np.clip(np.nan_to_num(np.asarray(values, np.float32)), 0.0, 1.0)
+  return np.asarray(matplotlib.colormaps[HEAT_COLORMAP](v)[..., :3], np.float32)
 
 
 def grid_image(tiles, border: int = BORDER, scale: int | None = None,
@@ -174,128 +176,76 @@ def save_pca(images, pca_rgb, path: str, scale: int | None = None) -> str:
   return save_png(grid_image(rows, scale=scale, titles=["image", "PCA (RGB)"]), path)
 
 
-# ----------------------------------------------------------------------------- line plot
+# ----------------------------------------------------------------------------- plots
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> np.ndarray:
-  if not np.isfinite(lo) or not np.isfinite(hi):
-    lo, hi = 0.0, 1.0
-  if hi <= lo:
-    lo, hi = lo - 0.5, hi + 0.5
-  raw = (hi - lo) / max(count - 1, 1)
-  mag = 10 ** math.floor(math.log10(raw))
-  step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-  start = math.floor(lo / step) * step
-  stop = math.ceil(hi / step) * step
-  return np.arange(start, stop + step / 2, step)
+def new_figure(size: tuple[int, int]):
+  """A matplotlib Figure of `size` = (width, height) pixels on an Agg canvas."""
+  # pylint: disable=import-outside-toplevel
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  figure = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+  FigureCanvasAgg(figure)
+  return figure
 
 
-def _fmt(value: float, step: float) -> str:
-  decimals = max(0, -math.floor(math.log10(step))) if step > 0 else 0
-  if step * 10**decimals % 1:
-    decimals += 1
-  return f"{value:.{decimals}f}"
+def figure_array(figure) -> np.ndarray:
+  """The rendered figure as uint8 (H, W, 3), H x W = its size in pixels."""
+  figure.canvas.draw()
+  return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
-def _panel(image: Image.Image, box: tuple[int, int, int, int], title: str,
-           ylabel: str, series: Sequence[tuple[str, np.ndarray, np.ndarray | None, tuple]],
-           y_range: tuple[float, float] | None) -> None:
-  draw = ImageDraw.Draw(image)
-  font, small = load_font(14), load_font(11)
-  x0, y0, x1, y1 = box
-  left, right, top, bottom = x0 + 62, x1 - 12, y0 + 48, y1 - 44
-  tb = draw.textbbox((0, 0), title, font=font)
-  draw.text(((left + right - (tb[2] - tb[0])) // 2, y0 + 6), title, fill=(0, 0, 0), font=font)
-  n = max(len(s[1]) for s in series)
-  values = np.concatenate([np.concatenate([s[1], s[1] - (s[2] if s[2] is not None else 0),
-                                           s[1] + (s[2] if s[2] is not None else 0)])
-                           for s in series])
-  values = values[np.isfinite(values)]
-  if y_range is None:
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    pad = 0.08 * (hi - lo) if hi > lo else 0.5
-    ticks = nice_ticks(lo - pad, hi + pad)
-  else:
-    ticks = nice_ticks(*y_range)
-  ylo, yhi = float(ticks[0]), float(ticks[-1])
-  step = float(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
+def save_figure(figure, path: str) -> str:
+  """Writes the figure as a PNG of exactly its pixel size; returns `path`."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  figure.savefig(path, format="png", dpi=DPI)
+  return path
 
-  def px(i):
-    return left + 20 + (right - left - 40) * (i / max(n - 1, 1))
 
-  def py(v):
-    return bottom - (bottom - top) * (v - ylo) / (yhi - ylo)
+_LAYERWISE_PANELS = (
+    ("coding_rate", "Coding rate (compression) per layer", "coding rate R", None),
+    ("sparsity", "Sparsity per layer: fraction non-zero", "non-zero fraction", (0.0, 1.0)))
 
-  for t in ticks:
-    y = py(t)
-    draw.line([left, y, right, y], fill=(225, 225, 225))
-    draw.line([left - 4, y, left, y], fill=(0, 0, 0))
-    label = _fmt(float(t), step)
-    lb = draw.textbbox((0, 0), label, font=small)
-    draw.text((left - 7 - (lb[2] - lb[0]), y - (lb[3] + lb[1]) / 2), label, fill=(0, 0, 0),
-              font=small)
-  for i in range(n):
-    x = px(i)
-    draw.line([x, bottom, x, bottom + 4], fill=(0, 0, 0))
-    label = str(i)
-    lb = draw.textbbox((0, 0), label, font=small)
-    draw.text((x - (lb[2] - lb[0]) / 2, bottom + 6), label, fill=(0, 0, 0), font=small)
-  xb = draw.textbbox((0, 0), "layer", font=small)
-  draw.text(((left + right - (xb[2] - xb[0])) / 2, bottom + 24), "layer", fill=(0, 0, 0),
-            font=small)
-  # vertical y label: render horizontally, rotate, paste.
-  lb = draw.textbbox((0, 0), ylabel, font=small)
-  label_img = Image.new("RGBA", (lb[2] + 2, lb[3] + 2), (255, 255, 255, 0))
-  ImageDraw.Draw(label_img).text((0, 0), ylabel, fill=(0, 0, 0, 255), font=small)
-  label_img = label_img.rotate(90, expand=True)
-  image.paste(label_img, (x0 + 4, int((top + bottom - label_img.height) / 2)), label_img)
 
-  for name, mean, std, color in series:
-    pts = [(px(i), py(v)) for i, v in enumerate(mean) if np.isfinite(v)]
-    if std is not None:
-      for i, (v, s) in enumerate(zip(mean, std)):
-        if np.isfinite(v) and np.isfinite(s) and s > 0:
-          draw.line([px(i), py(v - s), px(i), py(v + s)], fill=color, width=1)
-    if len(pts) > 1:
-      draw.line(pts, fill=color, width=2)
-    for x, y in pts:
-      draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-  draw.rectangle([left, top, right, bottom], outline=(0, 0, 0), width=1)
-  # legend: one row between the title and the axes, centred
-  widths = [draw.textbbox((0, 0), s[0], font=small)[2] + 40 for s in series]
-  lx, ly = (left + right - sum(widths)) // 2, y0 + 30
-  for (name, _, _, color), w in zip(series, widths):
-    draw.line([lx, ly + 7, lx + 20, ly + 7], fill=color, width=2)
-    draw.ellipse([lx + 7, ly + 4, lx + 13, ly + 10], fill=color)
-    draw.text((lx + 25, ly), name, fill=(0, 0, 0), font=small)
-    lx += w
+def draw_layerwise(figure, measures: Mapping[str, np.ndarray]) -> None:
+  """Two panels on `figure` (a Figure or SubFigure): coding rate and sparsity per layer,
+  encoder and decoder lines with ±1 std bars, from `diagnostics.layerwise_measures`."""
+  axes = figure.subplots(1, len(_LAYERWISE_PANELS))
+  for ax, (measure, title, ylabel, y_range) in zip(axes, _LAYERWISE_PANELS):
+    ax.set(title=title, xlabel="layer", ylabel=ylabel)
+    ax.grid(True, color="0.9")
+    for part, color in (("encoder", ENCODER_COLOR), ("decoder", DECODER_COLOR)):
+      mean = measures.get(f"{part}/{measure}/mean")
+      if mean is None or not np.size(mean):
+        continue
+      mean = np.asarray(mean, np.float64).reshape(-1)
+      std = measures.get(f"{part}/{measure}/std")
+      std = None if std is None else np.asarray(std, np.float64).reshape(-1)
+      ax.errorbar(np.arange(len(mean)), mean, yerr=std, color=color, marker="o",
+                  markersize=4, capsize=3, label=part)
+    if ax.has_data():
+      ax.legend(loc="best", fontsize="small")
+      ax.xaxis.get_major_locator().set_params(integer=True)
+      if y_range is not None:
+        ax.set_ylim(*y_range)
+    else:
+      ax.set_axis_off()
+
+
+def layerwise_figure(measures: Mapping[str, np.ndarray], size: tuple[int, int] = (960, 380)):
+  """The per-layer coding-rate / sparsity figure (a matplotlib Figure of `size` pixels)."""
+  figure = new_figure(size)
+  draw_layerwise(figure, measures)
+  return figure
 
 
 def layerwise_image(measures: Mapping[str, np.ndarray], size: tuple[int, int] = (960, 380)
                     ) -> np.ndarray:
-  """Two panels, coding rate and sparsity per layer, encoder and decoder lines with
-  ±1 std bars, from the dict of `diagnostics.layerwise_measures`. uint8 (H, W, 3)."""
-  width, height = size
-  image = Image.new("RGB", (width, height), (255, 255, 255))
-  specs = (("coding_rate", "Coding rate (compression) per layer", "coding rate R", None),
-           ("sparsity", "Sparsity per layer: fraction non-zero", "non-zero fraction", (0.0, 1.0)))
-  for k, (measure, title, ylabel, y_range) in enumerate(specs):
-    series = []
-    for part, color in (("encoder", ENCODER_COLOR), ("decoder", DECODER_COLOR)):
-      mean = measures.get(f"{part}/{measure}/mean")
-      if mean is not None and np.size(mean):
-        std = measures.get(f"{part}/{measure}/std")
-        series.append((part, np.asarray(mean, np.float64).reshape(-1),
-                       None if std is None else np.asarray(std, np.float64).reshape(-1),
-                       color))
-    if not series:
-      continue
-    _panel(image, (k * width // 2, 0, (k + 1) * width // 2, height), title, ylabel, series,
-           y_range)
-  return np.asarray(image)
+  """`layerwise_figure` rendered: uint8 (H, W, 3)."""
+  return figure_array(layerwise_figure(measures, size))
 
 
 def save_layerwise(measures: Mapping[str, np.ndarray], path: str,
                    size: tuple[int, int] = (960, 380)) -> str:
   """Writes the per-layer coding-rate / sparsity plot; returns `path`."""
-  return save_png(layerwise_image(measures, size), path)
+  return save_figure(layerwise_figure(measures, size), path)

@@ -22,8 +22,9 @@ Two kinds of source:
     Mixup/cutmix/label smoothing are the train step's (augment_jax.mixup_cutmix).
   - eval: images with both sides <= 64 px are resized to image_size; larger ones
     have the shorter side resized to image_size/0.875 and are centre-cropped.
-* in-memory arrays (`data_arrays.ArraySource`; 'fashion_mnist', 'quickstart',
-  'arrays', and 'tfds' with data.in_memory=True): TensorFlow-free; train and
+* in-memory arrays (`data_arrays.ArraySource`; 'arrays', the registered datasets
+  with their own loader such as 'fashion_mnist' and 'quickstart', and 'tfds' with
+  data.in_memory=True): TensorFlow-free; train and
   eval batches hold the raw uint8 images (B, H, W, C0) and `device_augment(rng,
   images, train)` does all of the above in JAX. Every consumer calls it (the
   identity for tf.data sources): `device_augment(key, batch['image'], True)`
@@ -70,7 +71,7 @@ from typing import Iterator
 
 import numpy as np
 
-from crate_mae_jax import data_arrays
+from crate_mae_jax import data_arrays, datasets
 from crate_mae_jax.config_lib import TASKS, value_or_default as _get
 from crate_mae_jax.tf_sources import (  # pylint: disable=unused-import
     HOLDOUT_FRACTION, IMAGE_EXTENSIONS, ImageFolderSource, TfdsSource, _class_files, _tf,
@@ -96,11 +97,7 @@ def create(data_cfg, augment_cfg=None, *, task: str, batch_size: int, seed: int,
   common = dict(task=task, batch_size=int(batch_size), seed=int(seed),
                 process_index=int(process_index), process_count=int(process_count))
   path = _get(data_cfg, "path")
-  if source == "quickstart":
-    loaded = data_arrays.load_quickstart(path if path and path.endswith(".npz") else None)
-  elif source == "fashion_mnist":
-    loaded = data_arrays.load_fashion_mnist(path)
-  elif source == "arrays":
+  if source == "arrays":
     if arrays is not None:
       loaded = _normalise_arrays(arrays)
     elif path:
@@ -108,18 +105,19 @@ def create(data_cfg, augment_cfg=None, *, task: str, batch_size: int, seed: int,
     else:
       raise ValueError("source='arrays' needs create(..., arrays={...}) or data.path naming "
                        "an .npz with <split>_images / <split>_labels")
-  elif source == "tfds":
-    if _get(data_cfg, "in_memory"):
-      loaded = _tfds_arrays(data_cfg)
-    else:
-      return TfdsSource(data_cfg, augment_cfg, **common)
   elif source == "image_folder":
     if _get(data_cfg, "in_memory"):
       raise ValueError("config.data.in_memory=True is not supported for source='image_folder'"
                        " (images of any size); set it False")
     return ImageFolderSource(data_cfg, augment_cfg, **common)
-  else:
-    raise ValueError(f"config.data.source={source!r} is unknown")
+  else:  # a registered dataset (crate_mae_jax/datasets), through TFDS or its own loader
+    dataset = datasets.for_source(source, _get(data_cfg, "name"))
+    if source != "tfds":
+      loaded = dataset.load(path)
+    elif _get(data_cfg, "in_memory"):
+      loaded = _tfds_arrays(data_cfg)
+    else:
+      return TfdsSource(data_cfg, augment_cfg, **common)
   return _array_source(loaded, data_cfg, augment_cfg, **common)
 
 

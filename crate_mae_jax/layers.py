@@ -5,6 +5,8 @@ a table of rules in the config decide how it is sharded; outside a mesh the name
 cost nothing. Initialisers follow the official PyTorch code so training from
 scratch starts from the same distribution.
 """
+import importlib.util
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -82,11 +84,138 @@ ACT = ("activation_batch", "activation_length", "activation_embed")
 ACT_HEADS = ("activation_batch", "activation_length", "heads", "head_dim")
 
 
-def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-      scale_init=partitioned(init.ones, ("norm",)),
-      bias_init=partitioned(init.zeros, ("norm",)), name=name)
+HALF_DTYPES = (jnp.bfloat16, jnp.float16)
+NORM_IMPLS = ("auto", "flax", "fused", "tokamax")
+
+
+def tokamax_available() -> bool:
+  return importlib.util.find_spec("tokamax") is not None
+
+
+def resolve_norm(implementation: str | None, dtype: Dtype,
+                 platform: str | None = None) -> str:
+  """The LayerNorm path 'auto' (or None) stands for on this backend and dtype.
+
+  tokamax's Triton LayerNorm on one NVIDIA GPU in bf16/fp16 when the package
+  is installed (`pip install 'crate-mae-jax[gpu]'`): the whole Base train step is
+  7 % faster on an H100 with it (BENCHMARKS.md, kernel choices). Not on a mesh
+  of several devices: XLA cannot partition the Triton call, so it gathers the
+  activations to run it whole (2 H200s ran at 55 % scaling efficiency). Otherwise
+  flax's `nn.LayerNorm`: TPUs, CPUs, float32 (the path the golden fixtures are
+  checked on) and GPUs without tokamax. 'fused' (the custom-VJP LayerNorm
+  below) is faster alone but slower inside the step, so it is opt-in.
+  The choice is logged and written to the workdir's run.json.
+  """
+  if implementation not in (None, "auto"):
+    return implementation
+  platform = platform or jax.default_backend()
+  if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in HALF_DTYPES
+      and tokamax_available() and num_mesh_devices() == 1):
+    return "tokamax"
+  return "flax"
+
+
+def num_mesh_devices() -> int:
+  """Devices of the mesh being traced under (all devices outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.device_count() if mesh.empty else mesh.size
+
+
+def _fused_layer_norm(x, scale, bias, eps, dtype):
+  return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
+
+
+def _row_stats(x: jax.Array, eps: float):
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  return xf, mean, jax.lax.rsqrt(var + eps)
+
+
+def _layer_norm_fwd(x, scale, bias, eps, dtype):
+  xf, mean, rstd = _row_stats(x, eps)
+  y = (xf - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, dtype, res, g):
+  del eps, dtype
+  x, mean, rstd, scale, bias = res
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  gf = g.astype(jnp.float32)
+  batch_axes = tuple(range(g.ndim - 1))
+  dscale = (gf * xhat).sum(batch_axes)
+  dbias = gf.sum(batch_axes)
+  gx = gf * scale.astype(jnp.float32)
+  dx = rstd * (gx - gx.mean(-1, keepdims=True) - xhat * (gx * xhat).mean(-1, keepdims=True))
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+fused_layer_norm = jax.custom_vjp(_fused_layer_norm, nondiff_argnums=(3, 4))
+fused_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+fused_layer_norm.__doc__ = """LayerNorm over the last axis, statistics in float32, output in `dtype`.
+
+The same function as flax's `nn.LayerNorm` (two-pass variance); its custom
+backward recomputes x̂ from x and the saved row statistics and forms
+dx = rstd·(g·γ − mean(g·γ) − x̂·mean(g·γ·x̂)) in one fusion with two sibling
+row reductions, instead of autodiff's chain of separate passes.
+"""
+
+
+def tokamax_layer_norm(x, scale, bias, eps: float, dtype: Dtype) -> jax.Array:
+  """tokamax's Triton LayerNorm (GPU; statistics in float32)."""
+  try:
+    import tokamax  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("config.model.norm_impl='tokamax' needs the tokamax package: "
+                      "pip install 'crate-mae-jax[gpu]' (or tokamax), or set "
+                      "config.model.norm_impl='auto'") from e
+  # tokamax reads absl flags when it runs; in programs that never parse them
+  # (notebooks, pytest, argparse scripts) it would parse sys.argv and fail on
+  # the program's own arguments, so they take their defaults, as absl advises
+  # libraries. The entry points parse them already (absl.app).
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax.layer_norm(x, scale, bias, epsilon=eps,
+                            implementation="triton").astype(dtype)
+
+
+class KernelLayerNorm(nn.Module):
+  """LayerNorm with `nn.LayerNorm`'s parameters ('scale', 'bias', same names,
+  shapes and logical axes) through another kernel, so checkpoints do not depend
+  on the choice."""
+  epsilon: float
+  implementation: str
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", partitioned(init.ones, ("norm",)), (d,), self.param_dtype)
+    bias = self.param("bias", partitioned(init.zeros, ("norm",)), (d,), self.param_dtype)
+    if self.implementation == "fused":
+      return fused_layer_norm(x, scale, bias, self.epsilon, self.dtype)
+    if self.implementation == "tokamax":
+      if num_mesh_devices() > 1:
+        warnings.warn(f"model.norm_impl='tokamax' on {num_mesh_devices()} devices: XLA does not "
+                      "partition its Triton kernel, so every device runs it on the whole "
+                      "batch; set model.norm_impl='auto' (flax there)", stacklevel=2)
+      return tokamax_layer_norm(x, scale, bias, self.epsilon, self.dtype)
+    raise ValueError(f"LayerNorm implementation {self.implementation!r} is unknown; "
+                     f"use one of {NORM_IMPLS}")
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str,
+               norm_impl: str | None = None) -> nn.Module:
+  impl = resolve_norm(norm_impl, dtype)
+  if impl == "flax":
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+        scale_init=partitioned(init.ones, ("norm",)),
+        bias_init=partitioned(init.zeros, ("norm",)), name=name)
+  return KernelLayerNorm(eps, impl, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class DropPath(nn.Module):
@@ -102,7 +231,6 @@ class DropPath(nn.Module):
 
 
 ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn")
-HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 # cuDNN's fused training kernels want token counts in multiples of this.
 CUDNN_TOKEN_MULTIPLE = 16
 # Attention paths whose layer stacks pad the tokens once (see `stack_padding`).
@@ -286,17 +414,18 @@ class CrateEncoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str | None = None
 
   @nn.compact
   def __call__(self, z: jax.Array, deterministic: bool = True,
                valid_length: int | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layer_norm(BLOCK_NORM_EPS, name="norm_mssa", **kw)(z)
+    h = layer_norm(BLOCK_NORM_EPS, name="norm_mssa", norm_impl=self.norm_impl, **kw)(z)
     h = MSSA(self.heads, self.head_dim, attention_impl=self.attention_impl,
              name="mssa", **kw)(h, valid_length)
     z = z + DropPath(self.drop_path)(h, deterministic)
     z = constrain(z, ACT)
-    h = layer_norm(BLOCK_NORM_EPS, name="norm_ista", **kw)(z)
+    h = layer_norm(BLOCK_NORM_EPS, name="norm_ista", norm_impl=self.norm_impl, **kw)(z)
     z = ISTA(self.ista_step, self.ista_lambda, self.ista_fused, name="ista",
              **kw)(h, valid_length)
     return constrain(z, ACT)
@@ -309,19 +438,20 @@ class CrateDecoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
                valid_length: int | None = None) -> jax.Array:
     del deterministic
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layer_norm(BLOCK_NORM_EPS, name="norm_dict", **kw)(x)
+    h = layer_norm(BLOCK_NORM_EPS, name="norm_dict", norm_impl=self.norm_impl, **kw)(x)
     y = nn.Dense(x.shape[-1], use_bias=False,
                  kernel_init=partitioned(kaiming_uniform(), ("dict", "embed")),
                  name="dictionary", **kw)(h)
     self.sow("intermediates", "dictionary_out", valid_rows(y, valid_length))
     y = constrain(y, ACT)
-    h = layer_norm(BLOCK_NORM_EPS, name="norm_mssa", **kw)(y)
+    h = layer_norm(BLOCK_NORM_EPS, name="norm_mssa", norm_impl=self.norm_impl, **kw)(y)
     h = MSSA(self.heads, self.head_dim, attention_impl=self.attention_impl,
              name="mssa", **kw)(h, valid_length)
     return constrain(y - h, ACT)
@@ -351,6 +481,7 @@ class ViTBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
@@ -358,7 +489,7 @@ class ViTBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = x.shape[-1]
     head_dim = width // self.heads
-    h = layer_norm(FINAL_NORM_EPS, name="norm_attn", **kw)(x)
+    h = layer_norm(FINAL_NORM_EPS, name="norm_attn", norm_impl=self.norm_impl, **kw)(x)
     qkv = nn.DenseGeneral(
         (3, self.heads, head_dim),
         kernel_init=kernel_shaped(xavier(), ("embed", None, "heads", "head_dim"),
@@ -377,7 +508,7 @@ class ViTBlock(nn.Module):
                                   (self.heads, head_dim, width)),
         bias_init=partitioned(init.zeros, ("embed",)), name="out", **kw)(h)
     x = constrain(x + DropPath(self.drop_path)(h, deterministic), ACT)
-    h = layer_norm(FINAL_NORM_EPS, name="norm_mlp", **kw)(x)
+    h = layer_norm(FINAL_NORM_EPS, name="norm_mlp", norm_impl=self.norm_impl, **kw)(x)
     h = MLP(int(width * self.mlp_ratio), name="mlp", **kw)(h)
     return constrain(x + DropPath(self.drop_path)(h, deterministic), ACT)
 

@@ -5,8 +5,6 @@ A model config (`config.model`, an ml_collections ConfigDict) names an `arch`
 filled from the variant table, and any field set explicitly wins, so
 `--config.model.depth=6` works on top of any variant.
 """
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -59,44 +57,62 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
       param_dtype="float32",
       attention_impl="auto",             # "auto" (cuDNN on GPU in bf16/fp16, else XLA),
                                          # "explicit", "xla", "cudnn"
+      norm_impl="auto",                  # "auto" (tokamax's Triton kernel on GPU in
+                                         # bf16/fp16 if installed, else flax), "flax",
+                                         # "fused", "tokamax"
       remat_policy=placeholder(str),     # None, "full" or a jax.checkpoint_policies name
   ))
 
 
-def resolve(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+class ResolvedModel(dict):
+  """A model config with every size filled in and every field checked: what
+  `resolve` returns and what the builders read. A plain dict (checkpoints save
+  it as JSON); its type tells `resolve` that there is nothing left to do."""
+
+
+def resolve(cfg) -> ResolvedModel:
   """Fills unset sizes from the variant and checks the combination.
 
-  Raises ValueError naming the field and the fix.
+  Entry points (`config_lib.validate`, `analyze`, `convert_torch`) call it once
+  and pass the result down; given a `ResolvedModel` it returns it unchanged, so
+  the builders below accept either. Raises ValueError naming the field and the fix.
   """
-  if cfg.arch not in ARCHS:
-    raise ValueError(f"config.model.arch={cfg.arch!r} is unknown; use one of {ARCHS}")
-  if cfg.variant not in VARIANTS:
-    raise ValueError(f"config.model.variant={cfg.variant!r} is unknown; "
+  if isinstance(cfg, ResolvedModel):
+    return cfg
+  return _fill_and_check(cfg)
+
+
+def _fill_and_check(cfg) -> ResolvedModel:
+  out = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  arch, variant = out["arch"], out["variant"]
+  if arch not in ARCHS:
+    raise ValueError(f"config.model.arch={arch!r} is unknown; use one of {ARCHS}")
+  if variant not in VARIANTS:
+    raise ValueError(f"config.model.variant={variant!r} is unknown; "
                      f"use one of {tuple(VARIANTS)} (or set width/depth/heads)")
-  out = dict(cfg.to_dict())
-  for key, value in VARIANTS[cfg.variant].items():
+  for key, value in VARIANTS[variant].items():
     if out[key] is None:
       out[key] = value
   if out["decoder_depth"] is None:
-    out["decoder_depth"] = out["depth"] if cfg.arch == "crate_mae" else VIT_DECODER["decoder_depth"]
+    out["decoder_depth"] = out["depth"] if arch == "crate_mae" else VIT_DECODER["decoder_depth"]
   if out["decoder_width"] is None:
     out["decoder_width"] = out["width"]
   if out["decoder_heads"] is None:
-    out["decoder_heads"] = out["heads"] if cfg.arch == "crate_mae" else VIT_DECODER["decoder_heads"]
+    out["decoder_heads"] = out["heads"] if arch == "crate_mae" else VIT_DECODER["decoder_heads"]
   for key in ("width", "depth", "heads", "decoder_depth", "patch_size", "channels"):
     if not isinstance(out[key], int) or out[key] < 1:
       raise ValueError(f"config.model.{key}={out[key]!r} must be a positive integer")
   if out["width"] % out["heads"]:
     raise ValueError(f"config.model.heads={out['heads']} does not divide "
                      f"config.model.width={out['width']}; pick heads that divide the width")
-  if cfg.arch == "crate_mae" and out["decoder_width"] != out["width"]:
+  if arch == "crate_mae" and out["decoder_width"] != out["width"]:
     raise ValueError(f"config.model.decoder_width={out['decoder_width']} must equal "
                      f"config.model.width={out['width']} for CRATE-MAE (its decoder inverts "
                      "the encoder); leave it unset")
   if out["encoder_sees"] not in ("visible", "all"):
     raise ValueError(f"config.model.encoder_sees={out['encoder_sees']!r} is unknown; use "
                      "'visible' or 'all'")
-  if cfg.arch == "vit_mae" and out["encoder_sees"] == "all" and \
+  if arch == "vit_mae" and out["encoder_sees"] == "all" and \
       out["decoder_width"] != out["width"]:
     raise ValueError(f"config.model.decoder_width={out['decoder_width']} must equal "
                      f"config.model.width={out['width']} with encoder_sees='all' (the decoder "
@@ -117,21 +133,41 @@ def resolve(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   if out["attention_impl"] not in layers.ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl={out['attention_impl']!r} is unknown; "
                      f"use one of {layers.ATTENTION_IMPLS}")
+  if out.get("norm_impl") is None:       # older configs and checkpoints' metadata
+    out["norm_impl"] = "auto"
+  if out["norm_impl"] not in layers.NORM_IMPLS:
+    raise ValueError(f"config.model.norm_impl={out['norm_impl']!r} is unknown; "
+                     f"use one of {layers.NORM_IMPLS}")
   policy = out["remat_policy"]
   if policy not in (None, "none", "full") and not hasattr(jax.checkpoint_policies, policy):
     raise ValueError(f"config.model.remat_policy={policy!r} is unknown; use None, 'full' "
                      "or a name in jax.checkpoint_policies")
-  return out
+  return ResolvedModel(out)
 
 
-def build_mae(cfg: ml_collections.ConfigDict):
-  """The masked autoencoder module (`CrateMAE` or `ViTMAE`) a config describes."""
+def kernels(resolved: dict, platform: str | None = None) -> dict[str, str]:
+  """The attention and LayerNorm kernels a resolved model config runs with on
+  `platform` (default: JAX's backend), after 'auto' is decided."""
+  dtype = DTYPES[resolved["dtype"]]
+  return {"attention": layers.resolve_attention(resolved["attention_impl"], dtype, platform),
+          "layernorm": layers.resolve_norm(resolved["norm_impl"], dtype, platform)}
+
+
+def with_fields(model, **changes) -> ResolvedModel:
+  """`model` (resolved or not) with some fields changed, checked again: a derived
+  model (float32 feature extraction, another attention kernel)."""
+  return _fill_and_check({**resolve(model), **changes})
+
+
+def build_mae(cfg):
+  """The masked autoencoder module (`CrateMAE` or `ViTMAE`) a model describes
+  (a `ResolvedModel`, or a model ConfigDict resolved here)."""
   r = resolve(cfg)
   common = dict(patch_size=r["patch_size"], channels=r["channels"], width=r["width"],
                 depth=r["depth"], heads=r["heads"], decoder_depth=r["decoder_depth"],
                 norm_pix_loss=r["norm_pix_loss"], dtype=DTYPES[r["dtype"]],
                 param_dtype=DTYPES[r["param_dtype"]], attention_impl=r["attention_impl"],
-                remat_policy=r["remat_policy"])
+                norm_impl=r["norm_impl"], remat_policy=r["remat_policy"])
   if r["arch"] == "crate_mae":
     return CrateMAE(decoder_heads=r["decoder_heads"], ista_step=r["ista_step"],
                     ista_lambda=r["ista_lambda"], ista_fused=r["ista_fused"], **common)
@@ -139,13 +175,13 @@ def build_mae(cfg: ml_collections.ConfigDict):
                 mlp_ratio=r["mlp_ratio"], encoder_sees=r["encoder_sees"], **common)
 
 
-def build_encoder(cfg: ml_collections.ConfigDict):
+def build_encoder(cfg):
   """The encoder alone (for probing and fine-tuning), with `drop_path` applied."""
   r = resolve(cfg)
   common = dict(patch_size=r["patch_size"], width=r["width"], depth=r["depth"],
                 heads=r["heads"], drop_path=r["drop_path"], dtype=DTYPES[r["dtype"]],
                 param_dtype=DTYPES[r["param_dtype"]], attention_impl=r["attention_impl"],
-                remat_policy=r["remat_policy"])
+                norm_impl=r["norm_impl"], remat_policy=r["remat_policy"])
   if r["arch"] == "crate_mae":
     return CrateEncoder(ista_step=r["ista_step"], ista_lambda=r["ista_lambda"],
                         ista_fused=r["ista_fused"], **common)
@@ -153,7 +189,7 @@ def build_encoder(cfg: ml_collections.ConfigDict):
                     **common)
 
 
-def build_classifier(cfg: ml_collections.ConfigDict, num_classes: int, *, pool: str = "cls",
+def build_classifier(cfg, num_classes: int, *, pool: str = "cls",
                      head_norm: bool = False, frozen: bool = False,
                      head_init_std: float = 0.01):
   from crate_mae_jax.classifier import Classifier
@@ -166,11 +202,11 @@ def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-def abstract_params(cfg: ml_collections.ConfigDict, image_size: int = 224):
+def abstract_params(cfg, image_size: int = 224):
   """Parameter shapes without allocating them (boxes removed)."""
   import flax.linen as nn
-  model = build_mae(cfg)
   r = resolve(cfg)
+  model = build_mae(r)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, r["channels"]), jnp.float32)
   shapes = jax.eval_shape(
       lambda x: model.init({"params": jax.random.key(0), "masking": jax.random.key(1)},

@@ -28,10 +28,16 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: 
       decay_steps=max(total_steps, warmup + 1), end_value=cfg.optim.min_lr)
 
 
+# Never decayed, whatever their rank: biases (the ViT qkv bias is 3-D), norm
+# scales and the learned tokens -- as the official MAE / timm parameter groups.
+NO_DECAY = ("bias", "scale", "cls_token", "mask_token")
+
+
 def decay_mask(params):
-  """True for parameters that take weight decay: matrices and the dictionary."""
+  """True for parameters that take weight decay: kernels, embeddings and the
+  ISTA dictionary; decided by name first, then rank (vectors never decay)."""
   def wants_decay(path, leaf):
-    return leaf.ndim >= 2 and getattr(path[-1], "key", None) not in ("cls_token", "mask_token")
+    return leaf.ndim >= 2 and getattr(path[-1], "key", None) not in NO_DECAY
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 

@@ -112,23 +112,26 @@ def candidate_meshes(num_devices: int, batch: int) -> list[tuple[tuple[str, int]
   return out
 
 
-def for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config as it would run on a TPU: the attention kernel resolved for
-  the TPU backend (the planner's own backend is the CPU)."""
+def for_tpu(config: ml_collections.ConfigDict, resolved=None) -> ml_collections.ConfigDict:
+  """The config as it would run on a TPU: the attention and LayerNorm kernels
+  resolved for the TPU backend (the planner's own backend is the CPU)."""
   config = ml_collections.ConfigDict(config.to_dict())
-  resolved = models.resolve(config.model)
+  resolved = models.resolve(config.model if resolved is None else resolved)
   config.model.attention_impl = layers.resolve_attention(
       resolved["attention_impl"], models.DTYPES[resolved["dtype"]], platform="tpu")
+  config.model.norm_impl = layers.resolve_norm(
+      resolved["norm_impl"], models.DTYPES[resolved["dtype"]], platform="tpu")
   return config
 
 
-def lower_train_step(config, mesh, num_train_examples: int = IMAGENET_TRAIN_EXAMPLES):
+def lower_train_step(config, mesh, num_train_examples: int = IMAGENET_TRAIN_EXAMPLES,
+                     resolved=None):
   """The train step of `train.train_and_evaluate` for `config`, lowered on `mesh`
   with abstract inputs: (lowered, abstract state, its shardings)."""
   from crate_mae_jax import train  # TF-free at import; keeps this module light
-  resolved = models.resolve(config.model)
+  resolved = models.resolve(config.model if resolved is None else resolved)
   num_classes = None if config.task == "pretrain" else (config.data.num_classes or 1000)
-  model, init_inputs, init_kwargs = train.build_model(config, num_classes)
+  model, init_inputs, init_kwargs = train.build_model(config, num_classes, resolved)
   abstract_params = nn.meta.unbox(
       state_lib.abstract_variables(model, init_inputs, init_kwargs)["params"])
   total_steps, steps_per_epoch = train._num_steps(config, num_train_examples)
@@ -260,12 +263,12 @@ class Plan:
 
 
 def plan_one(config, topology: str, devices, mesh_shape,
-             num_train_examples: int = IMAGENET_TRAIN_EXAMPLES) -> Plan:
+             num_train_examples: int = IMAGENET_TRAIN_EXAMPLES, resolved=None) -> Plan:
   """Compiles the train step for one mesh of `devices` and reads its numbers."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh.shape = mesh_shape
   mesh = sharding.create_mesh(mesh_shape, devices)
-  lowered, abstract, shard = lower_train_step(config, mesh, num_train_examples)
+  lowered, abstract, shard = lower_train_step(config, mesh, num_train_examples, resolved)
   chip_name = devices[0].device_kind
   chip = device_share(CHIPS.get(chip_name), devices)
   try:
@@ -402,10 +405,11 @@ def plan(config, topology: str, mesh_text: str | None = None,
          num_train_examples: int = IMAGENET_TRAIN_EXAMPLES, log=print) -> dict:
   """Plans for one mesh (`mesh_text`) or the candidate layouts; returns the
   JSON report with every plan and the recommended one."""
-  config_lib.validate(config)
+  resolved = config_lib.validate(config)
   if mesh_text:
     parse_mesh(mesh_text, None)  # a typo fails before libtpu is loaded
-  config = for_tpu(config)
+  config = for_tpu(config, resolved)
+  resolved = models.resolve(config.model)  # with the TPU attention and LayerNorm kernels
   devices = topology_devices(topology)
   shapes = ([parse_mesh(mesh_text, len(devices))] if mesh_text else
             candidate_meshes(len(devices), config.batch_size // config.accum_steps))
@@ -414,7 +418,7 @@ def plan(config, topology: str, mesh_text: str | None = None,
                       f"{len(devices)} chips; use a multiple of {len(devices)}")
   plans = []
   for shape in shapes:
-    p = plan_one(config, topology, devices, shape, num_train_examples)
+    p = plan_one(config, topology, devices, shape, num_train_examples, resolved)
     log(format_plan(p))
     plans.append(p)
   best = recommend(plans)
@@ -424,7 +428,7 @@ def plan(config, topology: str, mesh_text: str | None = None,
   else:
     log("recommended: --config.mesh.shape=\"" +
         str(tuple((k, v) for k, v in best.mesh.items())).replace("'", "'") + "\"")
-  return {"topology": topology, "model": models.resolve(config.model),
+  return {"topology": topology, "model": resolved,
           "plans": [p.to_json() for p in plans],
           "recommended": None if best is None else best.to_json()}
 

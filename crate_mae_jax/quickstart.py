@@ -42,11 +42,11 @@ def _arrays(cfg, split: str):
   return np.concatenate(images), np.concatenate(labels), source.num_classes
 
 
-def reconstruction_figure(pre_cfg, workdir: str) -> str:
+def reconstruction_figure(pre_cfg, workdir: str, resolved=None) -> str:
   """Writes original | masked | reconstruction | pasted-back for 8 test images."""
   from crate_mae_jax import checkpoints, diagnostics, figures, models
   params, _ = checkpoints.restore_params(workdir)
-  model = models.build_mae(pre_cfg.model)
+  model = models.build_mae(pre_cfg.model if resolved is None else resolved)
   images, _, _ = _arrays(pre_cfg, pre_cfg.data.eval_split)
   images = images[:8]
   panels, _ = diagnostics.reconstruct(model, params, images, pre_cfg.model.mask_ratio,
@@ -54,34 +54,36 @@ def reconstruction_figure(pre_cfg, workdir: str) -> str:
   return figures.save_reconstruction(panels, os.path.join(workdir, "reconstruction.png"))
 
 
-def learning_evidence(pre_cfg, pre_dir: str) -> dict:
+def learning_evidence(pre_cfg, pre_dir: str, resolved=None) -> dict:
   """The pre-trained encoder against the randomly initialised one it started from,
   under the same k-NN and ridge probe (every layer, best reported)."""
   from crate_mae_jax import checkpoints, evaluate
   params, _ = checkpoints.restore_params(pre_dir)
   kinds = ["knn", "linear_probe"]
-  return {"pretrained": evaluate.evaluate(pre_cfg, params, kinds),
-          "random_init": evaluate.evaluate(pre_cfg, evaluate.random_params(pre_cfg), kinds)}
+  random_init = evaluate.random_params(pre_cfg, resolved)
+  return {"pretrained": evaluate.evaluate(pre_cfg, params, kinds, resolved=resolved),
+          "random_init": evaluate.evaluate(pre_cfg, random_init, kinds, resolved=resolved)}
 
 
 def main(argv):
   del argv
-  from crate_mae_jax import summaries, train
+  from crate_mae_jax import config_lib, summaries, train
   summaries.quiet_library_logs()
   cli.enable_compilation_cache()
   start = time.time()
   pre_dir = os.path.join(FLAGS.workdir, "pretrain")
   probe_dir = os.path.join(FLAGS.workdir, "linear_probe")
   pre_cfg = recipes.quickstart("pretrain")
-  pre = train.train_and_evaluate(pre_cfg, pre_dir)
+  pre_model = config_lib.validate(pre_cfg)  # resolved once, used by every step below
+  pre = train.train_and_evaluate(pre_cfg, pre_dir, resolved=pre_model)
   probe_cfg = recipes.quickstart("linear_probe")
   probe_cfg.init_from = pre_dir
   probe = train.train_and_evaluate(probe_cfg, probe_dir)
   train_x, train_y, classes = _arrays(pre_cfg, pre_cfg.data.train_split)
   test_x, test_y, _ = _arrays(pre_cfg, pre_cfg.data.eval_split)
   pixels = pixel_floor.linear_classifier(train_x, train_y, test_x, test_y, classes)
-  figure = reconstruction_figure(pre_cfg, pre_dir)
-  evidence = learning_evidence(pre_cfg, pre_dir)
+  figure = reconstruction_figure(pre_cfg, pre_dir, pre_model)
+  evidence = learning_evidence(pre_cfg, pre_dir, pre_model)
   trivial = reconstruction.trivial_mse(test_x, pre_cfg.model.patch_size,
                                        pre_cfg.model.norm_pix_loss)
   norm_pix = bool(pre_cfg.model.norm_pix_loss)

@@ -5,18 +5,11 @@ Each function returns a complete, validated-later ConfigDict; the files in
 """
 import ml_collections
 
-from crate_mae_jax import config_lib
+from crate_mae_jax import config_lib, datasets
 
-# TFDS names, classes and splits of the paper's transfer datasets.
-TRANSFER = {
-    "cifar10": dict(name="cifar10", num_classes=10, train_split="train", eval_split="test"),
-    "cifar100": dict(name="cifar100", num_classes=100, train_split="train", eval_split="test"),
-    "oxford_flowers102": dict(name="oxford_flowers102", num_classes=102,
-                              train_split="train+validation", eval_split="test"),
-    "oxford_iiit_pet": dict(name="oxford_iiit_pet", num_classes=37, train_split="train",
-                            eval_split="test"),
-}
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+# The paper's linear-probe / fine-tuning datasets (crate_mae_jax/datasets holds
+# their TFDS names, classes, splits and normalisation).
+TRANSFER = ("imagenet2012", "cifar10", "cifar100", "oxford_flowers102", "oxford_iiit_pet")
 
 
 def pretrain_imagenet(variant: str = "base", arch: str = "crate_mae") -> ml_collections.ConfigDict:
@@ -78,17 +71,13 @@ def finetune(dataset: str = "imagenet2012", variant: str = "base",
   return c
 
 
-def _dataset(c, dataset: str) -> None:
-  c.data.source = "tfds"
-  if dataset == "imagenet2012":
-    c.data.update(name="imagenet2012", num_classes=1000, train_split="train",
-                  eval_split="validation")
-  elif dataset in TRANSFER:
-    c.data.update(**TRANSFER[dataset])
-  else:
-    raise ValueError(f"dataset {dataset!r} is unknown; use imagenet2012 or one of "
-                     f"{tuple(TRANSFER)}")
-  c.data.image_size = 224
+def _dataset(c, name: str) -> None:
+  if name not in TRANSFER:
+    raise ValueError(f"dataset {name!r} is unknown; use one of {TRANSFER}")
+  d = datasets.get(name)
+  c.data.update(source="tfds", name=d.name, num_classes=d.num_classes,
+                train_split=d.train_split, eval_split=d.eval_split,
+                image_size=d.image_size, mean=d.mean, std=d.std)
 
 
 def quickstart(task: str = "pretrain") -> ml_collections.ConfigDict:
@@ -105,9 +94,10 @@ def quickstart(task: str = "pretrain") -> ml_collections.ConfigDict:
   c.task = task
   c.model.update(arch="crate_mae", variant="tiny", width=64, depth=3, heads=4,
                  patch_size=4, channels=1, norm_pix_loss=True)
-  c.data.update(source="quickstart", image_size=28, mean=FASHION_MNIST_MEAN,
-                std=FASHION_MNIST_STD, in_memory=True, crop_scale=(0.5, 1.0),
-                flip=True, train_split="train", eval_split="test")
+  d = datasets.get("quickstart")
+  c.data.update(source=d.name, image_size=d.image_size, mean=d.mean, std=d.std,
+                in_memory=True, crop_scale=(0.5, 1.0), flip=True,
+                train_split=d.train_split, eval_split=d.eval_split)
   c.eval.num_images = 8
   c.log_every_steps = 50
   c.keep_checkpoints = 2

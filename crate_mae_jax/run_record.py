@@ -2,7 +2,8 @@
 
 `record(workdir, config, mesh)` writes (on the chief process):
   config.json       the resolved config, readable and reloadable (`ConfigDict(json.load(f))`)
-  run.json          command line, start time, package versions, git commit, devices, mesh
+  run.json          command line, start time, package versions, git commit, devices, mesh,
+                    the attention/LayerNorm kernels 'auto' resolved to
   runs.jsonl        one run.json line per start, so restarts and resumes stay visible
 `hparams(config)` flattens the config into the scalar dict TensorBoard's hparams take.
 """
@@ -18,7 +19,7 @@ import jax
 
 PACKAGES = ("crate-mae-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
             "ml-collections", "clu", "numpy", "tensorflow", "tensorflow-cpu",
-            "tensorflow-datasets", "tensorboardX", "torch")
+            "tensorflow-datasets", "tensorboardX", "torch", "tokamax")
 
 
 def package_versions(names=PACKAGES) -> dict:
@@ -54,7 +55,7 @@ def devices() -> dict:
           "device_kind": local[0].device_kind if local else None}
 
 
-def run_info(mesh=None, argv=None) -> dict:
+def run_info(mesh=None, argv=None, kernels=None) -> dict:
   return {
       "command": list(sys.argv if argv is None else argv),
       "cwd": os.getcwd(),
@@ -65,6 +66,7 @@ def run_info(mesh=None, argv=None) -> dict:
       "git": git_commit(),
       "devices": devices(),
       "mesh": dict(mesh.shape) if mesh is not None else None,
+      "kernels": kernels,
   }
 
 
@@ -82,10 +84,10 @@ def hparams(config, prefix: str = "") -> dict:
   return flat
 
 
-def record(workdir: str, config, mesh=None, argv=None) -> dict:
+def record(workdir: str, config, mesh=None, argv=None, kernels=None) -> dict:
   """Writes config.json, run.json and a runs.jsonl line into `workdir` (local or gs://)."""
   from etils import epath  # what Orbax writes with: local and cloud paths, no TensorFlow
-  info = run_info(mesh, argv)
+  info = run_info(mesh, argv, kernels)
   folder = epath.Path(workdir)
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True)

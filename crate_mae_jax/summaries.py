@@ -11,6 +11,8 @@ import time
 from absl import logging
 import numpy as np
 
+from crate_mae_jax import cli
+
 
 class LoggingWriter:
   """Minimal stand-in for clu.metric_writers when TensorFlow is absent."""
@@ -86,6 +88,7 @@ class _TensorboardXWriter(LoggingWriter):
 def create_writer(logdir: str, is_chief: bool):
   """TensorBoard + logging writer on the chief, logging-only elsewhere. Without
   TensorFlow (no CLU writers) the chief writes event files with tensorboardX."""
+  cli.import_tensorflow_quietly()  # clu's metric_writers imports TensorFlow
   try:
     from clu import metric_writers
   except ImportError:
@@ -126,6 +129,7 @@ class Progress:
 def progress_hooks(num_train_steps: int, writer, logdir: str, is_chief: bool,
                    profile_steps: int = 0, every_secs: float = 30.0) -> list:
   """ReportProgress (steps/s, ETA) and, when asked, a profiler trace."""
+  cli.import_tensorflow_quietly()  # clu's periodic_actions imports TensorFlow
   try:
     from clu import periodic_actions
   except ImportError:

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
-from crate_mae_jax import augment_jax, data_arrays, randaugment_tf
+from crate_mae_jax import augment_jax, cli, data_arrays, datasets, randaugment_tf
 from crate_mae_jax.config_lib import value_or_default as _get
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
@@ -25,15 +25,12 @@ _EVAL_ALIASES = ("val", "validation")
 
 
 # ============================================================================ TF helpers
-@functools.cache
 def tensorflow():
-  """TensorFlow for tf.data only: hidden from the GPUs, which belong to JAX (TF would
-  otherwise reserve their memory)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF's devices were already initialised by someone else
-    logging.warning("TensorFlow already initialised its devices; it may hold GPU memory")
+  """TensorFlow for tf.data only, imported quietly and hidden from the GPUs (which
+  belong to JAX); see `cli.import_tensorflow_quietly`."""
+  tf = cli.import_tensorflow_quietly()
+  if tf is None:  # not installed, or broken: raise its own ImportError here
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel,redefined-outer-name
   return tf
 
 
@@ -234,9 +231,9 @@ def _limit_split(split: str, max_examples) -> str:
 
 
 def _tfds_builder(data_cfg):
+  name = datasets.for_source("tfds", _get(data_cfg, "name")).tfds_name
   _tf()  # hides the GPUs before TFDS touches TensorFlow
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  name = _get(data_cfg, "name")
   data_dir = _get(data_cfg, "data_dir")
   manual_dir = _get(data_cfg, "manual_dir")
   try:
@@ -245,7 +242,8 @@ def _tfds_builder(data_cfg):
     # TFDS's own message lists every registered dataset (thousands of names).
     close = difflib.get_close_matches(str(name), tfds.list_builders(with_community_datasets=False),
                                       n=3)
-    raise ValueError(f"config.data.name={name!r} is not a TFDS dataset"
+    raise ValueError(f"TFDS has no dataset {name!r} (the tfds_name registered for "
+                     f"config.data.name={_get(data_cfg, 'name')!r} in crate_mae_jax/datasets)"
                      + (f"; did you mean {', '.join(map(repr, close))}?" if close else
                         "; see https://www.tensorflow.org/datasets/catalog")) from None
   if manual_dir:
@@ -295,12 +293,13 @@ def _tfds_arrays(data_cfg) -> dict:
 
 
 class TfdsSource(_TFSource):
-  """`tfds.builder(data.name, data_dir=data.data_dir)`; see the module docstring."""
+  """The TFDS builder of the registered dataset `data.name` (in `data.data_dir`);
+  see the module docstring."""
 
   def __init__(self, data_cfg, augment_cfg, **kwargs):
     super().__init__(data_cfg, augment_cfg, **kwargs)
+    self.builder = _tfds_builder(data_cfg)  # imports TF quietly first
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    self.builder = _tfds_builder(data_cfg)
     self._feature = self.builder.info.features["image"]
     self._decoders = {"image": tfds.decode.SkipDecoding()}
     num_classes = _get(data_cfg, "num_classes")

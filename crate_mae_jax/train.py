@@ -84,23 +84,24 @@ def _sample_shape(config, resolved):
 def build_model(config, num_classes: int | None, resolved: dict | None = None):
   """(module, init inputs, init kwargs) for the config's task; `resolved`:
   `models.resolve(config.model)` when the caller has it."""
-  resolved = models.resolve(config.model) if resolved is None else resolved
+  resolved = models.resolve(config.model if resolved is None else resolved)
   x = jnp.zeros(_sample_shape(config, resolved), jnp.float32)
   if config.task == "pretrain":
-    return models.build_mae(config.model), (x,), dict(mask_ratio=resolved["mask_ratio"])
+    return models.build_mae(resolved), (x,), dict(mask_ratio=resolved["mask_ratio"])
   if config.task == "linear_probe":
-    model = models.build_classifier(config.model, num_classes, pool=config.probe.pool,
+    model = models.build_classifier(resolved, num_classes, pool=config.probe.pool,
                                     head_norm=config.probe.head_norm, frozen=True)
   else:
-    model = models.build_classifier(config.model, num_classes, pool=config.finetune.pool,
+    model = models.build_classifier(resolved, num_classes, pool=config.finetune.pool,
                                     head_init_std=config.finetune.head_init_std)
   return model, (x,), {}
 
 
-def check_against_checkpoint(config, meta: dict, path: str) -> None:
+def check_against_checkpoint(config, meta: dict, path: str,
+                             resolved: dict | None = None) -> None:
   """Refuses, before any compile, a checkpoint of another model size or arch."""
   saved = meta.get("model", {})
-  ours = models.resolve(config.model)
+  ours = models.resolve(config.model if resolved is None else resolved)
   for key in ("arch", "width", "depth", "heads", "patch_size", "channels", "encoder_sees"):
     if key in saved and saved[key] != ours[key]:
       raise ConfigError(
@@ -130,21 +131,21 @@ def _check_batch(config, mesh) -> int:
   return config.batch_size // jax.process_count()
 
 
-def _encoder_from(path: str, config) -> tuple[Any, dict]:
+def _encoder_from(path: str, config, resolved) -> tuple[Any, dict]:
   meta, _ = checkpoints.read_meta(path)
-  check_against_checkpoint(config, meta, path)
+  check_against_checkpoint(config, meta, path, resolved)
   params, meta = checkpoints.restore_params(path)
   if "encoder" not in params:
     raise ConfigError(f"config.init_from={path!r} holds no 'encoder' parameters")
   return params["encoder"], meta
 
 
-def _record_run(workdir, config, mesh, writer, params, is_chief) -> None:
+def _record_run(workdir, config, mesh, writer, params, is_chief, kernels) -> None:
   """The workdir's record of this start (config, command, versions, devices), the
   config as TensorBoard hparams, and a table of the parameters in the log."""
   from crate_mae_jax import run_record
   if is_chief:
-    run_record.record(workdir, config, mesh)
+    run_record.record(workdir, config, mesh, kernels=kernels)
     writer.write_hparams(run_record.hparams(config))
   try:
     from clu import parameter_overview
@@ -178,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
     latest = checkpoints.latest_step(ckpt_dir)
   encoder_params = None
   if latest is None and config.task != "pretrain" and config.init_from:
-    encoder_params, _ = _encoder_from(config.init_from, config)
+    encoder_params, _ = _encoder_from(config.init_from, config, resolved)
 
   try:
     source = input_pipeline.create(config.data, config.augment, task=config.task,
@@ -224,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
   else:
     if encoder_params is None and config.task != "pretrain" and config.init_from:
       # Every step of the workdir was damaged: start over from init_from.
-      encoder_params, _ = _encoder_from(config.init_from, config)
+      encoder_params, _ = _encoder_from(config.init_from, config, resolved)
       checkpoints.check_compatible(encoder_params, abstract_params["encoder"],
                                    where=config.init_from)
     state, _ = state_lib.init_state(model, tx, mesh, rules, init_inputs, init_kwargs,
@@ -251,12 +252,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
                      ({"params": shard.params, "batch_stats": shard.batch_stats}
                       if state.batch_stats else {"params": shard.params}))
   evals = evaluators.from_config(config, evaluators.Context(
-      config=config, model=model, source=source, mesh=mesh, rules=rules,
+      config=config, model=model, resolved=resolved, source=source, mesh=mesh, rules=rules,
       variables_sharding=variables_shard, num_classes=num_classes))
 
   if writer is None:
     writer = summaries.create_writer(workdir, is_chief)
-  _record_run(workdir, config, mesh, writer, state.params, is_chief)
+  _record_run(workdir, config, mesh, writer, state.params, is_chief, models.kernels(resolved))
   if hooks is None:
     hooks = summaries.progress_hooks(total_steps, writer, workdir, is_chief,
                                      config.profile_steps,
@@ -266,9 +267,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
           "data_position": "step"}
   best_manager, best_value = None, None
   results: dict = {}
-  logging.info("%s: %d steps (%.1f per epoch), global batch %d on %d devices, mesh %s",
-               config.task, total_steps, steps_per_epoch, config.batch_size,
-               jax.device_count(), dict(mesh.shape))
+  logging.info("%s: %d steps (%.1f per epoch), global batch %d on %d devices, mesh %s, "
+               "kernels %s", config.task, total_steps, steps_per_epoch, config.batch_size,
+               jax.device_count(), dict(mesh.shape), models.kernels(resolved))
 
   def maybe_stop(state):
     if config.nonfinite == "stop" and int(jax.device_get(state.nonfinite_count)):

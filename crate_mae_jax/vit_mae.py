@@ -35,6 +35,7 @@ class ViTEncoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str | None = None
   remat_policy: str | None = None
 
   @nn.compact
@@ -53,10 +54,11 @@ class ViTEncoder(nn.Module):
     for i in range(self.depth):
       x = block(self.heads, self.mlp_ratio,
                 self.drop_path * i / max(self.depth - 1, 1),
-                attention_impl=self.attention_impl, name=f"layer_{i}",
+                attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                name=f"layer_{i}",
                 **kw)(x, not train, valid)
     x = layers.valid_rows(x, valid)
-    return layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
+    return layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", norm_impl=self.norm_impl, **kw)(x)
 
 
 class ViTDecoder(nn.Module):
@@ -73,6 +75,7 @@ class ViTDecoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str | None = None
   remat_policy: str | None = None
 
   @nn.compact
@@ -87,9 +90,9 @@ class ViTDecoder(nn.Module):
     block = layers.remat_layer(layers.ViTBlock, self.remat_policy)
     for i in range(self.depth):
       x = block(self.heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                name=f"layer_{i}", **kw)(x, not train, valid)
+                norm_impl=self.norm_impl, name=f"layer_{i}", **kw)(x, not train, valid)
     x = layers.valid_rows(x, valid)
-    x = layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", **kw)(x)
+    x = layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", norm_impl=self.norm_impl, **kw)(x)
     pred = nn.Dense(self.patch_size**2 * self.channels,
                     kernel_init=layers.partitioned(layers.xavier(), ("decoder_embed", "pixels")),
                     bias_init=layers.partitioned(nn.initializers.zeros, ("pixels",)),
@@ -130,11 +133,13 @@ class ViTMAE(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str | None = None
   remat_policy: str | None = None
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              attention_impl=self.attention_impl, remat_policy=self.remat_policy)
+              attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+              remat_policy=self.remat_policy)
     if self.encoder_sees not in ENCODER_SEES:
       raise ValueError(f"encoder_sees={self.encoder_sees!r}; use one of {ENCODER_SEES}")
     full = self.encoder_sees == "all"

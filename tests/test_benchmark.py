@@ -95,3 +95,13 @@ def test_input_pipeline_flag_never_fails(capsys):
                             batch_size=4, input_batches=1))()
   result = benchmark.time_input_pipeline(args)
   assert "skipped" in result or result["img_s"] > 0
+
+
+def test_flags_do_not_collide_with_other_entry_points():
+  """The benchmark keeps its flags in its own set: importing it next to the
+  study and the planner (as a test session or a notebook does) defines no flag twice."""
+  import crate_mae_jax.experiments.study  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  import crate_mae_jax.plan  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  args = benchmark.parse_args(["--variant", "tiny", "--norm_impl", "flax,fused"])
+  assert args.variant == "tiny" and args.norm_impl == "flax,fused" and args.isolate is None
+  assert benchmark.parse_args([]).variant == "base"      # parsing again starts from defaults

@@ -107,12 +107,55 @@ def test_tensorflow_is_hidden_from_gpus(monkeypatch):
   from crate_mae_jax import input_pipeline
   calls = []
   monkeypatch.setattr(tf.config, "set_visible_devices", lambda d, kind: calls.append((d, kind)))
-  input_pipeline._tf.cache_clear()
+  cli.import_tensorflow_quietly.cache_clear()
   try:
     assert input_pipeline._tf() is tf
+    assert cli.import_tensorflow_quietly() is tf   # cached: the devices are set once
   finally:
-    input_pipeline._tf.cache_clear()
+    cli.import_tensorflow_quietly.cache_clear()
   assert calls == [([], "GPU")]
+
+
+@pytest.mark.parametrize("module,args,code", [
+    ("crate_mae_jax.main", ["--help"], 0),
+    ("crate_mae_jax.main", ["--config=quickstart", "--workdir={tmp}/w",
+                            "--config.model.mask_ratio=1.5"], 2),
+    ("crate_mae_jax.main", ["--config=no_such_config", "--workdir={tmp}/w"], 2),
+    ("crate_mae_jax.quickstart", ["--help"], None),   # absl's own --help
+    ("crate_mae_jax.analyze", ["--help"], None),   # absl's own --help
+    ("crate_mae_jax.evaluate", ["--help"], None),   # absl's own --help
+])
+def test_help_and_config_errors_do_not_import_tensorflow(module, args, code, tmp_path):
+  # -X importtime lists every imported module on stderr, whatever way the process exits.
+  args = [a.format(tmp=tmp_path) for a in args]
+  proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args],
+                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+  imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+              if line.startswith("import time:")}
+  other = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+  if code is None:
+    assert "--workdir" in proc.stdout or "--output" in proc.stdout, proc.stdout[-2000:]
+  else:
+    assert proc.returncode == code, "\n".join(other)[-2000:]
+  assert "crate_mae_jax.cli" in imported   # the probe works
+  assert "tensorflow" not in imported and "tensorflow_datasets" not in imported
+  if code == 2:
+    assert len(other) == 1 and other[0].startswith("error:"), other
+
+
+def test_tensorflow_imports_quietly_where_it_is_needed(tmp_path):
+  pytest.importorskip("tensorflow")
+  code = ("import sys\n"
+          "from crate_mae_jax import cli, summaries\n"
+          "cli.quiet_startup()\n"
+          "assert 'tensorflow' not in sys.modules\n"
+          "writer = summaries.create_writer(sys.argv[1], is_chief=True)\n"
+          "assert 'tensorflow' in sys.modules, 'the CLU writer did not import TF'\n"
+          "writer.write_scalars(0, {'x': 1.0}); writer.close()\n")
+  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "oneDNN" not in proc.stderr and "cpu_feature_guard" not in proc.stderr, proc.stderr
 
 
 def test_wheel_ships_configs_and_console_scripts(tmp_path):

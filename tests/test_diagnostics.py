@@ -210,13 +210,88 @@ def test_grid_image_and_figures(tmp_path):
                                 figures.to_uint8(panels[2][1]))
   gray = figures.grid_image([[rng.uniform(size=(8, 8, 1))]], titles=["x"])
   assert gray.shape == (figures.HEADER + 96 + 4, 96 + 4, 3)
-  measures = {"encoder/coding_rate/mean": np.array([3.0, 2.0, 1.5]),
-              "encoder/coding_rate/std": np.array([0.1, 0.2, 0.1]),
-              "encoder/sparsity/mean": np.array([0.5, 0.4, 0.3]),
-              "encoder/sparsity/std": np.zeros(3)}
-  path = figures.save_layerwise(measures, str(tmp_path / "l.png"))
+
+
+_MEASURES = {"encoder/coding_rate/mean": np.array([3.0, 2.0, 1.5]),
+             "encoder/coding_rate/std": np.array([0.1, 0.2, 0.1]),
+             "encoder/sparsity/mean": np.array([0.5, 0.4, 0.3]),
+             "encoder/sparsity/std": np.zeros(3),
+             "decoder/coding_rate/mean": np.array([1.0, 1.2]),
+             "decoder/coding_rate/std": np.array([0.05, 0.05]),
+             "decoder/sparsity/mean": np.array([0.9, 0.8]),
+             "decoder/sparsity/std": np.array([0.01, 0.02])}
+
+
+def _png(path, size):
   with Image.open(path) as im:
-    assert im.size == (960, 380) and np.asarray(im).std() > 5
+    assert im.format == "PNG" and im.size == size, (im.format, im.size)
+    rgb = np.asarray(im.convert("RGB"), np.float32)
+  assert rgb.std() > 5 and len(np.unique(rgb.reshape(-1, 3), axis=0)) > 16, "looks blank"
+  return rgb
+
+
+def test_layerwise_figure(tmp_path):
+  fig = figures.layerwise_figure(_MEASURES)
+  rate, sparsity = fig.axes
+  assert rate.get_title() == "Coding rate (compression) per layer"
+  assert sparsity.get_title() == "Sparsity per layer: fraction non-zero"
+  assert (rate.get_xlabel(), rate.get_ylabel()) == ("layer", "coding rate R")
+  for ax in fig.axes:
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["encoder", "decoder"]
+  assert sparsity.get_ylim() == (0.0, 1.0)
+  encoder_line = rate.get_lines()[0]
+  np.testing.assert_array_equal(encoder_line.get_ydata(), [3.0, 2.0, 1.5])
+  assert encoder_line.get_color() == figures.ENCODER_COLOR
+  assert [int(float(t.get_text().replace("−", "-"))) for t in rate.get_xticklabels()
+          if t.get_text() and 0 <= float(t.get_text().replace("−", "-")) <= 2] == [0, 1, 2]
+  image = figures.layerwise_image(_MEASURES)
+  assert image.shape == (380, 960, 3) and image.dtype == np.uint8
+  rgb = _png(figures.save_layerwise(_MEASURES, str(tmp_path / "l.png")), (960, 380))
+  np.testing.assert_array_equal(rgb, image)
+  # a model with encoder measures only (no decoder) still gets both panels
+  enc = {k: v for k, v in _MEASURES.items() if k.startswith("encoder")}
+  fig = figures.layerwise_figure(enc, size=(640, 300))
+  assert [len(ax.get_legend().get_texts()) for ax in fig.axes] == [1, 1]
+  _png(figures.save_layerwise(enc, str(tmp_path / "e.png"), size=(640, 300)), (640, 300))
+
+
+def test_heatmap_is_the_plasma_colormap():
+  import matplotlib
+  v = np.linspace(0, 1, 7).reshape(7, 1)
+  np.testing.assert_allclose(figures.heatmap(v), matplotlib.colormaps["plasma"](v)[..., :3],
+                             atol=1e-6)
+  np.testing.assert_allclose(figures.heatmap([-1.0, 2.0, np.nan]),
+                             figures.heatmap([0.0, 1.0, 0.0]))
+  dark, bright = figures.heatmap([0.0, 1.0])
+  assert dark.sum() < 1.0 < bright.sum()
+
+
+def test_study_line_plot_and_before_after(tmp_path):
+  from crate_mae_jax.experiments import plots
+  xs = np.arange(4)
+  panels = [("loss", "epoch", [("CRATE-MAE train", xs, [3.0, 2.0, 1.5, 1.2], "tab:blue", "line"),
+                               ("CRATE-MAE eval", xs[::2], [2.5, 1.6], "tab:blue", "dots"),
+                               ("", xs, [3.5, 3.0, 2.9, 2.8], "tab:orange", "dots")]),
+            ("empty", "epoch", [])]
+  fig = plots.line_plot_figure(panels, panel_size=(400, 300))
+  loss, empty = fig.axes
+  assert loss.get_title() == "loss" and loss.get_xlabel() == "epoch"
+  assert [t.get_text() for t in loss.get_legend().get_texts()] == ["CRATE-MAE train",
+                                                                   "CRATE-MAE eval"]
+  line, dots, unnamed = loss.get_lines()
+  assert line.get_linestyle() == "-" and dots.get_linestyle() == "None"
+  assert dots.get_marker() == "o" and unnamed.get_label().startswith("_")
+  assert [t.get_text() for t in empty.texts] == ["no data"]
+  _png(plots.line_plot(panels, str(tmp_path / "curves.png"), panel_size=(400, 300)),
+       (800, 300))
+  nested = {"encoder": {"coding_rate": {"mean": [3.0, 2.0], "std": [0.1, 0.1]},
+                        "sparsity": {"mean": [0.4, 0.3], "std": [0.0, 0.0]}}}
+  fig = plots.layerwise_before_after_figure(nested, nested, "CRATE-MAE")
+  assert [sub._suptitle.get_text() for sub in fig.subfigs] == [
+      "CRATE-MAE: untrained (initialisation)", "CRATE-MAE: after pre-training"]
+  assert len(fig.axes) == 4
+  _png(plots.save_layerwise_before_after(nested, nested, str(tmp_path / "ba.png"),
+                                         "CRATE-MAE"), (960, 808))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -278,8 +353,9 @@ def test_analyze_cli_errors(tmp_path):
 
 def test_no_tensorflow_import():
   code = ("import sys; import crate_mae_jax.diagnostics, crate_mae_jax.figures, "
-          "crate_mae_jax.analyze; "
-          "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'torch')]; "
+          "crate_mae_jax.analyze, crate_mae_jax.steps, crate_mae_jax.models; "
+          "bad = [m for m in sys.modules if m.split('.')[0] in "
+          "('tensorflow', 'torch', 'matplotlib')]; "
           "assert not bad, bad")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,

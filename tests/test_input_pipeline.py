@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from crate_mae_jax import augment_jax, config_lib, data_arrays, input_pipeline
+from crate_mae_jax.datasets import fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_MEAN, CIFAR_STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
@@ -351,7 +352,7 @@ def test_fashion_mnist_idx_parsing(tmp_path):
   _write_idx(tmp_path / "train-labels-idx1-ubyte", train_y, compress=True)
   _write_idx(tmp_path / "t10k-images-idx3-ubyte", test_x, compress=False)
   _write_idx(tmp_path / "t10k-labels-idx1-ubyte", test_y, compress=False)
-  loaded = data_arrays.load_fashion_mnist(str(tmp_path))
+  loaded = fashion_mnist.load_fashion_mnist(str(tmp_path))
   np.testing.assert_array_equal(loaded["train"][0][..., 0], train_x)
   np.testing.assert_array_equal(loaded["test"][1], test_y)
   data, aug = _data(source="fashion_mnist", path=str(tmp_path), image_size=28, mean=(0.3,),
@@ -363,16 +364,16 @@ def test_fashion_mnist_idx_parsing(tmp_path):
   bad = tmp_path / "bad"
   bad.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", 2, 28, 28) + b"\x00" * 10)
   with pytest.raises(ValueError, match="bytes"):
-    data_arrays.read_idx(str(bad))
+    fashion_mnist.read_idx(str(bad))
   (tmp_path / "text").write_text("not an IDX file")
   with pytest.raises(ValueError, match="magic"):
-    data_arrays.read_idx(str(tmp_path / "text"))
+    fashion_mnist.read_idx(str(tmp_path / "text"))
 
 
-@pytest.mark.skipif(not os.path.isdir(data_arrays.FASHION_MNIST_DIR),
+@pytest.mark.skipif(not os.path.isdir(fashion_mnist.FASHION_MNIST_DIR),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_fashion_mnist_system_files():
-  loaded = data_arrays.load_fashion_mnist()
+  loaded = fashion_mnist.load_fashion_mnist()
   assert loaded["train"][0].shape == (60000, 28, 28, 1) and len(loaded["train"][1]) == 60000
   assert loaded["test"][0].shape == (10000, 28, 28, 1) and len(loaded["test"][1]) == 10000
   assert np.bincount(loaded["test"][1]).tolist() == [1000] * 10
@@ -380,8 +381,8 @@ def test_fashion_mnist_system_files():
 
 # ============================================================================ quick start subset
 def test_quickstart_subset():
-  assert os.path.getsize(data_arrays.QUICKSTART_PATH) < 5 * 2**20
-  loaded = data_arrays.load_quickstart()
+  assert os.path.getsize(fashion_mnist.QUICKSTART_PATH) < 5 * 2**20
+  loaded = fashion_mnist.load_quickstart()
   (x, y), (ex, ey) = loaded["train"], loaded["test"]
   assert x.shape == (5000, 28, 28, 1) and x.dtype == np.uint8
   assert ex.shape == (1000, 28, 28, 1)

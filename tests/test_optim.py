@@ -40,13 +40,7 @@ def test_layer_index_of_a_classifier_head():
   assert optim.layer_index(("encoder", "layer_11", "mlp", "fc1", "kernel"), 12) == 12
 
 
-@pytest.mark.parametrize("arch", [
-    "crate_mae",
-    pytest.param("vit_mae", marks=pytest.mark.xfail(
-        strict=True, reason="decay_mask tests ndim >= 2, so the ViT qkv bias (3, heads, "
-        "head_dim) takes weight decay; the official MAE exempts every bias. Left as is: "
-        "fixing it changes ViT-MAE training numbers.")),
-])
+@pytest.mark.parametrize("arch", models.ARCHS)
 def test_decay_mask_excludes_norms_biases_and_tokens(arch):
   params = _tiny_encoder_params(arch)
   flat_mask = traverse_util.flatten_dict(optim.decay_mask(params))

@@ -30,6 +30,8 @@ def test_workdir_holds_config_command_versions_devices_and_mesh(finished):
   assert info["devices"]["device_count"] >= 1 and info["devices"]["backend"] == "cpu"
   assert info["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1} or sum(info["mesh"].values())
   assert info["git"] is None or len(info["git"]["commit"]) == 40
+  # the kernels 'auto' resolved to on this backend (CPU: the exact paths)
+  assert info["kernels"] == {"attention": "xla", "layernorm": "flax"}
   assert len(open(workdir / "runs.jsonl").read().splitlines()) == 1
 
 

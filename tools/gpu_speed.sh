@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Speed measurements of BENCHMARKS.md on one GPU of the device tool, in two calls.
+# Speed measurements of BENCHMARKS.md on one GPU of the device tool, one mode per call.
 #
 # Here, once (repo root): the official code and the one wheel the GPU image lacks,
 # into folders .git/info/exclude keeps out of git:
 #     mkdir -p .official && git -C <mirror of Ma-Lab-Berkeley/CRATE> archive HEAD model | tar -x -C .official
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml-collections==1.1.0
+#     # tokamax (the GPU LayerNorm 'auto' picks) and the needs the GPU image lacks:
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl tokamax==0.0.12 einshape qwix pydantic pydantic-core \
+#       annotated-types typing-inspection typeguard==2.13.3 immutabledict tensorboardx typing_extensions
 # Then, through the device tool (carry .official and .whl):
-#     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), batch sweep, profile
-#     bash tools/gpu_speed.sh table      # tiny/small/large, ViT-MAE-Base, remat, `main` on in-memory data
+#     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), profile
+#     bash tools/gpu_speed.sh table      # `main` on in-memory data, tiny/small/large, ViT-MAE-Base, remat
+#     bash tools/gpu_speed.sh remat      # remat policies of Base, ViT-MAE-Base
+#     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
+#                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -21,22 +28,28 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 bench() { timeout "${T:-300}" python3 -m crate_mae_jax.experiments.benchmark "$@"; }
 case "${1:-}" in
   defaults)
-    # 1. What a user gets: no flags at all (attention 'auto', XLA GPU defaults).
-    bench --variant base --batch_size 256 --json "$OUT/jax_base_default.json"
+    # 1. What a user gets: no flags at all (attention and LayerNorm 'auto', XLA GPU
+    #    defaults; tokamax carried as a wheel, as `pip install crate-mae-jax[gpu]` gives).
+    bench --variant base --batch_size 256 --json "$OUT/jax_base_default.json" | tail -3
     # 2. The official code, torch.compile, with and without PyTorch's fused SDPA.
-    T=330 timeout 330 python3 tools/bench_official_torch.py --official_dir .official \
+    T=300 timeout 300 python3 tools/bench_official_torch.py --official_dir .official \
       --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
-    # 3. The old default (XLA attention, no flags) beside it, and the best batch.
-    CRATE_MAE_XLA_DEFAULTS=0 bench --variant base --attention_impl xla --batch_size 256 \
-      --label old-default --json "$OUT/jax_base_old.json"
-    T=400 bench --variant base --batch_size 128,384,512 --json "$OUT/jax_base_batches.json"
+    # 3. The previous default (flax LayerNorm, i.e. without tokamax) beside it.
+    bench --variant base --batch_size 256 --norm_impl flax --label flax-layernorm \
+      --json "$OUT/jax_base_flax_ln.json" | tail -3
+    # 4. Where the time goes now.
     bench --variant base --batch_size 256 --profile /tmp/prof --json "$OUT/jax_base_profile.json" \
       | tail -45
     ;;
+  kernels)
+    # Each candidate at CRATE-MAE-Base's shapes (fwd + bwd, gradient error against
+    # the first), then the whole train step with each LayerNorm path.
+    bench --micro --variant base --batch_size 256 --json "$OUT/micro_base.json" | grep -v "^{" | tail -3
+    T=400 bench --variant base --batch_size 256 --norm_impl flax,fused,tokamax \
+      --json "$OUT/jax_base_norms.json" | tail -6
+    ;;
   table)
     # In order of importance; each step has its own time limit.
-    T=330 timeout 330 python3 tools/bench_official_torch.py --official_dir .official \
-      --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
     # The real loop: `main` with configs/base.py on in-memory data (device augmentation).
     python3 - <<'PY'
 import numpy as np
@@ -58,9 +71,17 @@ PY
       --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_variants.json" | tail -6
     bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
-    bench --variant base --remat_policy full --isolate --batch_size 256 --steps 10 \
-      --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -3
-    python3 -m crate_mae_jax.experiments.benchmark --report "$OUT"/jax_*.json
+    T=200 bench --variant base --remat_policy full,dots_with_no_batch_dims_saveable \
+      --batch_size 256 --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -3
+    python3 -m crate_mae_jax.experiments.benchmark --report="$(ls "$OUT"/jax_*.json | paste -sd,)"
     ;;
-  *) echo "usage: $0 defaults|table"; exit 2 ;;
+  remat)
+    # Rematerialisation policies of Base, and ViT-MAE-Base, at batch 256.
+    T=500 bench --variant base --batch_size 256 \
+      --remat_policy none,full,dots_saveable,dots_with_no_batch_dims_saveable \
+      --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -6
+    bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
+      --warmup 2 --json "$OUT/jax_vit.json" | tail -3
+    ;;
+  *) echo "usage: $0 defaults|table|kernels|remat"; exit 2 ;;
 esac

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from crate_mae_jax import data_arrays  # noqa: E402  (TF-free)
+from crate_mae_jax.datasets import fashion_mnist  # noqa: E402  (TF-free)
 
 PER_CLASS = {"train": 500, "test": 100}
 
@@ -35,12 +35,12 @@ def balanced_subset(labels: np.ndarray, per_class: int, rng: np.random.Generator
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--src", default=data_arrays.FASHION_MNIST_DIR)
-  ap.add_argument("--out", default=data_arrays.QUICKSTART_PATH)
+  ap.add_argument("--src", default=fashion_mnist.FASHION_MNIST_DIR)
+  ap.add_argument("--out", default=fashion_mnist.QUICKSTART_PATH)
   args = ap.parse_args(argv)
-  data = data_arrays.load_fashion_mnist(args.src)
+  data = fashion_mnist.load_fashion_mnist(args.src)
   rng = np.random.default_rng(0)
-  out = {"class_names": np.asarray(data_arrays.FASHION_MNIST_CLASSES)}
+  out = {"class_names": np.asarray(fashion_mnist.FASHION_MNIST_CLASSES)}
   for split, per_class in PER_CLASS.items():
     x, y = data[split]
     idx = balanced_subset(y, per_class, rng)

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from crate_mae_jax import sharding
+from crate_mae_jax import models, sharding
 from crate_mae_jax.config_lib import ConfigError
 
 REGISTRY: dict[str, type] = {}
@@ -46,15 +46,20 @@ def register(kind: str) -> Callable[[type], type]:
 @dataclasses.dataclass
 class Context:
   """What an evaluator may use: the run's config, the module the task trains,
-  the data source (eval split and its device augmentation), the mesh and the
-  sharding of the evaluated variables."""
+  its resolved model config, the data source (eval split and its device
+  augmentation), the mesh and the sharding of the evaluated variables."""
   config: ml_collections.ConfigDict
   model: nn.Module
+  resolved: Any = None  # models.resolve(config.model); resolved here when not given
   source: Any = None
   mesh: Any = None
   rules: tuple = ()
   variables_sharding: Any = None
   num_classes: int | None = None
+
+  def __post_init__(self):
+    if self.resolved is None:
+      self.resolved = models.resolve(self.config.model)
 
   @contextlib.contextmanager
   def scope(self):

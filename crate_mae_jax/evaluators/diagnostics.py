@@ -10,7 +10,7 @@ construction) is left out: it measures nothing.
 import jax
 import jax.numpy as jnp
 
-from crate_mae_jax import diagnostics, models
+from crate_mae_jax import diagnostics
 from crate_mae_jax.config_lib import ConfigError
 from crate_mae_jax.evaluators import common
 
@@ -33,7 +33,7 @@ class Evaluator:
   def __init__(self, context: common.Context, *, num_images: int | None = None,
                mask_ratios: tuple | None = None):
     config = context.config
-    resolved = models.resolve(config.model)
+    resolved = context.resolved
     if resolved["arch"] != "crate_mae":
       raise ConfigError(f"config.evals: 'diagnostics' needs config.model.arch='crate_mae' "
                         f"(got {resolved['arch']!r}: no subspaces or sparse codes); remove it")

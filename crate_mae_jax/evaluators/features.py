@@ -18,12 +18,12 @@ from crate_mae_jax.evaluators._batches import BatchProgress
 POOLS = ("cls", "mean")
 
 
-def feature_encoder(model_cfg):
-  """The encoder of `model_cfg` for feature extraction: float32 compute, no drop
-  path, no rematerialisation (same parameters as the trained one)."""
-  cfg = model_cfg.copy_and_resolve_references()
-  cfg.update(dtype="float32", drop_path=0.0, remat_policy=None)
-  return models.build_encoder(cfg)
+def feature_encoder(model):
+  """The encoder of `model` (resolved or a model config) for feature extraction:
+  float32 compute, no drop path, no rematerialisation (same parameters as the
+  trained one)."""
+  return models.build_encoder(models.with_fields(model, dtype="float32", drop_path=0.0,
+                                                 remat_policy=None))
 
 
 def layer_names(depth: int) -> list[str]:
@@ -74,7 +74,7 @@ class SplitFeatures:
   `features(params)` extracts the per-layer features of both."""
 
   def __init__(self, config, *, max_train: int | None = None, max_test: int | None = None,
-               batch_size: int = 256, arrays=None):
+               batch_size: int = 256, arrays=None, resolved=None):
     from crate_mae_jax import input_pipeline
     if arrays is None:
       limit = [m for m in (max_train, config.data.max_examples) if m]
@@ -89,7 +89,7 @@ class SplitFeatures:
     self.train_x, self.train_y = train_x, np.asarray(train_y, np.int32)
     self.test_x, self.test_y = test_x, np.asarray(test_y, np.int32)
     self.num_classes = int(config.data.num_classes or classes)
-    self.encoder = feature_encoder(config.model)
+    self.encoder = feature_encoder(config.model if resolved is None else resolved)
     self.names = layer_names(self.encoder.depth)
     self.batch_size = batch_size
     self._extract = make_extract_fn(self.encoder)
@@ -127,7 +127,8 @@ class LayerReadout:
                data=None):
     self.pools = tuple(pools)
     self.data = data or SplitFeatures(context.config, max_train=max_train,
-                                      max_test=max_test, batch_size=batch_size)
+                                      max_test=max_test, batch_size=batch_size,
+                                      resolved=context.resolved)
 
   def score(self, train_features, test_features) -> float:
     raise NotImplementedError

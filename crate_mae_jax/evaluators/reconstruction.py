@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_mae_jax import diagnostics, models, steps
+from crate_mae_jax import diagnostics, steps
 from crate_mae_jax.evaluators import _batches, common
 
 
@@ -33,7 +33,7 @@ class Evaluator:
     config = context.config
     self.context = context
     self.model = context.model
-    self.mask_ratio = (models.resolve(config.model)["mask_ratio"] if mask_ratio is None
+    self.mask_ratio = (context.resolved["mask_ratio"] if mask_ratio is None
                        else float(mask_ratio))
     self.num_images = config.eval.num_images if num_images is None else int(num_images)
     self.max_batches = config.eval.max_batches if max_batches is None else max_batches

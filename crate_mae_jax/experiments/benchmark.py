@@ -12,10 +12,10 @@ donated, batch already on the devices). After `--warmup` steps it runs
 only at the end of a window, and reports the median window's ms/step with the
 spread over windows.
 
-Comma lists in --variant/--arch/--dtype/--attention_impl/--remat_policy/
+Comma lists in --variant/--arch/--dtype/--attention_impl/--norm_impl/--remat_policy/
 --batch_size and '|'-separated alternatives in --xla_flags give a sweep: every
 combination runs in its own subprocess (own XLA flags, own peak memory), and
-the table of all rows is printed at the end. `--report a.json b.json` prints
+the table of all rows is printed at the end. `--report=a.json,b.json` prints
 the table of earlier runs.
 
 FLOPs are counted analytically (`forward_flops`): 2·m·n·k for every matrix
@@ -45,6 +45,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+from absl import flags
 
 GIB = 1024**3
 
@@ -220,6 +222,7 @@ def build(args):
   c.model.mask_ratio = args.mask_ratio
   c.model.attention_impl = "auto" if args.attention_impl in ("none", "default") \
       else args.attention_impl
+  c.model.norm_impl = "auto" if args.norm_impl in ("none", "default") else args.norm_impl
   c.model.remat_policy = None if args.remat_policy == "none" else args.remat_policy
   for key in ("width", "depth", "heads", "patch_size"):
     if getattr(args, key, None):
@@ -235,7 +238,7 @@ def build(args):
     raise SystemExit(f"--image_size {args.image_size} is not a multiple of the patch size "
                      f"{resolved['patch_size']}")
 
-  model = models.build_mae(c.model)
+  model = models.build_mae(resolved)
   tx, lr = optim.create(c, None, 10_000, 1_000)
   mesh = sharding.create_mesh(c.mesh.shape)
   rules = sharding.rules(c.mesh)
@@ -267,13 +270,14 @@ def run_one(args) -> dict:
   row: dict[str, Any] = dict(
       arch=args.arch, variant=args.variant, batch_size=args.batch_size,
       image_size=args.image_size, dtype=args.dtype, attention_impl=args.attention_impl,
-      remat_policy=args.remat_policy, mesh=args.mesh, mask_ratio=args.mask_ratio,
+      norm_impl=args.norm_impl, remat_policy=args.remat_policy, mesh=args.mesh, mask_ratio=args.mask_ratio,
       xla_flags=os.environ.get("XLA_FLAGS", ""), label=args.label)
   compiled, state, batch, r, _, compile_s, params, hlo_flops = build(args)
   from crate_mae_jax import layers, models  # pylint: disable=import-outside-toplevel
   row.update(params=params, compile_s=round(compile_s, 2),
              attention_resolved=layers.resolve_attention(r["attention_impl"],
-                                                         models.DTYPES[r["dtype"]]))
+                                                         models.DTYPES[r["dtype"]]),
+             norm_resolved=layers.resolve_norm(r["norm_impl"], models.DTYPES[r["dtype"]]))
 
   for _ in range(max(args.warmup, 1)):
     state, metrics = compiled(state, batch)
@@ -505,6 +509,21 @@ def padded_cudnn_attention(w, scale: float, pad_to: int):
   return out[:, :n]
 
 
+def tokamax_attention(w, scale: float, implementation: str, pad_to: int | None = None):
+  """q = k = v = w through tokamax's attention kernels (Mosaic GPU or Triton),
+  optionally padded with the padding masked out by key lengths."""
+  import jax.numpy as jnp
+  import tokamax
+  b, n = w.shape[:2]
+  if pad_to is None:
+    return tokamax.dot_product_attention(w, w, w, scale=scale, implementation=implementation)
+  wp = jnp.pad(w, ((0, 0), (0, pad_to - n), (0, 0), (0, 0)))
+  lens = jnp.full((b,), n, jnp.int32)
+  out = tokamax.dot_product_attention(wp, wp, wp, scale=scale, key_value_seq_lengths=lens,
+                                      implementation=implementation)
+  return out[:, :n]
+
+
 def pallas_attention(w, scale: float, pad_to: int, block_q: int, block_k: int):
   """q = k = v = w through JAX's Pallas (Triton) flash attention; the padding
   is a second segment, so real tokens attend to real tokens only."""
@@ -558,11 +577,26 @@ def micro(args) -> list[dict]:
                                     jax.random.normal(key, (k, k), jnp.bfloat16),
                                     jax.random.normal(jax.random.key(2), (k, k), jnp.bfloat16)),
       flops=2 * k**3)
-  ln = layers.layer_norm(1e-5, jnp.bfloat16, jnp.float32, "ln")
-  lnp = ln.init(key, x[:8])
-  add(f"layernorm fwd+bwd bf16 ({m}x{d})",
-      _time_fn(jax.jit(jax.grad(lambda p, a: ln.apply(p, a).astype(jnp.float32).sum(),
-                                argnums=(0, 1))), lnp, x), nbytes=4 * x.nbytes)
+  # LayerNorm kernels at the model's shapes: bf16 activations, f32 parameters.
+  ln_ref = None
+  x_probe = jax.random.normal(jax.random.key(3), x.shape, jnp.float32)  # a cotangent
+  for impl in layers.NORM_IMPLS[1:]:
+    ln = layers.layer_norm(1e-5, jnp.bfloat16, jnp.float32, "ln", impl)
+    ln_grad = jax.jit(jax.grad(lambda p, a, ln=ln: (ln.apply(p, a).astype(jnp.float32)
+                                                    * x_probe).sum(), argnums=(0, 1)))
+    try:
+      lnp = ln.init(key, x[:8])
+      grads = ln_grad(lnp, x)
+      if ln_ref is None:
+        ln_ref = grads
+      err = max(float(jnp.linalg.norm((a - b).astype(jnp.float32))
+                      / jnp.linalg.norm(b.astype(jnp.float32)))
+                for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ln_ref)))
+      add(f"layernorm {impl} fwd+bwd bf16 ({m}x{d}), grad rel.err {err:.1e}",
+          _time_fn(ln_grad, lnp, x), nbytes=4 * x.nbytes)
+    except Exception as e:  # pylint: disable=broad-except
+      rows.append({"micro": f"layernorm {impl}", "error": f"{type(e).__name__}: {e}"[:300]})
+      print(json.dumps(rows[-1]), flush=True)
   del x
   w = jax.random.normal(key, (b, n, h, hd), jnp.bfloat16)
   g = jax.random.normal(jax.random.key(1), (b, n, h, hd), jnp.bfloat16)
@@ -579,6 +613,11 @@ def micro(args) -> list[dict]:
     if pad > n and gpu:
       impls[f"pallas-triton mha pad {pad} blocks {bq}/{bk}"] = (
           lambda q, pad=pad, bq=bq, bk=bk: pallas_attention(q, scale, pad, bq, bk))
+  if gpu:
+    for impl in ("mosaic", "triton"):
+      impls[f"tokamax {impl}"] = lambda q, impl=impl: tokamax_attention(q, scale, impl)
+      impls[f"tokamax {impl} pad {-(-n // 16) * 16}"] = (
+          lambda q, impl=impl: tokamax_attention(q, scale, impl, -(-n // 16) * 16))
   ref = None
   for name, fn in impls.items():
     def loss(q, fn=fn):
@@ -603,7 +642,8 @@ def micro(args) -> list[dict]:
 
 COLUMNS = (("label", "label", "{}"), ("arch", "arch", "{}"), ("variant", "var", "{}"),
            ("batch_size", "batch", "{}"), ("dtype", "dtype", "{}"),
-           ("attention_impl", "attn", "{}"), ("remat_policy", "remat", "{}"),
+           ("attention_impl", "attn", "{}"), ("norm_impl", "norm", "{}"),
+           ("remat_policy", "remat", "{}"),
            ("img_s", "img/s", "{:,.0f}"), ("ms_step", "ms/step", "{:.2f}"),
            ("spread_pct", "±%", "{:.1f}"), ("model_tflops", "model TF/s", "{:.0f}"),
            ("exec_tflops", "exec TF/s", "{:.0f}"), ("hlo_vs_exec", "HLO/exec flops", "{:.2f}"),
@@ -635,22 +675,22 @@ def sweep(args, argv) -> list[dict]:
   variants = ["tiny", "small", "base", "large"] if args.variant == "all" else _split(args.variant)
   combos = list(itertools.product(
       _split(args.arch), variants, [int(b) for b in _split(args.batch_size)], _split(args.dtype),
-      _split(args.attention_impl), _split(args.remat_policy),
+      _split(args.attention_impl), _split(args.norm_impl), _split(args.remat_policy),
       [f.strip() for f in args.xla_flags.split("|")] if args.xla_flags else [""]))
   if len(combos) == 1 and not args.isolate:
-    arch, variant, batch, dtype, attn, remat, flags = combos[0]
+    arch, variant, batch, dtype, attn, norm, remat, flags = combos[0]
     args = argparse.Namespace(**{**vars(args), "arch": arch, "variant": variant,
                                  "batch_size": batch, "dtype": dtype, "attention_impl": attn,
-                                 "remat_policy": remat})
+                                 "norm_impl": norm, "remat_policy": remat})
     try:
       return [run_one(args)]
     except Exception as e:  # pylint: disable=broad-except
       return [dict(arch=arch, variant=variant, batch_size=batch, dtype=dtype,
-                   attention_impl=attn, remat_policy=remat, label=args.label,
+                   attention_impl=attn, norm_impl=norm, remat_policy=remat, label=args.label,
                    error=f"{type(e).__name__}: {e}")]
   rows = []
   keep = _strip_sweep_flags(argv)
-  for arch, variant, batch, dtype, attn, remat, flags in combos:
+  for arch, variant, batch, dtype, attn, norm, remat, flags in combos:
     base_env = os.environ.get("XLA_FLAGS_BASE", os.environ.get("XLA_FLAGS", ""))
     env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, [base_env,
                                                              "" if flags == "default" else flags])))
@@ -659,8 +699,9 @@ def sweep(args, argv) -> list[dict]:
       out = os.path.join(tmp, "row.json")
       cmd = [sys.executable, "-m", "crate_mae_jax.experiments.benchmark", *keep,
              "--arch", arch, "--variant", variant, "--batch_size", str(batch),
-             "--dtype", dtype, "--attention_impl", attn, "--remat_policy", remat,
-             "--no-isolate", "--quiet", "--json", out]
+             "--dtype", dtype, "--attention_impl", attn, "--norm_impl", norm,
+             "--remat_policy", remat,
+             "--noisolate", "--quiet", "--json", out]
       if args.profile:
         cmd += ["--profile", os.path.join(args.profile, f"{arch}_{variant}_{attn}_{len(rows)}")]
       if args.dump_hlo:
@@ -669,7 +710,7 @@ def sweep(args, argv) -> list[dict]:
       if flags and flags != "default":
         label = (label + " " if label else "") + flags
       cmd += [f"--label={label}"]
-      print(f"--- {arch} {variant} batch {batch} {dtype} attn={attn} remat={remat} "
+      print(f"--- {arch} {variant} batch {batch} {dtype} attn={attn} norm={norm} remat={remat} "
             f"flags={flags or 'default'}", flush=True)
       t0 = time.perf_counter()
       try:
@@ -691,7 +732,8 @@ def sweep(args, argv) -> list[dict]:
       for g in got:
         g.setdefault("arch", arch), g.setdefault("variant", variant)
         g.setdefault("batch_size", batch), g.setdefault("dtype", dtype)
-        g.setdefault("attention_impl", attn), g.setdefault("remat_policy", remat)
+        g.setdefault("attention_impl", attn), g.setdefault("norm_impl", norm)
+        g.setdefault("remat_policy", remat)
         g.setdefault("label", label)
         g["wall_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps({k: v for k, v in g.items()
@@ -704,7 +746,7 @@ def sweep(args, argv) -> list[dict]:
 
 def _strip_sweep_flags(argv):
   """argv without the flags a sweep sets per run."""
-  drop = {"--arch", "--variant", "--batch_size", "--dtype", "--attention_impl",
+  drop = {"--arch", "--variant", "--batch_size", "--dtype", "--attention_impl", "--norm_impl",
           "--remat_policy", "--xla_flags", "--json", "--label", "--profile", "--dump_hlo"}
   out, skip = [], False
   for a in argv:
@@ -715,7 +757,7 @@ def _strip_sweep_flags(argv):
     if name in drop:
       skip = "=" not in a
       continue
-    if name in ("--isolate", "--no-isolate", "--quiet"):
+    if name in ("--isolate", "--noisolate", "--quiet"):
       continue
     out.append(a)
   return out
@@ -736,54 +778,97 @@ def _print_profile(row):
     print(f"  {v:8.3f} ms  {k[:110]}")
 
 
+# ----------------------------------------------------------------------------- command line
+# Its own flag set: the benchmark is also imported as a library (tests, the
+# study), where its flag names (dtype, variant, ...) must not collide with
+# other modules' flags in absl's global set.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("variant", "base", "tiny/small/base/large, a comma list, or all", flag_values=FLAGS)
+flags.DEFINE_string("arch", "crate_mae", "crate_mae, vit_mae or a comma list", flag_values=FLAGS)
+flags.DEFINE_string("batch_size", "256", "global batch (comma list allowed)", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 224, "image side in pixels", flag_values=FLAGS)
+flags.DEFINE_string("dtype", "bfloat16", "compute dtype: float32, bfloat16 (comma list allowed)", flag_values=FLAGS)
+flags.DEFINE_string("attention_impl", "auto",
+                    "auto (the training default: cuDNN on GPU in bf16/fp16, else XLA), "
+                    "xla, cudnn, explicit (comma list allowed)", flag_values=FLAGS)
+flags.DEFINE_string("norm_impl", "auto",
+                    "LayerNorm kernel: auto (the training default), flax, fused, tokamax "
+                    "(comma list allowed)", flag_values=FLAGS)
+flags.DEFINE_string("remat_policy", "none",
+                    "none, full or a jax.checkpoint_policies name (comma list allowed)", flag_values=FLAGS)
+flags.DEFINE_integer("width", 0, "override the variant's width", flag_values=FLAGS)
+flags.DEFINE_integer("depth", 0, "override the variant's depth", flag_values=FLAGS)
+flags.DEFINE_integer("decoder_depth", 0, "override the decoder depth", flag_values=FLAGS)
+flags.DEFINE_integer("heads", 0, "override the variant's heads", flag_values=FLAGS)
+flags.DEFINE_integer("patch_size", 0, "override the patch size (16)", flag_values=FLAGS)
+flags.DEFINE_string("mesh", "data=-1", "e.g. data=-1 or data=2,fsdp=4", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 10, "steps per timed window", flag_values=FLAGS)
+flags.DEFINE_integer("windows", 5, "timed windows (median reported)", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 3, "untimed steps after compiling", flag_values=FLAGS)
+flags.DEFINE_float("mask_ratio", 0.75, "fraction of patches masked", flag_values=FLAGS)
+flags.DEFINE_string("xla_flags", "",
+                    "extra XLA flags; '|' separates alternatives to sweep ('default' = none)", flag_values=FLAGS)
+flags.DEFINE_bool("isolate", None,
+                  "run each configuration in its own process (default: when sweeping)", flag_values=FLAGS)
+flags.DEFINE_integer("run_timeout", 600, "seconds per isolated run", flag_values=FLAGS)
+flags.DEFINE_string("profile", "", "trace steps into this folder, print a breakdown", flag_values=FLAGS)
+flags.DEFINE_integer("profile_steps", 3, "steps traced with --profile", flag_values=FLAGS)
+flags.DEFINE_string("dump_hlo", "", "write the compiled step's HLO text here", flag_values=FLAGS)
+flags.DEFINE_string("label", "", "a label for the rows", flag_values=FLAGS)
+flags.DEFINE_bool("input_pipeline", False,
+                  "also time the host input pipeline (needs crate_mae_jax.input_pipeline)", flag_values=FLAGS)
+flags.DEFINE_string("input_source", "quickstart", "data.source of the timed input pipeline", flag_values=FLAGS)
+flags.DEFINE_string("input_path", "", "data.path of the timed input pipeline", flag_values=FLAGS)
+flags.DEFINE_integer("input_batches", 20, "batches timed with --input_pipeline", flag_values=FLAGS)
+flags.DEFINE_bool("no_model", False, "time the input pipeline only (with --input_pipeline)", flag_values=FLAGS)
+flags.DEFINE_string("json", "", "write rows and environment here", flag_values=FLAGS)
+flags.DEFINE_list("report", None, "print the table of these JSON files (comma list)", flag_values=FLAGS)
+flags.DEFINE_bool("micro", False,
+                  "time ceilings (copy, matmul), LayerNorm and attention kernels at the "
+                  "model's shapes", flag_values=FLAGS)
+flags.DEFINE_bool("quiet", False, "print no table", flag_values=FLAGS)
+_FLAG_NAMES = ("variant", "arch", "batch_size", "image_size", "dtype", "attention_impl",
+               "norm_impl", "remat_policy", "width", "depth", "decoder_depth", "heads",
+               "patch_size", "mesh", "steps", "windows", "warmup", "mask_ratio", "xla_flags",
+               "isolate", "run_timeout", "profile", "profile_steps", "dump_hlo", "label",
+               "input_pipeline", "input_source", "input_path", "input_batches", "no_model",
+               "json", "report", "micro", "quiet")
+
+
+def usage() -> str:
+  lines = [__doc__, "flags:"]
+  for name in _FLAG_NAMES:
+    flag = FLAGS[name]
+    lines.append(f"  --{name}: {flag.help} (default: {flag.default_as_str or 'unset'})")
+  return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  """The benchmark's absl flags from `argv` (without the program name), as a
+  namespace; parsing again starts from the defaults (tests call `main` twice).
+  `--help` prints the flags and exits 0; a bad flag exits 2 naming it."""
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
+    print(usage())
+    sys.exit(0)
+  FLAGS.unparse_flags()
+  # Libraries that read absl's global flags (tokamax) see their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  try:
+    FLAGS(["benchmark", *argv])
+  except flags.Error as e:
+    print(f"error: {e} (see --help)", file=sys.stderr)
+    sys.exit(2)
+  return argparse.Namespace(**{name: FLAGS[name].value for name in _FLAG_NAMES})
+
+
 def main(argv=None):
+  """Runs the benchmark for `argv` (flags only; default: the command line);
+  returns the rows."""
   argv = list(sys.argv[1:] if argv is None else argv)
   from crate_mae_jax import xla_defaults  # the training defaults, before JAX starts
   xla_defaults.apply()
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--variant", default="base", help="tiny/small/base/large, a comma list, or all")
-  ap.add_argument("--arch", default="crate_mae", help="crate_mae, vit_mae or a comma list")
-  ap.add_argument("--batch_size", default="256", help="global batch (comma list allowed)")
-  ap.add_argument("--image_size", type=int, default=224)
-  ap.add_argument("--dtype", default="bfloat16", help="compute dtype: float32, bfloat16")
-  ap.add_argument("--attention_impl", default="auto",
-                  help="auto (the training default: cuDNN on GPU in bf16/fp16, else XLA), "
-                       "xla, cudnn, explicit (comma list allowed)")
-  ap.add_argument("--remat_policy", default="none",
-                  help="none, full or a jax.checkpoint_policies name (comma list allowed)")
-  ap.add_argument("--width", type=int, default=0, help="override the variant's width")
-  ap.add_argument("--depth", type=int, default=0, help="override the variant's depth")
-  ap.add_argument("--decoder_depth", type=int, default=0, help="override the decoder depth")
-  ap.add_argument("--heads", type=int, default=0, help="override the variant's heads")
-  ap.add_argument("--patch_size", type=int, default=0, help="override the patch size (16)")
-  ap.add_argument("--mesh", default="data=-1", help="e.g. data=-1 or data=2,fsdp=4")
-  ap.add_argument("--steps", type=int, default=10, help="steps per timed window")
-  ap.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
-  ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
-  ap.add_argument("--mask_ratio", type=float, default=0.75)
-  ap.add_argument("--xla_flags", default="",
-                  help="extra XLA flags; '|' separates alternatives to sweep ('default' = none)")
-  ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                  help="run each configuration in its own process (default: when sweeping)")
-  ap.add_argument("--run_timeout", type=int, default=600, help="seconds per isolated run")
-  ap.add_argument("--profile", default="", help="trace steps into this folder, print a breakdown")
-  ap.add_argument("--profile_steps", type=int, default=3)
-  ap.add_argument("--dump_hlo", default="", help="write the compiled step's HLO text here")
-  ap.add_argument("--label", default="")
-  ap.add_argument("--input_pipeline", action="store_true",
-                  help="also time the host input pipeline (needs crate_mae_jax.input_pipeline)")
-  ap.add_argument("--input_source", default="quickstart")
-  ap.add_argument("--input_path", default="")
-  ap.add_argument("--input_batches", type=int, default=20)
-  ap.add_argument("--no_model", action="store_true",
-                  help="time the input pipeline only (with --input_pipeline)")
-  ap.add_argument("--json", default="", help="write rows and environment here")
-  ap.add_argument("--report", nargs="+", default=None, help="print the table of these JSON files")
-  ap.add_argument("--micro", action="store_true",
-                  help="time ceilings (copy, matmul) and attention variants at the model's shapes")
-  ap.add_argument("--quiet", action="store_true")
-  args = ap.parse_args(argv)
+  args = parse_args(argv)
 
   if args.report:
     rows = []
@@ -795,7 +880,8 @@ def main(argv=None):
 
   n_combos = (4 if args.variant == "all" else len(_split(args.variant))) * len(_split(args.arch)) \
       * len(_split(args.batch_size)) * len(_split(args.dtype)) \
-      * len(_split(args.attention_impl)) * len(_split(args.remat_policy)) \
+      * len(_split(args.attention_impl)) * len(_split(args.norm_impl)) \
+      * len(_split(args.remat_policy)) \
       * (len(args.xla_flags.split("|")) if args.xla_flags else 1)
   if args.isolate is None:
     args.isolate = n_combos > 1

@@ -129,11 +129,9 @@ def study_config(task: str, arch: str, *, scale: float = 1.0, data_source: str =
   return c
 
 
-def _float32(model_cfg):
-  cfg = model_cfg.copy_and_resolve_references()
-  cfg.dtype = "float32"
-  cfg.drop_path = 0.0
-  return cfg
+def float32_model(model_cfg) -> models.ResolvedModel:
+  """The model for measurements: float32 compute, no drop-path."""
+  return models.with_fields(model_cfg, dtype="float32", drop_path=0.0)
 
 
 def param_counts(model_cfg, image_size: int) -> dict:
@@ -256,11 +254,12 @@ def run_stage(cfg, workdir: str, tensorboard: bool = False, num_train: int | Non
       "lr": scalars.get(LEARNING_RATE, []),
   }
   with open(stage_path, "w") as f:
-    json.dump(stage, f, indent=1, default=_jsonable)
+    json.dump(stage, f, indent=1, default=jsonable)
   return stage
 
 
-def _jsonable(x):
+def jsonable(x):
+  """json.dump's `default`: numpy scalars and arrays as numbers and lists."""
   if isinstance(x, (np.floating, np.integer)):
     return x.item()
   if isinstance(x, np.ndarray):
@@ -311,9 +310,8 @@ def diagnose(model_cfg, params, diag_images, figure_images, data_cfg, out_dir: s
              tag: str, seed: int = 0) -> dict:
   """Layer-wise measures (CRATE-MAE), masked-MSE on the fixed batch and, with
   `out_dir`, the reconstruction / attention / PCA figures."""
-  cfg = _float32(model_cfg)
-  r = models.resolve(cfg)
-  model = models.build_mae(cfg)
+  r = float32_model(model_cfg)
+  model = models.build_mae(r)
   out: dict = {"masked_mse": masked_loss(model, params, diag_images, r["mask_ratio"], seed)}
   if r["arch"] == "crate_mae":
     measures = diagnostics.layerwise_measures(model, params, diag_images, mask_ratio=0.0)
@@ -385,7 +383,7 @@ def run_arch(arch: str, opts: dict, data: Data, workdir: str, tensorboard: bool 
     summary["seconds"] = time.time() - start
     summary["environment"] = environment()
     with open(os.path.join(root, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1, default=_jsonable)
+      json.dump(summary, f, indent=1, default=jsonable)
 
   logging.info("%s: diagnostics of the untrained model", arch)
   init = initial_params(pre_cfg)
@@ -434,7 +432,7 @@ def run_pixel_floor(data: Data, workdir: str, scale: float) -> dict:
                 params=int(np.prod(train_x.shape[1:])) * data.num_classes + data.num_classes,
                 seconds=time.time() - start, environment=environment())
   with open(path, "w") as f:
-    json.dump(result, f, indent=1, default=_jsonable)
+    json.dump(result, f, indent=1, default=jsonable)
   return result
 
 
@@ -539,7 +537,7 @@ def report(workdir: str) -> dict:
   with open(os.path.join(workdir, "study.md"), "w") as f:
     f.write(study["table"])
   with open(os.path.join(workdir, "study.json"), "w") as f:
-    json.dump(study, f, indent=1, default=_jsonable)
+    json.dump(study, f, indent=1, default=jsonable)
   return study
 
 
@@ -560,7 +558,7 @@ def run_study(workdir: str, archs=ARCHS, pixel_floor: bool = True, tensorboard: 
               "figure_images": figure_images, "archs": list(archs),
               "command": " ".join(sys.argv)}
   with open(os.path.join(workdir, "protocol.json"), "w") as f:
-    json.dump(protocol, f, indent=1, default=_jsonable)
+    json.dump(protocol, f, indent=1, default=jsonable)
   try:
     for arch in archs:
       run_arch(arch, opts, data, workdir, tensorboard, diag_images, figure_images)

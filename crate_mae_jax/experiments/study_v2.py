@@ -153,7 +153,7 @@ class Evaluation:
     from crate_mae_jax.evaluators import diagnostics as diag_eval
     if cfg.model.arch != "crate_mae":
       return {}
-    model = models.build_mae(study._float32(cfg.model))   # pylint: disable=protected-access
+    model = models.build_mae(study.float32_model(cfg.model))
     out = {}
     for ratio in DIAG_MASK_RATIOS:
       measures = diagnostics.layerwise_measures(model, params, self.diag_images,
@@ -171,7 +171,7 @@ class Evaluation:
 def _write_json(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=study._jsonable)   # pylint: disable=protected-access
+    json.dump(obj, f, indent=1, default=study.jsonable)
   os.replace(tmp, path)
 
 

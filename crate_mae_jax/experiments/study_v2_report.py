@@ -5,7 +5,7 @@ folder: study2.json (per-run numbers and the aggregates), study2.md (tables),
 answers.md (the block for RESULTS.md), layerwise_readout.png (k-NN / ridge probe
 top-1 against encoder layer, pre-trained lines and random-initialisation dots)
 and white_box.png (CRATE-MAE coding rate and non-zero fraction against layer at
-mask ratio 0 and 0.75). Pillow only.
+mask ratio 0 and 0.75), drawn with matplotlib (`plots.line_plot`).
 """
 import glob
 import json
@@ -19,9 +19,8 @@ NAMES = {"crate_mae_lam0.5": "CRATE-MAE λ=0.5", "crate_mae_lam5": "CRATE-MAE λ
          "vit_mae": "ViT-MAE (visible-only encoder)",
          "vit_mae_all": "ViT-MAE (mask tokens in encoder)",
          "vit_mae_matched": "ViT-MAE (parameter-matched)"}
-COLORS = {"crate_mae_lam0.5": (31, 119, 180), "crate_mae_lam5": (148, 103, 189),
-          "vit_mae": (255, 127, 14), "vit_mae_all": (214, 39, 40),
-          "vit_mae_matched": (44, 160, 44)}
+COLORS = {"crate_mae_lam0.5": "tab:blue", "crate_mae_lam5": "tab:purple",
+          "vit_mae": "tab:orange", "vit_mae_all": "tab:red", "vit_mae_matched": "tab:green"}
 POOLS = ("cls", "mean")
 MATCHED = "vit_mae_matched"
 CRATES = ("crate_mae_lam0.5", "crate_mae_lam5")
@@ -124,9 +123,9 @@ def save_layerwise_figure(runs: list[dict], path: str) -> str:
                                                                       kind, pool)
       for v, ys in trained.items():
         xs = np.arange(len(ys))
-        series.append((NAMES.get(v, v), xs, 100 * ys, COLORS.get(v, (0, 0, 0)), "line"))
+        series.append((NAMES.get(v, v), xs, 100 * ys, COLORS.get(v, "black"), "line"))
         if v in random:
-          series.append(("", xs, 100 * random[v], COLORS.get(v, (0, 0, 0)), "dots"))
+          series.append(("", xs, 100 * random[v], COLORS.get(v, "black"), "dots"))
       panels.append((f"{title}, {pool}: top-1 % (dots: random init)",
                      "encoder layer (last = after final norm)", series))
   return plots.line_plot(panels, path, panel_size=(520, 380))
@@ -140,7 +139,7 @@ def save_white_box_figure(runs: list[dict], path: str) -> str:
       for state, style in (("pretrained", "line"), ("random_init", "dots")):
         for v, ys in white_box_curves(runs, state, ratio, measure).items():
           series.append((NAMES.get(v, v) if style == "line" else "", np.arange(len(ys)), ys,
-                         COLORS.get(v, (0, 0, 0)), style))
+                         COLORS.get(v, "black"), style))
       panels.append((f"{label}, {ratio.replace('_', ' ')} (dots: random init)",
                      "encoder layer", series))
   return plots.line_plot(panels, path, panel_size=(480, 340))
