@@ -441,10 +441,13 @@ def merge_reports(reports: list[dict]) -> dict:
     raise ConfigError("--merge: give at least one JSON report")
   first = reports[0]
   for r in reports[1:]:
-    for key in ("topology", "model"):
-      if r[key] != first[key]:
-        raise ConfigError(f"--merge: reports differ in {key!r} ({first[key]} vs {r[key]}); "
-                          "merge only reports of one model on one topology")
+    # Fields one report lacks (written before the field existed) are not a difference.
+    common = first["model"].keys() & r["model"].keys()
+    differ = [k for k in ("topology",) if r[k] != first[k]] + \
+        [f"model.{k}" for k in sorted(common) if r["model"][k] != first["model"][k]]
+    if differ:
+      raise ConfigError(f"--merge: reports differ in {', '.join(differ)}; "
+                        "merge only reports of one model on one topology")
   plans = [Plan(**p) for r in reports for p in r["plans"]]
   best = recommend(plans)
   return {"topology": first["topology"], "model": first["model"],

@@ -138,8 +138,13 @@ def test_merge_recommends_over_separately_compiled_layouts(tmp_path):
   assert merged["recommended"]["accum_steps"] == 2
   assert merged["recommended"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   assert plan.merge_reports([data])["recommended"] is None
-  with pytest.raises(plan.ConfigError, match="'topology'"):
+  with pytest.raises(plan.ConfigError, match="differ in topology"):
     plan.merge_reports([data, _report({"data": 4}, plan.GiB, 1.0, topology="v4:2x2x1")])
+  # A field one report lacks (written before it existed) is no difference; a value is.
+  newer = _report({"data": 4}, plan.GiB, 1.0, model={"arch": "crate_mae", "norm_impl": "flax"})
+  assert len(plan.merge_reports([data, newer])["plans"]) == 2
+  with pytest.raises(plan.ConfigError, match="differ in model.arch"):
+    plan.merge_reports([data, _report({"data": 4}, plan.GiB, 1.0, model={"arch": "vit_mae"})])
   # The command line: files in, one merged JSON out, exit 0 when one fits.
   paths = []
   for i, r in enumerate((data, fsdp)):
