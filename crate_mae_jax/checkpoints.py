@@ -205,23 +205,23 @@ class TrainCheckpoints:
     self._async = asynchronous and not best_metric
     self._options = options
     self.manager = self._open()
+    if _local(self.directory):
+      try:
+        with open(os.path.join(self.directory, FOLDER_MARKER), "a"):
+          pass
+      except OSError:
+        pass  # a read-only folder: the inode alone identifies it
     self._folder = self._identity()
 
   def _identity(self):
-    """(device, inode, marker present) of a local folder; the marker is made
-    on the first look, so a folder that loses it was replaced."""
+    """(device, inode, marker present) of a local folder: a folder that lost
+    the marker made at the start was replaced."""
     try:
       info = os.stat(self.directory)
     except OSError:
       return None
-    marker = os.path.join(self.directory, FOLDER_MARKER)
-    if getattr(self, "_folder", None) is None:
-      try:
-        with open(marker, "a"):
-          pass
-      except OSError:
-        pass
-    return (info.st_dev, info.st_ino, os.path.exists(marker))
+    return (info.st_dev, info.st_ino,
+            os.path.exists(os.path.join(self.directory, FOLDER_MARKER)))
 
   def _open(self):
     return ocp.CheckpointManager(self.directory, options=self._options,

@@ -5,6 +5,7 @@ a table of rules in the config decide how it is sharded; outside a mesh the name
 cost nothing. Initialisers follow the official PyTorch code so training from
 scratch starts from the same distribution.
 """
+import functools
 import importlib.util
 import warnings
 from typing import Any, Callable
@@ -86,6 +87,9 @@ ACT_HEADS = ("activation_batch", "activation_length", "heads", "head_dim")
 
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 NORM_IMPLS = ("auto", "flax", "fused", "tokamax")
+# Every LayerNorm kernel declares these, so checkpoints do not depend on the kernel.
+NORM_SCALE_INIT = partitioned(init.ones, ("norm",))
+NORM_BIAS_INIT = partitioned(init.zeros, ("norm",))
 
 
 def tokamax_available() -> bool:
@@ -121,19 +125,23 @@ def num_mesh_devices() -> int:
   return jax.device_count() if mesh.empty else mesh.size
 
 
-def _fused_layer_norm(x, scale, bias, eps, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
+                     dtype: Dtype) -> jax.Array:
+  """LayerNorm over the last axis, statistics in float32, output in `dtype`.
+
+  The same function as flax's `nn.LayerNorm` (two-pass variance); its custom
+  backward recomputes x̂ from x and the saved row statistics and forms
+  dx = rstd·(g·γ − mean(g·γ) − x̂·mean(g·γ·x̂)) in one fusion with two sibling
+  row reductions, instead of autodiff's chain of separate passes.
+  """
   return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
 
 
-def _row_stats(x: jax.Array, eps: float):
+def _layer_norm_fwd(x, scale, bias, eps, dtype):
   xf = x.astype(jnp.float32)
   mean = xf.mean(-1, keepdims=True)
-  var = jnp.square(xf - mean).mean(-1, keepdims=True)
-  return xf, mean, jax.lax.rsqrt(var + eps)
-
-
-def _layer_norm_fwd(x, scale, bias, eps, dtype):
-  xf, mean, rstd = _row_stats(x, eps)
+  rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
   y = (xf - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
   return y.astype(dtype), (x, mean, rstd, scale, bias)
 
@@ -151,15 +159,7 @@ def _layer_norm_bwd(eps, dtype, res, g):
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
-fused_layer_norm = jax.custom_vjp(_fused_layer_norm, nondiff_argnums=(3, 4))
 fused_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-fused_layer_norm.__doc__ = """LayerNorm over the last axis, statistics in float32, output in `dtype`.
-
-The same function as flax's `nn.LayerNorm` (two-pass variance); its custom
-backward recomputes x̂ from x and the saved row statistics and forms
-dx = rstd·(g·γ − mean(g·γ) − x̂·mean(g·γ·x̂)) in one fusion with two sibling
-row reductions, instead of autodiff's chain of separate passes.
-"""
 
 
 def tokamax_layer_norm(x, scale, bias, eps: float, dtype: Dtype) -> jax.Array:
@@ -193,13 +193,14 @@ class KernelLayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    scale = self.param("scale", partitioned(init.ones, ("norm",)), (d,), self.param_dtype)
-    bias = self.param("bias", partitioned(init.zeros, ("norm",)), (d,), self.param_dtype)
+    scale = self.param("scale", NORM_SCALE_INIT, (d,), self.param_dtype)
+    bias = self.param("bias", NORM_BIAS_INIT, (d,), self.param_dtype)
     if self.implementation == "fused":
       return fused_layer_norm(x, scale, bias, self.epsilon, self.dtype)
     if self.implementation == "tokamax":
-      if num_mesh_devices() > 1:
-        warnings.warn(f"model.norm_impl='tokamax' on {num_mesh_devices()} devices: XLA does not "
+      devices = num_mesh_devices()
+      if devices > 1:
+        warnings.warn(f"model.norm_impl='tokamax' on {devices} devices: XLA does not "
                       "partition its Triton kernel, so every device runs it on the whole "
                       "batch; set model.norm_impl='auto' (flax there)", stacklevel=2)
       return tokamax_layer_norm(x, scale, bias, self.epsilon, self.dtype)
@@ -213,8 +214,7 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str,
   if impl == "flax":
     return nn.LayerNorm(
         epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-        scale_init=partitioned(init.ones, ("norm",)),
-        bias_init=partitioned(init.zeros, ("norm",)), name=name)
+        scale_init=NORM_SCALE_INIT, bias_init=NORM_BIAS_INIT, name=name)
   return KernelLayerNorm(eps, impl, dtype=dtype, param_dtype=param_dtype, name=name)
 
 

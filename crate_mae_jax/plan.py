@@ -32,7 +32,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from crate_mae_jax import (augment_jax, config_lib, layers, models, optim, sharding,
+from crate_mae_jax import (augment_jax, config_lib, models, optim, sharding,
                            state_lib, steps)
 from crate_mae_jax.config_lib import ConfigError
 
@@ -117,10 +117,9 @@ def for_tpu(config: ml_collections.ConfigDict, resolved=None) -> ml_collections.
   resolved for the TPU backend (the planner's own backend is the CPU)."""
   config = ml_collections.ConfigDict(config.to_dict())
   resolved = models.resolve(config.model if resolved is None else resolved)
-  config.model.attention_impl = layers.resolve_attention(
-      resolved["attention_impl"], models.DTYPES[resolved["dtype"]], platform="tpu")
-  config.model.norm_impl = layers.resolve_norm(
-      resolved["norm_impl"], models.DTYPES[resolved["dtype"]], platform="tpu")
+  kernels = models.kernels(resolved, platform="tpu")
+  config.model.attention_impl = kernels["attention"]
+  config.model.norm_impl = kernels["layernorm"]
   return config
 
 

@@ -273,11 +273,10 @@ def run_one(args) -> dict:
       norm_impl=args.norm_impl, remat_policy=args.remat_policy, mesh=args.mesh, mask_ratio=args.mask_ratio,
       xla_flags=os.environ.get("XLA_FLAGS", ""), label=args.label)
   compiled, state, batch, r, _, compile_s, params, hlo_flops = build(args)
-  from crate_mae_jax import layers, models  # pylint: disable=import-outside-toplevel
+  from crate_mae_jax import models  # pylint: disable=import-outside-toplevel
+  kernels = models.kernels(r)
   row.update(params=params, compile_s=round(compile_s, 2),
-             attention_resolved=layers.resolve_attention(r["attention_impl"],
-                                                         models.DTYPES[r["dtype"]]),
-             norm_resolved=layers.resolve_norm(r["norm_impl"], models.DTYPES[r["dtype"]]))
+             attention_resolved=kernels["attention"], norm_resolved=kernels["layernorm"])
 
   for _ in range(max(args.warmup, 1)):
     state, metrics = compiled(state, batch)
