@@ -247,18 +247,22 @@ def _failure_message(e: BaseException, workdir: str) -> str:
           f"in the log above); {kept}; rerun the same command to resume from it")
 
 
-def _exit(message: str, code: int) -> None:
+def _exit(message: str, code: int, threads_may_write: bool = True) -> None:
   """Prints `error: message` and ends the process at once.
 
   Orbax's writer threads are not daemons: after a failed save they can keep
   the interpreter alive forever, and their teardown tracebacks would follow
   our line. So stderr is closed to them and the process ends with os._exit.
+  Such a thread may also be half-way through a line when we take stderr over
+  (seen in CI: `...Event loop is closed')error: ...`), so after training has
+  started our line begins on a fresh line of its own.
   """
   sys.stdout.flush()
   sys.stderr.flush()
   err = os.dup(2)
   os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-  os.write(err, f"error: {' '.join(str(message).split())}\n".encode())
+  lead = "\n" if threads_may_write else ""
+  os.write(err, f"{lead}error: {' '.join(str(message).split())}\n".encode())
   os._exit(code)  # pylint: disable=protected-access
 
 
@@ -298,7 +302,7 @@ def main(argv):
     results = train.train_and_evaluate(config, workdir, resolved=resolved)
   except (config_lib.ConfigError, checkpoints.CheckpointError,
           workdir_lock.WorkdirBusyError) as e:
-    _exit(str(e), 2)
+    _exit(str(e), 2, threads_may_write=False)
   except (train.TrainingStopped, checkpoints.NonFiniteStateError,
           checkpoints.CheckpointFolderLost) as e:
     logging.error("%s", e)
