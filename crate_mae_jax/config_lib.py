@@ -203,6 +203,14 @@ def check_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
             f"({missing[0]!r}, 1) to config.mesh.shape or change the rule")
 
 
+def check_backend(c: ml_collections.ConfigDict, platform: str) -> None:
+  """The kernels a config names explicitly run on this backend (`platform`:
+  'tpu', 'gpu', 'cpu'); 'auto' always does."""
+  if c.model.get("attention_impl") == "splash" and platform not in ("tpu", "cpu"):
+    _fail("model.attention_impl", f"'splash' is the Pallas TPU kernel and cannot run on "
+          f"this {platform} backend; use 'auto' (or 'cudnn' / 'xla')")
+
+
 def validate(c: ml_collections.ConfigDict) -> dict:
   """Checks a config before any compile; returns the resolved model dict."""
   for name, value in _nonfinite_fields(c):

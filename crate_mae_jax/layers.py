@@ -230,11 +230,15 @@ class DropPath(nn.Module):
     return nn.Dropout(self.rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic)
 
 
-ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn", "splash")
 # cuDNN's fused training kernels want token counts in multiples of this.
 CUDNN_TOKEN_MULTIPLE = 16
-# Attention paths whose layer stacks pad the tokens once (see `stack_padding`).
-STACK_PADDED = ("cudnn",)
+# The Pallas TPU splash kernel tiles keys in blocks of 128 lanes (its default
+# block size); the tokens are padded to a multiple of it.
+SPLASH_BLOCK = 128
+# Attention paths whose layer stacks may pad the tokens once (see
+# `stack_padding`), with the multiple each pads to.
+STACK_PADDED = {"cudnn": CUDNN_TOKEN_MULTIPLE, "splash": SPLASH_BLOCK}
 # ... when padding adds at most this fraction of tokens: 197 -> 208 (+5.6 %)
 # pays, ViT-MAE's 50 visible tokens -> 64 (+28 %) would cost more in its MLPs
 # than it saves, so those stacks pad inside each attention call instead.
@@ -265,13 +269,16 @@ def attention(q, k, v, scale: float, implementation: str,
 
   `implementation` is a resolved name (see `resolve_attention`): 'explicit'
   forms the logits with einsums and takes the softmax in float32, 'cudnn' is
-  the fused GPU kernel, 'xla' is `jax.nn.dot_product_attention` on XLA.
+  the fused GPU kernel, 'xla' is `jax.nn.dot_product_attention` on XLA,
+  'splash' the Pallas TPU kernel (see `splash_attention`).
   `valid_length` (self-attention only): the tokens from that index on are
   padding, masked out as keys (every path supports it; the layer stacks pad
   only for cuDNN); their rows of the output are meaningless.
   """
   if implementation == "cudnn":
     return cudnn_attention(q, k, v, scale, valid_length)
+  if implementation == "splash":
+    return splash_attention(q, k, v, scale, valid_length)
   lengths = None
   if valid_length is not None and valid_length < k.shape[1]:
     lengths = jnp.full((q.shape[0],), valid_length, jnp.int32)
@@ -329,6 +336,74 @@ def cudnn_attention(q, k, v, scale: float, valid_length: int | None = None,
       q_pad, k_pad, v_pad, scale=scale, implementation="cudnn",
       query_seq_lengths=lengths, key_value_seq_lengths=lengths)
   return out[:, :t]
+
+
+def splash_attention(q, k, v, scale: float, valid_length: int | None = None,
+                     block: int = SPLASH_BLOCK) -> jax.Array:
+  """Self-attention through JAX's Pallas TPU splash kernel (`make_splash_mha`).
+
+  The kernel takes no scale, so q is scaled; it tiles the tokens in blocks of
+  `block`, so they are zero-padded to a multiple of it (unless the stack did,
+  passing `valid_length`) and the padding is put in a segment of its own:
+  real queries attend to real keys only (the same function as unpadded
+  attention), padded queries to padded keys (finite, dropped or meaningless).
+  XLA cannot partition a Mosaic kernel (it would gather the activations onto
+  every device to run it whole), so under a mesh the kernel runs per shard in
+  `shard_map`: batch split as 'activation_batch', heads as 'heads', as the
+  constraints around it already place them. Off TPU it runs in Pallas
+  interpret mode (tests on the CPU; slow).
+  """
+  if not q.shape[1] == k.shape[1] == v.shape[1]:
+    raise ValueError("splash_attention is self-attention: q, k and v need one length")
+  t = q.shape[1]
+  valid = t if valid_length is None else valid_length
+  length = padded_length(t, block)
+  if length != t:
+    k_pad = pad_tokens(k, length)
+    q = k_pad if q is k else pad_tokens(q, length)
+    v = k_pad if v is k else pad_tokens(v, length)
+    k = k_pad
+  q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+  local = functools.partial(_splash_local, valid=valid, block=block,
+                            interpret=kernel_platform() != "tpu")
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    out = local(q, k, v)
+  else:
+    batch, _, heads, _ = fit_spec(nn.logical_to_mesh_axes(ACT_HEADS, rules), q.shape,
+                                  mesh.shape)
+    spec = jax.sharding.PartitionSpec(batch, None, heads, None)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                        check_vma=False)(q, k, v)
+  return out[:, :t]
+
+
+def _splash_local(q, k, v, *, valid: int, block: int, interpret: bool) -> jax.Array:
+  """The splash kernel on one device's (batch, tokens, heads, head_dim) block."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  _, length, heads, _ = q.shape
+  mask = splash.MultiHeadMask([splash.FullMask((length, length))] * heads)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_q_dq=block, block_kv_dq=block)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
+  segments = None
+  if valid < length:
+    ids = (jnp.arange(length) >= valid).astype(jnp.int32)
+    segments = splash.SegmentIds(q=ids, kv=ids)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(
+      heads_first(q), heads_first(k), heads_first(v), segments)
+  return heads_first(out)
+
+
+def kernel_platform() -> str:
+  """The platform a kernel is compiled for: the devices of the mesh being
+  traced under (the pod planner traces for TPU chips on a CPU host), else
+  JAX's default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
 
 
 def valid_rows(x: jax.Array, valid_length: int | None) -> jax.Array:
@@ -543,7 +618,7 @@ def token(module: nn.Module, name: str, width: int, dtype: Dtype) -> jax.Array:
 
 def stack_padding(x: jax.Array, attention_impl: str | None, dtype: Dtype
                   ) -> tuple[jax.Array, int | None]:
-  """Pads the tokens once for a whole stack of layers when cuDNN attention runs.
+  """Pads the tokens once for a whole stack of layers for a kernel that needs it.
 
   Padding and slicing in every layer costs a pass over the activations each
   time; padding once and masking the padded keys by length gives the real
@@ -551,12 +626,13 @@ def stack_padding(x: jax.Array, attention_impl: str | None, dtype: Dtype
   the padding's rows are dropped at the end, so their gradients are zero).
   Returns the padded array and the number of real tokens (None: not padded).
   """
-  if resolve_attention(attention_impl, dtype) not in STACK_PADDED:
+  multiple = STACK_PADDED.get(resolve_attention(attention_impl, dtype))
+  if multiple is None:
     return x, None
-  n = x.shape[1]
-  if padded_length(n) == n or padded_length(n) > n * (1 + STACK_PADDING_MAX_OVERHEAD):
+  n, length = x.shape[1], padded_length(x.shape[1], multiple)
+  if length == n or length > n * (1 + STACK_PADDING_MAX_OVERHEAD):
     return x, None
-  return pad_tokens(x, padded_length(n)), n
+  return pad_tokens(x, length), n
 
 
 def remat_layer(layer_cls, policy: str | None):

@@ -56,7 +56,7 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
       dtype="float32",                   # compute dtype; "bfloat16" for mixed precision
       param_dtype="float32",
       attention_impl="auto",             # "auto" (cuDNN on GPU in bf16/fp16, else XLA),
-                                         # "explicit", "xla", "cudnn"
+                                         # "explicit", "xla", "cudnn", "splash" (TPU)
       norm_impl="auto",                  # "auto" (tokamax's Triton kernel on GPU in
                                          # bf16/fp16 if installed, else flax), "flax",
                                          # "fused", "tokamax"

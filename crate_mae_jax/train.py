@@ -167,6 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
   """
   if resolved is None:
     resolved = config_lib.validate(config)
+  config_lib.check_backend(config, jax.default_backend())
   from crate_mae_jax import input_pipeline, summaries
   is_chief = jax.process_index() == 0
   mesh = sharding.create_mesh(config.mesh.shape)
