@@ -256,6 +256,10 @@ class Plan:
   mfu: float | None
   advice: str | None = None
   accum_steps: int = 1               # micro-batches per step (global batch unchanged)
+  bytes_accessed_per_chip: float | None = None  # XLA's cost analysis (HBM traffic)
+  # Pallas/Mosaic kernels in the program: XLA's cost analysis and step time
+  # do not see inside them (no FLOPs, bytes or time of theirs are counted).
+  mosaic_kernels: int = 0
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -287,7 +291,8 @@ def plan_one(config, topology: str, devices, mesh_shape,
           - memory.alias_size_in_bytes + memory.temp_size_in_bytes
           + memory.generated_code_size_in_bytes)
   flops = float(cost.get("flops", 0.0))
-  comm = collectives(compiled.as_text())
+  hlo_text = compiled.as_text()
+  comm = collectives(hlo_text)
   seconds, source = step_time(cost, comm, chip)
   plan = Plan(
       topology=topology, chip=chip_name, num_chips=len(devices),
@@ -300,7 +305,9 @@ def plan_one(config, topology: str, devices, mesh_shape,
       images_per_second=config.batch_size / seconds if seconds else None,
       flops_per_chip=flops,
       mfu=flops / seconds / chip.peak_flops if seconds and chip else None,
-      accum_steps=config.accum_steps)
+      accum_steps=config.accum_steps,
+      bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),
+      mosaic_kernels=hlo_text.count('custom_call_target="tpu_custom_call"'))
   if not plan.fits:
     plan.advice = advice(plan, config)
   return plan
@@ -388,6 +395,9 @@ def format_plan(p: Plan) -> str:
     coll = ", ".join(f"{k} ×{v['count']} {v['bytes'] / 2**20:.1f} MiB"
                      for k, v in sorted(p.collectives.items())) or "none"
     lines.append(f"  collectives per step: {coll}")
+  if p.mosaic_kernels:
+    lines.append(f"  {p.mosaic_kernels} Pallas kernel calls: XLA's FLOPs, bytes and step "
+                 "time leave out their work")
   if p.step_seconds:
     lines.append(f"  XLA estimate: {p.step_seconds * 1e3:.1f} ms/step, "
                  f"{p.images_per_second:,.0f} img/s, MFU {100 * (p.mfu or 0):.0f}% "
