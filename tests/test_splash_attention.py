@@ -123,6 +123,18 @@ def test_splash_is_refused_on_gpu_before_compile():
   config_lib.check_backend(cfg, "gpu")
 
 
+def test_training_refuses_splash_on_gpu_first(monkeypatch, tmp_path):
+  """The check runs at the start of training, before data, mesh or compile."""
+  from conftest import tiny_train_config
+  from crate_mae_jax import train
+  cfg = tiny_train_config(source="quickstart")
+  cfg.model.attention_impl = "splash"
+  monkeypatch.setattr(train.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(train.sharding, "create_mesh", lambda *a: pytest.fail("went on"))
+  with pytest.raises(config_lib.ConfigError, match="model.attention_impl"):
+    train.train_and_evaluate(cfg, str(tmp_path))
+
+
 _SHARDED_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
