@@ -254,6 +254,11 @@ def resolve_attention(implementation: str | None, dtype: Dtype,
   everywhere else: TPUs, CPUs and float32, where it is the exact path the golden
   fixtures are checked on. `platform` defaults to JAX's default backend; the pod
   planner passes 'tpu' when it compiles for a topology from a CPU host.
+
+  On TPU the Pallas splash kernel ('splash') stays opt-in: compiled for TPU it
+  needs a third less memory than XLA, but whether it is faster depends on how
+  fast its kernels run, which XLA's compile-time estimates cannot see and no
+  TPU has measured yet (BENCHMARKS.md, "Pallas splash attention on TPU").
   """
   if implementation not in (None, "auto"):
     return implementation
