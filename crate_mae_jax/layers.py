@@ -233,9 +233,13 @@ class DropPath(nn.Module):
 ATTENTION_IMPLS = ("auto", "explicit", "xla", "cudnn", "splash")
 # cuDNN's fused training kernels want token counts in multiples of this.
 CUDNN_TOKEN_MULTIPLE = 16
-# The Pallas TPU splash kernel tiles keys in blocks of 128 lanes (its default
-# block size); the tokens are padded to a multiple of it.
+# The Pallas TPU splash kernel tiles the tokens in blocks of a multiple of 128
+# lanes; the tokens are padded to a multiple of 128 ...
 SPLASH_BLOCK = 128
+# ... and tiled in the largest block up to this that divides them: a short
+# sequence (197 -> 256) is one tile per (batch, head), so each kernel grid step
+# does a whole head's attention instead of a quarter of it.
+SPLASH_MAX_BLOCK = 512
 # Attention paths whose layer stacks may pad the tokens once (see
 # `stack_padding`), with the multiple each pads to.
 STACK_PADDED = {"cudnn": CUDNN_TOKEN_MULTIPLE, "splash": SPLASH_BLOCK}
@@ -343,12 +347,18 @@ def cudnn_attention(q, k, v, scale: float, valid_length: int | None = None,
   return out[:, :t]
 
 
-def splash_attention(q, k, v, scale: float, valid_length: int | None = None,
-                     block: int = SPLASH_BLOCK) -> jax.Array:
+def splash_block(length: int) -> int:
+  """The kernel's tile: the largest multiple of 128 up to SPLASH_MAX_BLOCK
+  dividing `length` (itself a multiple of 128)."""
+  return max(b for b in range(SPLASH_BLOCK, SPLASH_MAX_BLOCK + 1, SPLASH_BLOCK)
+             if length % b == 0)
+
+
+def splash_attention(q, k, v, scale: float, valid_length: int | None = None) -> jax.Array:
   """Self-attention through JAX's Pallas TPU splash kernel (`make_splash_mha`).
 
   The kernel takes no scale, so q is scaled; it tiles the tokens in blocks of
-  `block`, so they are zero-padded to a multiple of it (unless the stack did,
+  128 lanes, so they are zero-padded to a multiple of 128 (unless the stack did,
   passing `valid_length`) and the padding is put in a segment of its own:
   real queries attend to real keys only (the same function as unpadded
   attention), padded queries to padded keys (finite, dropped or meaningless).
@@ -362,14 +372,14 @@ def splash_attention(q, k, v, scale: float, valid_length: int | None = None,
     raise ValueError("splash_attention is self-attention: q, k and v need one length")
   t = q.shape[1]
   valid = t if valid_length is None else valid_length
-  length = padded_length(t, block)
+  length = padded_length(t, SPLASH_BLOCK)
   if length != t:
     k_pad = pad_tokens(k, length)
     q = k_pad if q is k else pad_tokens(q, length)
     v = k_pad if v is k else pad_tokens(v, length)
     k = k_pad
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)
-  local = functools.partial(_splash_local, valid=valid, block=block,
+  local = functools.partial(_splash_local, valid=valid, block=splash_block(length),
                             interpret=kernel_platform() != "tpu")
   mesh = jax.sharding.get_abstract_mesh()
   rules = nn.get_logical_axis_rules()

@@ -66,6 +66,12 @@ def test_splash_matches_exact_attention(dtype, tol, stack_padded):
     assert abs(float(val) - float(ref_val)) < tol * (1 + abs(float(ref_val))), ref_impl
 
 
+def test_splash_tiles():
+  # 197 tokens -> 256: one tile per (batch, head); longer sequences in 512s or less.
+  assert [layers.splash_block(n) for n in (128, 256, 384, 512, 640, 1024)] == \
+      [128, 256, 384, 512, 128, 512]
+
+
 def test_splash_pads_the_stack_only_where_it_pays():
   """To 128 tokens a block, within the stacks' overhead limit; else per call."""
   padded, valid = layers.stack_padding(jnp.zeros((2, 120, 8)), "splash", jnp.bfloat16)
