@@ -240,13 +240,14 @@ SPLASH_BLOCK = 128
 # sequence (197 -> 256) is one tile per (batch, head), so each kernel grid step
 # does a whole head's attention instead of a quarter of it.
 SPLASH_MAX_BLOCK = 512
-# Attention paths whose layer stacks may pad the tokens once (see
-# `stack_padding`), with the multiple each pads to.
-STACK_PADDED = {"cudnn": CUDNN_TOKEN_MULTIPLE, "splash": SPLASH_BLOCK}
-# ... when padding adds at most this fraction of tokens: 197 -> 208 (+5.6 %)
-# pays, ViT-MAE's 50 visible tokens -> 64 (+28 %) would cost more in its MLPs
-# than it saves, so those stacks pad inside each attention call instead.
-STACK_PADDING_MAX_OVERHEAD = 0.10
+# Attention paths whose layer stacks pad the tokens once (see `stack_padding`):
+# the multiple each pads to, and the most padding (a fraction of the tokens)
+# for which that pays; beyond it the kernel pads inside each call instead.
+# cuDNN: 197 -> 208 (+5.6 %) pays, ViT-MAE's 50 visible tokens -> 64 (+28 %)
+# would cost more in its MLPs than it saves. Splash: 197 -> 256 (+30 %) made
+# the rest of the TPU step shorter in XLA's estimate than padding in every call
+# (BENCHMARKS.md, "Pallas splash attention on TPU").
+STACK_PADDED = {"cudnn": (CUDNN_TOKEN_MULTIPLE, 0.10), "splash": (SPLASH_BLOCK, 0.5)}
 
 
 def resolve_attention(implementation: str | None, dtype: Dtype,
@@ -641,11 +642,12 @@ def stack_padding(x: jax.Array, attention_impl: str | None, dtype: Dtype
   the padding's rows are dropped at the end, so their gradients are zero).
   Returns the padded array and the number of real tokens (None: not padded).
   """
-  multiple = STACK_PADDED.get(resolve_attention(attention_impl, dtype))
-  if multiple is None:
+  padding = STACK_PADDED.get(resolve_attention(attention_impl, dtype))
+  if padding is None:
     return x, None
+  multiple, max_overhead = padding
   n, length = x.shape[1], padded_length(x.shape[1], multiple)
-  if length == n or length > n * (1 + STACK_PADDING_MAX_OVERHEAD):
+  if length == n or length > n * (1 + max_overhead):
     return x, None
   return pad_tokens(x, length), n
 

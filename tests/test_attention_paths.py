@@ -70,8 +70,7 @@ def test_pad_once_stack_is_exact(monkeypatch, arch, remat):
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   (loss_ref, (out_ref, inter_ref)), grads_ref = run(variables["params"])
-  monkeypatch.setattr(layers, "STACK_PADDED", {"cudnn": 16, "xla": 16})
-  monkeypatch.setattr(layers, "STACK_PADDING_MAX_OVERHEAD", 10.0)
+  monkeypatch.setattr(layers, "STACK_PADDED", {"xla": (16, 10.0)})
   (loss_pad, (out_pad, inter_pad)), grads_pad = run(variables["params"])
   assert abs(float(loss_pad) - float(loss_ref)) < 1e-6 * abs(float(loss_ref))
   for key in ("latent", "pred"):
