@@ -363,10 +363,10 @@ def splash_attention(q, k, v, scale: float, valid_length: int | None = None) -> 
   passing `valid_length`) and the padding is put in a segment of its own:
   real queries attend to real keys only (the same function as unpadded
   attention), padded queries to padded keys (finite, dropped or meaningless).
-  XLA cannot partition a Mosaic kernel (it would gather the activations onto
-  every device to run it whole), so under a mesh the kernel runs per shard in
-  `shard_map`: batch split as 'activation_batch', heads as 'heads', as the
-  constraints around it already place them. Off TPU it runs in Pallas
+  XLA cannot partition a Mosaic kernel (JAX refuses to compile one on a
+  sharded array), so under a mesh the kernel runs per shard in `shard_map`:
+  batch split as 'activation_batch', heads as 'heads', as the constraints
+  around it already place them, nothing gathered. Off TPU it runs in Pallas
   interpret mode (tests on the CPU; slow).
   """
   if not q.shape[1] == k.shape[1] == v.shape[1]:
