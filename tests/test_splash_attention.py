@@ -213,3 +213,13 @@ def test_planner_keeps_an_explicit_splash():
   assert plan.for_tpu(cfg).model.attention_impl == "xla"
   cfg.model.attention_impl = "splash"
   assert plan.for_tpu(cfg).model.attention_impl == "splash"
+
+
+def test_benchmark_refuses_splash_on_gpu(monkeypatch):
+  from crate_mae_jax.experiments import benchmark
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  tiny = ["--variant", "tiny", "--width", "32", "--depth", "1", "--heads", "2",
+          "--patch_size", "8", "--image_size", "16", "--batch_size", "4", "--steps", "1",
+          "--windows", "1", "--warmup", "1", "--dtype", "float32"]
+  with pytest.raises(SystemExit, match=r"--attention_impl splash: config\.model\.attention_impl"):
+    benchmark.main(tiny + ["--attention_impl", "splash", "--quiet"])

@@ -234,6 +234,10 @@ def build(args):
   c.mesh.shape = parse_mesh(args.mesh)
   # Only the model and optimizer parts of the config matter here (no data).
   resolved = models.resolve(c.model)
+  try:
+    config_lib.check_backend(c, jax.default_backend())
+  except config_lib.ConfigError as e:
+    raise SystemExit(f"--attention_impl {args.attention_impl}: {e}") from None
   if args.image_size % resolved["patch_size"]:
     raise SystemExit(f"--image_size {args.image_size} is not a multiple of the patch size "
                      f"{resolved['patch_size']}")
@@ -789,7 +793,8 @@ flags.DEFINE_integer("image_size", 224, "image side in pixels", flag_values=FLAG
 flags.DEFINE_string("dtype", "bfloat16", "compute dtype: float32, bfloat16 (comma list allowed)", flag_values=FLAGS)
 flags.DEFINE_string("attention_impl", "auto",
                     "auto (the training default: cuDNN on GPU in bf16/fp16, else XLA), "
-                    "xla, cudnn, explicit (comma list allowed)", flag_values=FLAGS)
+                    "xla, cudnn, splash (TPU), explicit (comma list allowed)",
+                    flag_values=FLAGS)
 flags.DEFINE_string("norm_impl", "auto",
                     "LayerNorm kernel: auto (the training default), flax, fused, tokamax "
                     "(comma list allowed)", flag_values=FLAGS)
