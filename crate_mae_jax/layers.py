@@ -72,12 +72,20 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   dimension (a batch of one at init, an odd token count) leave it replicated
   rather than failing.
   """
+  spec = mesh_spec(names, x.shape)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+def mesh_spec(names: tuple[str | None, ...], shape: tuple[int, ...]
+              ) -> jax.sharding.PartitionSpec | None:
+  """The mesh placement of an array of `shape` with these logical names under
+  the current mesh and rules (None outside a mesh or without rules); axes that
+  do not divide a dimension leave it replicated."""
   mesh = jax.sharding.get_abstract_mesh()
   rules = nn.get_logical_axis_rules()
   if mesh.empty or not rules:
-    return x
-  spec = fit_spec(nn.logical_to_mesh_axes(names, rules), x.shape, mesh.shape)
-  return jax.lax.with_sharding_constraint(x, spec)
+    return None
+  return fit_spec(nn.logical_to_mesh_axes(names, rules), shape, mesh.shape)
 
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -162,6 +170,17 @@ def _layer_norm_bwd(eps, dtype, res, g):
 fused_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def absl_flags_default() -> None:
+  """Lets libraries that read absl's global flags when they run (tokamax) see
+  their defaults: in programs that never parse them (notebooks, pytest,
+  argparse scripts, the benchmark's own flag set) such a library would parse
+  sys.argv and fail on the program's own arguments. Entry points on absl.app
+  have parsed them already."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def tokamax_layer_norm(x, scale, bias, eps: float, dtype: Dtype) -> jax.Array:
   """tokamax's Triton LayerNorm (GPU; statistics in float32)."""
   try:
@@ -170,13 +189,7 @@ def tokamax_layer_norm(x, scale, bias, eps: float, dtype: Dtype) -> jax.Array:
     raise ImportError("config.model.norm_impl='tokamax' needs the tokamax package: "
                       "pip install 'crate-mae-jax[gpu]' (or tokamax), or set "
                       "config.model.norm_impl='auto'") from e
-  # tokamax reads absl flags when it runs; in programs that never parse them
-  # (notebooks, pytest, argparse scripts) it would parse sys.argv and fail on
-  # the program's own arguments, so they take their defaults, as absl advises
-  # libraries. The entry points parse them already (absl.app).
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+  absl_flags_default()
   return tokamax.layer_norm(x, scale, bias, epsilon=eps,
                             implementation="triton").astype(dtype)
 
@@ -382,16 +395,14 @@ def splash_attention(q, k, v, scale: float, valid_length: int | None = None) -> 
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)
   local = functools.partial(_splash_local, valid=valid, block=splash_block(length),
                             interpret=kernel_platform() != "tpu")
-  mesh = jax.sharding.get_abstract_mesh()
-  rules = nn.get_logical_axis_rules()
-  if mesh.empty or not rules:
+  placed = mesh_spec(ACT_HEADS, q.shape)
+  if placed is None:
     out = local(q, k, v)
   else:
-    batch, _, heads, _ = fit_spec(nn.logical_to_mesh_axes(ACT_HEADS, rules), q.shape,
-                                  mesh.shape)
+    batch, _, heads, _ = placed
     spec = jax.sharding.PartitionSpec(batch, None, heads, None)
-    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                        check_vma=False)(q, k, v)
+    out = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                        in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
   return out[:, :t]
 
 

@@ -274,19 +274,20 @@ def plan_one(config, topology: str, devices, mesh_shape,
   lowered, abstract, shard = lower_train_step(config, mesh, num_train_examples, resolved)
   chip_name = devices[0].device_kind
   chip = device_share(CHIPS.get(chip_name), devices)
+  params = per_device_bytes(abstract.params, shard.params)
+  opt = per_device_bytes(abstract.opt_state, shard.opt_state)
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     used = hbm_oom_bytes(str(e))
     if used is None:
       raise
-    return oom_plan(config, topology, devices, mesh, abstract, shard, chip, used)
+    return oom_plan(config, topology, devices, mesh, total_bytes(abstract.params),
+                    params, opt, chip, used)
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   hbm = chip.hbm_bytes if chip else None
-  params = per_device_bytes(abstract.params, shard.params)
-  opt = per_device_bytes(abstract.opt_state, shard.opt_state)
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
           - memory.alias_size_in_bytes + memory.temp_size_in_bytes
           + memory.generated_code_size_in_bytes)
@@ -327,17 +328,17 @@ def hbm_oom_bytes(message: str) -> int | None:
   return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
-def oom_plan(config, topology, devices, mesh, abstract, shard, chip, used: int) -> Plan:
+def oom_plan(config, topology, devices, mesh, params_total: int, params: int, opt: int,
+             chip, used: int) -> Plan:
   """A plan for a layout the TPU compiler refused for want of HBM: what the
-  state takes, the peak XLA reported, and the advice; no step time."""
-  params = per_device_bytes(abstract.params, shard.params)
-  opt = per_device_bytes(abstract.opt_state, shard.opt_state)
+  state takes (`params`, `opt`: bytes per chip), the peak XLA reported, and the
+  advice; no step time."""
   hbm = chip.hbm_bytes if chip else 0
   peak = used  # XLA:TPU's own figure, a lower bound (its limit is below the chip's HBM)
   plan = Plan(
       topology=topology, chip=devices[0].device_kind, num_chips=len(devices),
       mesh={k: int(v) for k, v in mesh.shape.items()}, global_batch=config.batch_size,
-      param_bytes_total=total_bytes(abstract.params), param_bytes_per_chip=params,
+      param_bytes_total=params_total, param_bytes_per_chip=params,
       opt_state_bytes_per_chip=opt, activation_bytes_per_chip=max(peak - params - opt, 0),
       peak_bytes_per_chip=peak, hbm_bytes_per_chip=int(hbm), fits=False, collectives={},
       step_seconds=None, step_time_source="not compiled: XLA:TPU ran out of HBM "
@@ -437,8 +438,12 @@ def plan(config, topology: str, mesh_text: str | None = None,
   else:
     log("recommended: --config.mesh.shape=\"" +
         str(tuple((k, v) for k, v in best.mesh.items())).replace("'", "'") + "\"")
-  return {"topology": topology, "model": resolved,
-          "plans": [p.to_json() for p in plans],
+  return report_of(topology, resolved, plans, best)
+
+
+def report_of(topology: str, model: dict, plans: list[Plan], best: Plan | None) -> dict:
+  """The JSON report of one model's plans on one topology."""
+  return {"topology": topology, "model": model, "plans": [p.to_json() for p in plans],
           "recommended": None if best is None else best.to_json()}
 
 
@@ -458,10 +463,7 @@ def merge_reports(reports: list[dict]) -> dict:
       raise ConfigError(f"--merge: reports differ in {', '.join(differ)}; "
                         "merge only reports of one model on one topology")
   plans = [Plan(**p) for r in reports for p in r["plans"]]
-  best = recommend(plans)
-  return {"topology": first["topology"], "model": first["model"],
-          "plans": [p.to_json() for p in plans],
-          "recommended": None if best is None else best.to_json()}
+  return report_of(first["topology"], first["model"], plans, recommend(plans))
 
 
 # ------------------------------------------------------------------ command line
@@ -498,19 +500,16 @@ def main(argv):
     best = report["recommended"]
     print("recommended: " + (" × ".join(f"{k}={v}" for k, v in best["mesh"].items() if v > 1)
                              if best else "none fits"))
-    if FLAGS.json:
-      with open(FLAGS.json, "w") as f:
-        json.dump(report, f, indent=1)
-    sys.exit(0 if best is not None else 1)
-  if FLAGS.config is None or not FLAGS.topology:
-    print("error: --config and --topology are required, e.g. --config=configs/base.py "
-          "--topology=v5p:4x4x4", file=sys.stderr)
-    sys.exit(2)
-  try:
-    report = plan(FLAGS.config, FLAGS.topology, FLAGS.mesh, FLAGS.num_train_examples)
-  except (ConfigError, ValueError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
+  else:
+    if FLAGS.config is None or not FLAGS.topology:
+      print("error: --config and --topology are required, e.g. --config=configs/base.py "
+            "--topology=v5p:4x4x4", file=sys.stderr)
+      sys.exit(2)
+    try:
+      report = plan(FLAGS.config, FLAGS.topology, FLAGS.mesh, FLAGS.num_train_examples)
+    except (ConfigError, ValueError) as e:
+      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+      sys.exit(2)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(report, f, indent=1)

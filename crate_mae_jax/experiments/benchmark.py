@@ -517,6 +517,8 @@ def tokamax_attention(w, scale: float, implementation: str, pad_to: int | None =
   optionally padded with the padding masked out by key lengths."""
   import jax.numpy as jnp
   import tokamax
+  from crate_mae_jax import layers
+  layers.absl_flags_default()
   b, n = w.shape[:2]
   if pad_to is None:
     return tokamax.dot_product_attention(w, w, w, scale=scale, implementation=implementation)
@@ -855,9 +857,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     print(usage())
     sys.exit(0)
   FLAGS.unparse_flags()
-  # Libraries that read absl's global flags (tokamax) see their defaults.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
   try:
     FLAGS(["benchmark", *argv])
   except flags.Error as e:
