@@ -49,6 +49,7 @@ def _kernel(cfg=None, interpret=None):
     ((2, 13, 3, 32), 9),        # keys masked from 9 on, padded queries kept
     ((2, 40, 6, 32), 33),
     ((1, 197, 1, 64), None),    # CRATE-MAE-Base's 196 patches + cls
+    ((1, 5, 2, 32), 3),         # fewer tokens than the smallest block (16)
 ])
 def test_float32_values_and_grads(shape, valid):
   w, cot = _inputs(shape, jnp.float32)
@@ -82,9 +83,14 @@ def test_bfloat16_values_and_grads(shape, valid):
     # forward blocks shorter than the backward's: the lse is padded for the loop
     mssa.Config(block_q=16, block_m=32, block_n=32, delta_in_kernel=False),
     mssa.Config(block_q=64, block_m=16, block_n=64, delta_in_kernel=True),
+    # every block a power of two past T: no short last piece of keys or rows
+    mssa.Config(key_tail=False, row_tail=False),
+    mssa.Config(block_q=32, block_m=64, block_n=16, num_warps_bwd=8),
+    # 100 = 64 + 32 + 16 rows (three calls) and keys
+    mssa.Config(block_q=64, block_m=64, block_n=64),
 ])
 def test_other_tilings(cfg):
-  shape, valid = (2, 40, 3, 32), 35
+  shape, valid = (2, 100, 3, 32), 90
   w, cot = _inputs(shape, jnp.float32, seed=2)
   s = 32 ** -0.5
   out, grad = _value_and_grad(_kernel(cfg), w, cot, s, valid)

@@ -85,7 +85,12 @@ class Config:
   block_q: rows per forward program (its logits are block_q × all keys);
   block_m / block_n: rows per backward program / token chunk of its loop;
   delta_in_kernel: δ = rowsum(dO∘O) computed by each backward program for the
-  chunks it reads (True) or by a small XLA pre-pass into a (B, H, T) array.
+  chunks it reads (True) or by a small XLA pre-pass into a (B, H, T) array;
+  key_tail: the keys (and the backward's chunks) end in a short power-of-two
+  piece (197 keys -> 128 + 64 + 16 in the forward, 3·64 + 16 in the backward)
+  instead of padding to the next power of two (256);
+  row_tail: likewise the query rows, through a second small pallas_call for
+  the last rows (3 programs of 64 rows + one of 16 per (batch, head)).
   """
   block_q: int = 64
   num_warps_fwd: int = 4
@@ -95,6 +100,8 @@ class Config:
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
   delta_in_kernel: bool = True
+  key_tail: bool = True
+  row_tail: bool = True
 
 
 def default_config(tokens: int, head_dim: int) -> Config:
@@ -105,6 +112,12 @@ def default_config(tokens: int, head_dim: int) -> Config:
 
 def _next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _keys(t: int) -> int:
+  """The token rows of one (batch, head) the kernels see: a power of two, ≥ 16
+  (Triton's smallest matrix-product side)."""
+  return max(16, _next_pow2(t))
 
 
 def supported(w_shape, dtype, platform: str | None = None) -> bool:
@@ -186,30 +199,66 @@ def _dot(a, b, trans_b=False):
   return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
 
 
-def _fwd_kernel(w_ref, o_ref, lse_ref, *, scale, n_rows, valid, block_q, keys):
+def _pieces(n: int, key_tail: bool) -> tuple[tuple[int, int], ...]:
+  """Power-of-two (start, size) pieces covering tokens [0, n): with key_tail,
+  the binary digits of n rounded up to 16 (197 -> 128 + 64 + 16), else one
+  piece of next_pow2(n)."""
+  if not key_tail:
+    return ((0, max(16, _next_pow2(n))),)
+  n = -(-n // 16) * 16
+  out, start = [], 0
+  for bit in reversed(range(n.bit_length())):
+    if n & (1 << bit):
+      out.append((start, 1 << bit))
+      start += 1 << bit
+  return tuple(out)
+
+
+def _chunks(n: int, block: int, tail: bool) -> tuple[int, tuple[tuple[int, int], ...]]:
+  """(full, tails): `full` blocks of `block` tokens, then (with `tail`) the
+  rest in the power-of-two pieces of `_pieces` (197 in blocks of 64: 3, and
+  one of 16; in blocks of 128: 1, then 64 and 16), else one more full block."""
+  full, rest = divmod(n, block)
+  if rest == 0:
+    return full, ()
+  rest16 = -(-rest // 16) * 16
+  if not tail or rest16 >= block:
+    return full + 1, ()
+  return full, tuple((full * block + p0, size) for p0, size in _pieces(rest16, True))
+
+
+def _fwd_kernel(w_ref, o_ref, lse_ref, *, scale, n_rows, valid, block_q, row0,
+                out_rows, pieces):
   i = pl.program_id(0)
-  start = i * block_q
+  start = row0 + i * block_q
   w_i = _load_rows(w_ref, start, block_q, n_rows)               # (block_q, D)
-  w_all = _load_rows(w_ref, 0, keys, n_rows)                    # (keys, D)
-  s2 = _dot(w_i, w_all, trans_b=True) * (scale * _LOG2E)       # (block_q, keys) f32
-  if valid < keys:                                               # keys past valid, and past T
-    s2 = jnp.where((jnp.arange(keys) < valid)[None, :], s2, _MASK)
-  m = jnp.max(s2, axis=1)
-  p = jnp.exp2(s2 - m[:, None])
-  l = jnp.sum(p, axis=1)
-  o = _dot(p.astype(w_all.dtype), w_all) / l[:, None]
-  rows = start + jnp.arange(block_q)
-  plgpu.store(o_ref, o.astype(o_ref.dtype), mask=(rows < n_rows)[:, None])
+  c = scale * _LOG2E
+  s2, w_p = [], []
+  for p0, size in pieces:                                        # keys, in pieces
+    w_k = _load_rows(w_ref, p0, size, n_rows)                    # (size, D)
+    s = _dot(w_i, w_k, trans_b=True) * c                         # (block_q, size) f32
+    if p0 + size > valid:                                        # keys past valid (and T)
+      s = jnp.where((p0 + jnp.arange(size) < valid)[None, :], s, _MASK)
+    s2.append(s)
+    w_p.append(w_k)
+  m = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s in s2])
+  p = [jnp.exp2(s - m[:, None]) for s in s2]
+  l = functools.reduce(jnp.add, [jnp.sum(x, axis=1) for x in p])
+  o = functools.reduce(jnp.add, [_dot(x.astype(w_k.dtype), w_k) for x, w_k in zip(p, w_p)])
+  o = o / l[:, None]
+  rel = i * block_q + jnp.arange(block_q)                        # rows of this output
+  plgpu.store(o_ref, o.astype(o_ref.dtype), mask=(rel < out_rows)[:, None])
   lse_ref[...] = m + jnp.log2(l)
 
 
-def _bwd_kernel(*refs, scale, n_rows, valid, block_m, block_n, delta_in_kernel):
+def _bwd_kernel(*refs, scale, n_rows, valid, block_m, row0, out_rows, block_n,
+                n_full, tails, delta_in_kernel):
   if delta_in_kernel:
     w_ref, o_ref, do_ref, lse_ref, dw_ref = refs
   else:
     w_ref, do_ref, lse_ref, delta_ref, dw_ref = refs
   i = pl.program_id(0)
-  start = i * block_m
+  start = row0 + i * block_m
   rows = start + jnp.arange(block_m)
   w_i = _load_rows(w_ref, start, block_m, n_rows)
   do_i = _load_rows(do_ref, start, block_m, n_rows)
@@ -223,25 +272,23 @@ def _bwd_kernel(*refs, scale, n_rows, valid, block_m, block_n, delta_in_kernel):
   # Rows of this block as keys: masked past valid (only needed below T: rows
   # past T are zero and never stored).
   key_mask_i = (rows < valid)[:, None] if valid < n_rows else None
-  d = w_i.shape[-1]
 
-  def body(j, carry):
+  def chunk(cstart, size, carry):
     acc_s, acc_v = carry
-    cstart = j * block_n
-    w_j = _load_rows(w_ref, cstart, block_n, n_rows)
-    do_j = _load_rows(do_ref, cstart, block_n, n_rows)
-    lse_j = _load_vec(lse_ref, cstart, block_n, n_rows)
+    w_j = _load_rows(w_ref, cstart, size, n_rows)
+    do_j = _load_rows(do_ref, cstart, size, n_rows)
+    lse_j = _load_vec(lse_ref, cstart, size, n_rows)
     if delta_in_kernel:
-      o_j = _load_rows(o_ref, cstart, block_n, n_rows)
+      o_j = _load_rows(o_ref, cstart, size, n_rows)
       delta_j = jnp.sum(do_j.astype(jnp.float32) * o_j.astype(jnp.float32), axis=1)
     else:
-      delta_j = _load_vec(delta_ref, cstart, block_n, n_rows)
+      delta_j = _load_vec(delta_ref, cstart, size, n_rows)
     s2 = _dot(w_i, w_j, trans_b=True) * c                          # (m, n)
     # Rows i as queries, chunk j as keys. Chunk rows past T are zero: their
     # p_row is finite and meets zero rows of w_j in the product below.
     p_row = jnp.exp2(s2 - lse_i[:, None])
     if valid < n_rows:
-      p_row = jnp.where((cstart + jnp.arange(block_n) < valid)[None, :], p_row, 0.0)
+      p_row = jnp.where((cstart + jnp.arange(size) < valid)[None, :], p_row, 0.0)
     dp_row = _dot(do_i, w_j, trans_b=True)
     ds = p_row * (dp_row - delta_i[:, None])
     # Rows i as keys, chunk j as queries: P_ji = exp2(S2_ij − lse_j) by symmetry.
@@ -255,66 +302,106 @@ def _bwd_kernel(*refs, scale, n_rows, valid, block_m, block_n, delta_in_kernel):
     acc_v = acc_v + _dot(p_col.astype(do_j.dtype), do_j)
     return acc_s, acc_v
 
-  zeros = jnp.zeros((block_m, d), jnp.float32)
-  acc_s, acc_v = jax.lax.fori_loop(0, pl.cdiv(n_rows, block_n), body, (zeros, zeros))
+  zeros = jnp.zeros((block_m, w_i.shape[-1]), jnp.float32)
+  carry = (zeros, zeros)
+  if n_full:
+    carry = jax.lax.fori_loop(0, n_full, lambda j, c_: chunk(j * block_n, block_n, c_), carry)
+  for cstart, size in tails:
+    carry = chunk(cstart, size, carry)
+  acc_s, acc_v = carry
   dw = scale * acc_s + acc_v
-  plgpu.store(dw_ref, dw.astype(dw_ref.dtype), mask=(rows < n_rows)[:, None])
+  rel = i * block_m + jnp.arange(block_m)
+  plgpu.store(dw_ref, dw.astype(dw_ref.dtype), mask=(rel < out_rows)[:, None])
+
+
+def _row_calls(t: int, block: int, tail: bool) -> list[tuple[int, int, int]]:
+  """(first row, programs, rows per program) of each pallas_call covering the
+  t query rows: blocks of `block`, then (with `tail`) one call per short
+  piece of `_chunks` instead of a block of mostly padding (197 = 3·64 + 16)."""
+  full, tails = _chunks(t, block, tail)
+  return ([(0, full, block)] if full else []) + [(r0, 1, size) for r0, size in tails]
+
+
+def _stitch(parts):
+  """The outputs of _row_calls' calls, (first row, array), as one array: the
+  first call's output has every row; the short call's rows are written into
+  it (in place, in XLA)."""
+  out = parts[0][1]
+  for row0, x in parts[1:]:
+    out = jax.lax.dynamic_update_slice(out, x, (0, row0, 0, 0))
+  return out
 
 
 def _forward(w, scale, valid, cfg: Config, interpret: bool):
   b, t, h, d = w.shape
-  keys = _next_pow2(t)
+  keys = _keys(t)
   block_q = min(cfg.block_q, keys)
-  n_blocks = pl.cdiv(t, block_q)
-  kernel = functools.partial(_fwd_kernel, scale=scale, n_rows=t, valid=valid,
-                             block_q=block_q, keys=keys)
-  o, lse = pl.pallas_call(
-      kernel,
-      grid=(n_blocks, b, h),
-      in_specs=[pl.BlockSpec((None, keys, None, d), lambda i, bi, hi: (bi, 0, hi, 0))],
-      out_specs=[pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-                 pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))],
-      out_shape=[jax.ShapeDtypeStruct(w.shape, w.dtype),
-                 jax.ShapeDtypeStruct((b, h, n_blocks * block_q), jnp.float32)],
-      compiler_params=_compiler_params(cfg.num_warps_fwd, cfg.num_stages_fwd),
-      interpret=interpret,
-      name="mssa_fwd",
-  )(w)
-  return o, lse
+  pieces = _pieces(valid, cfg.key_tail)
+  full_spec = pl.BlockSpec((None, keys, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+  calls = _row_calls(t, block_q, cfg.row_tail)
+  os, lses = [], []
+  for k, (row0, n, rows) in enumerate(calls):
+    end = calls[k + 1][0] if k + 1 < len(calls) else t     # the rows this call owns
+    out_rows = t if row0 == 0 else end - row0   # the first call's output is the whole array
+    kernel = functools.partial(_fwd_kernel, scale=scale, n_rows=t, valid=valid,
+                               block_q=rows, row0=row0, out_rows=out_rows, pieces=pieces)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(n, b, h),
+        in_specs=[full_spec],
+        out_specs=[pl.BlockSpec((None, rows, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+                   pl.BlockSpec((None, None, rows), lambda i, bi, hi: (bi, hi, i))],
+        out_shape=[jax.ShapeDtypeStruct((b, out_rows, h, d), w.dtype),
+                   jax.ShapeDtypeStruct((b, h, n * rows), jnp.float32)],
+        compiler_params=_compiler_params(cfg.num_warps_fwd, cfg.num_stages_fwd),
+        interpret=interpret,
+        name="mssa_fwd" if row0 == 0 else "mssa_fwd_tail",
+    )(w)
+    os.append((row0, o))
+    lses.append(lse[..., :end - row0])
+  return _stitch(os), jnp.concatenate(lses, axis=-1) if len(lses) > 1 else lses[0]
 
 
 def _backward(w, o, lse, do, scale, valid, cfg: Config, interpret: bool):
   b, t, h, d = w.shape
-  keys = _next_pow2(t)
+  keys = _keys(t)
   block_m = min(cfg.block_m, keys)
   block_n = min(cfg.block_n, keys)
-  n_blocks = pl.cdiv(t, block_m)
-  # lse comes from the forward with its own row blocks: pad/cut it to cover
-  # every chunk this loop loads (entries past T are masked on load anyway).
-  n_lse = max(pl.cdiv(t, block_n) * block_n, n_blocks * block_m)
-  if lse.shape[-1] < n_lse:
-    lse = jnp.pad(lse, ((0, 0), (0, 0), (0, n_lse - lse.shape[-1])))
+  n_full, tails = _chunks(t, block_n, cfg.key_tail)
+  covered = n_full * block_n + sum(size for _, size in tails)
+  # The lse (and δ) cover every row any chunk or row block loads; entries past
+  # T are masked on load.
+  calls = _row_calls(t, block_m, cfg.row_tail)
+  n_lse = _next_pow2(max([covered] + [r0 + n * rows for r0, n, rows in calls]))
+  lse = jnp.pad(lse, ((0, 0), (0, 0), (0, n_lse - t)))
   full = pl.BlockSpec((None, keys, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
-  vec = pl.BlockSpec((None, None, lse.shape[-1]), lambda i, bi, hi: (bi, hi, 0))
+  vec = pl.BlockSpec((None, None, n_lse), lambda i, bi, hi: (bi, hi, 0))
   if cfg.delta_in_kernel:
     args, specs = (w, o, do, lse), [full, full, full, vec]
   else:
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
-    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, lse.shape[-1] - t)))
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, n_lse - t)))
     args, specs = (w, do, lse, delta), [full, full, vec, vec]
-  kernel = functools.partial(_bwd_kernel, scale=scale, n_rows=t, valid=valid,
-                             block_m=block_m, block_n=block_n,
-                             delta_in_kernel=cfg.delta_in_kernel)
-  return pl.pallas_call(
-      kernel,
-      grid=(n_blocks, b, h),
-      in_specs=specs,
-      out_specs=pl.BlockSpec((None, block_m, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-      out_shape=jax.ShapeDtypeStruct(w.shape, w.dtype),
-      compiler_params=_compiler_params(cfg.num_warps_bwd, cfg.num_stages_bwd),
-      interpret=interpret,
-      name="mssa_bwd",
-  )(*args)
+  parts = []
+  for k, (row0, n, rows) in enumerate(calls):
+    end = calls[k + 1][0] if k + 1 < len(calls) else t
+    out_rows = t if row0 == 0 else end - row0
+    kernel = functools.partial(_bwd_kernel, scale=scale, n_rows=t, valid=valid,
+                               block_m=rows, row0=row0, out_rows=out_rows, block_n=block_n,
+                               n_full=n_full, tails=tails,
+                               delta_in_kernel=cfg.delta_in_kernel)
+    dw = pl.pallas_call(
+        kernel,
+        grid=(n, b, h),
+        in_specs=specs,
+        out_specs=pl.BlockSpec((None, rows, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, out_rows, h, d), w.dtype),
+        compiler_params=_compiler_params(cfg.num_warps_bwd, cfg.num_stages_bwd),
+        interpret=interpret,
+        name="mssa_bwd" if row0 == 0 else "mssa_bwd_tail",
+    )(*args)
+    parts.append((row0, dw))
+  return _stitch(parts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
