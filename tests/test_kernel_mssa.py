@@ -24,6 +24,17 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _max_abs(a, b):
+  return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
+
+def _bf16_close(x, exact, xla, rel_floor):
+  """x (bf16) against the float32 path, no worse than XLA's bf16 path `xla`:
+  in norm, and element-wise (a few wrong elements hide in a norm)."""
+  assert _rel(x, exact) < max(1.5 * _rel(xla, exact), rel_floor)
+  assert _max_abs(x, exact) < 3 * _max_abs(xla, exact) + 1e-2
+
+
 def _inputs(shape, dtype, seed=0):
   kw, kg = jax.random.split(jax.random.key(seed))
   w = jax.random.normal(kw, shape, jnp.float32).astype(dtype)
@@ -75,8 +86,8 @@ def test_bfloat16_values_and_grads(shape, valid):
   assert out.dtype == grad.dtype == jnp.bfloat16
   exact, exact_grad = _value_and_grad(mssa.mssa_reference, w.astype(jnp.float32), cot, s, valid)
   xla, xla_grad = _value_and_grad(mssa.mssa_reference, w, cot, s, valid)
-  assert _rel(out, exact) < max(1.5 * _rel(xla, exact), 1e-2)
-  assert _rel(grad, exact_grad) < max(1.5 * _rel(xla_grad, exact_grad), 2e-2)
+  _bf16_close(out, exact, xla, 1e-2)
+  _bf16_close(grad, exact_grad, xla_grad, 2e-2)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -97,6 +108,7 @@ def test_other_tilings(cfg):
   ref, ref_grad = _value_and_grad(mssa.mssa_reference, w, cot, s, valid)
   assert _rel(out, ref) < 1e-5
   assert _rel(grad, ref_grad) < 1e-5
+  assert _max_abs(grad, ref_grad) < 1e-4
 
 
 def test_interpret_is_the_default_off_gpu():
@@ -139,8 +151,19 @@ def test_compiled_matches_reference_on_gpu(tokens, valid):
   out, grad = _value_and_grad(_kernel(interpret=False), w, cot, s, valid)
   exact, exact_grad = _value_and_grad(mssa.mssa_reference, w.astype(jnp.float32), cot, s, valid)
   xla, xla_grad = _value_and_grad(mssa.mssa_reference, w, cot, s, valid)
-  assert _rel(out, exact) < max(1.5 * _rel(xla, exact), 1e-2)
-  assert _rel(grad, exact_grad) < max(1.5 * _rel(xla_grad, exact_grad), 2e-2)
+  _bf16_close(out, exact, xla, 1e-2)
+  _bf16_close(grad, exact_grad, xla_grad, 2e-2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the compiled Pallas Triton kernel: NVIDIA GPUs")
+def test_compiled_is_deterministic_on_gpu():
+  """The same gradient bit for bit, run after run (a race in generated code
+  shows as run-to-run differences: see Config.delta_in_kernel)."""
+  w, cot = _inputs((16, 197, 12, 64), jnp.bfloat16, seed=6)
+  grads = [np.asarray(_value_and_grad(_kernel(interpret=False), w, cot, 0.125, None)[1],
+                      np.float32) for _ in range(3)]
+  for g in grads[1:]:
+    np.testing.assert_array_equal(g, grads[0])
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the compiled Pallas Triton kernel: NVIDIA GPUs")
