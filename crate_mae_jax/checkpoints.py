@@ -34,6 +34,16 @@ MANIFEST = "manifest.sha256.json"
 FOLDER_MARKER = ".train_checkpoints"
 
 
+def _redacted_meta(meta: dict) -> dict:
+  """`meta` as written: passwords in URLs redacted (`config_lib.redacted`), also in
+  meta['config'], the JSON text of the run's config."""
+  from crate_mae_jax import config_lib  # pylint: disable=import-outside-toplevel
+  out = config_lib.redacted(dict(meta))
+  if isinstance(meta.get("config"), str):
+    out["config"] = config_lib.redacted_json(meta["config"])
+  return out
+
+
 class CheckpointError(ValueError):
   """A checkpoint is missing, incomplete, damaged or belongs to another model."""
 
@@ -247,7 +257,7 @@ class TrainCheckpoints:
     self.manager.save(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardSave(params),
         TRAIN_STATE: ocp.args.StandardSave(rest),
-        META: ocp.args.JsonSave(meta)}), metrics=metrics, force=True)
+        META: ocp.args.JsonSave(_redacted_meta(meta))}), metrics=metrics, force=True)
     # Orbax finished every earlier save before starting this one.
     seal(self.directory, skip=step if self._async else None)
 
@@ -353,7 +363,7 @@ def save_params(directory: str, params: Any, meta: dict, step: int = 0) -> str:
   with ocp.CheckpointManager(directory, item_names=(PARAMS, META)) as manager:
     manager.save(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardSave(params),
-        META: ocp.args.JsonSave(meta)}), force=True)
+        META: ocp.args.JsonSave(_redacted_meta(meta))}), force=True)
     manager.wait_until_finished()
   seal(directory)
   return _step_dir(directory, step)

@@ -6,8 +6,10 @@ Every field is overridable on the command line (`--config.optim.base_lr=1e-4`).
 line naming the field and the fix.
 """
 import functools
+import json
 import math
 import os
+import re
 
 import ml_collections
 
@@ -139,6 +141,54 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The userinfo (`user:password@`) of a URL anywhere in a string: up to the last '@'
+# before the host, stopping at what ends an authority (or a JSON/Python string).
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/?#@\s\"'<>]*@)+")
+
+
+def redacted(value):
+  """A copy of `value` (a ConfigDict, dict, list, tuple or string, nested) in which
+  the userinfo of every URL in every string is replaced: 'gs://user:pw@bucket/x' ->
+  'gs://***@bucket/x'. Everything a run writes about its config goes through this,
+  so a password given in a path never reaches a record, a checkpoint or TensorBoard."""
+  if isinstance(value, str):
+    return _URL_USERINFO.sub(r"\g<scheme>***@", value)
+  if isinstance(value, ml_collections.FrozenConfigDict):
+    return ml_collections.FrozenConfigDict(redacted(ml_collections.ConfigDict(value)))
+  if isinstance(value, ml_collections.ConfigDict):
+    out = value.copy_and_resolve_references()
+    _redact_in_place(out)
+    return out
+  if isinstance(value, dict):
+    return {k: redacted(v) for k, v in value.items()}
+  if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+    return type(value)(*(redacted(v) for v in value))
+  if isinstance(value, (tuple, list)):
+    return type(value)(redacted(v) for v in value)
+  return value
+
+
+def _redact_in_place(c: ml_collections.ConfigDict) -> None:
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _redact_in_place(value)
+    else:
+      new = redacted(value)
+      if new != value:
+        c[key] = new
+
+
+def redacted_json(text: str) -> str:
+  """`redacted` of a JSON document (e.g. `config.to_json_best_effort()`), as JSON;
+  text that does not parse is redacted as a string."""
+  try:
+    parsed = json.loads(text)
+  except ValueError:
+    return redacted(text)
+  clean = redacted(parsed)
+  return text if clean == parsed else json.dumps(clean)
+
+
 def _fail(field: str, message: str):
   raise ConfigError(f"config.{field}: {message}")
 
@@ -211,6 +261,53 @@ def check_backend(c: ml_collections.ConfigDict, platform: str) -> None:
           f"this {platform} backend; use 'auto' (or 'cudnn' / 'xla')")
 
 
+def _ratio_text(ratio: float) -> str:
+  return f"{ratio:.4f}".rstrip("0").rstrip(".")
+
+
+def largest_usable_mask_ratio(num_patches: int) -> float:
+  """The largest mask ratio, at 4 decimals, that still keeps one of `num_patches`
+  (`patches.num_kept` truncates, so 1 - 1/L itself may keep none)."""
+  from crate_mae_jax import patches  # pylint: disable=import-outside-toplevel
+  ratio = math.floor((1 - 1 / num_patches) * 10_000) / 10_000
+  while ratio > 0 and patches.num_kept(num_patches, ratio) < 1:
+    ratio = round(ratio - 1e-4, 4)
+  return ratio
+
+
+def smallest_masking_ratio(num_patches: int) -> float:
+  """The smallest mask ratio, at 4 decimals, that masks one of `num_patches`."""
+  from crate_mae_jax import patches  # pylint: disable=import-outside-toplevel
+  ratio = 1e-4
+  while patches.num_kept(num_patches, ratio) >= num_patches:
+    ratio = round(ratio + 1e-4, 4)
+  return ratio
+
+
+def _check_mask_ratio(task: str, ratio: float, image_size: int, patch_size: int) -> None:
+  """The mask ratio keeps at least one patch of the image (the encoder needs a
+  token) and, for pre-training, masks at least one (the loss is over masked ones)."""
+  from crate_mae_jax import patches  # pylint: disable=import-outside-toplevel
+  num = (image_size // patch_size) ** 2
+  kept = patches.num_kept(num, ratio)
+  where = f"{num} patches ({image_size} px / patch {patch_size})"
+  if task == "pretrain" and num < 2:
+    _fail("data.image_size", f"{image_size} gives {num} patch of model.patch_size="
+          f"{patch_size}; pre-training keeps one patch and masks another, so it needs "
+          "at least 2: use a larger image or a smaller patch")
+  if kept < 1:
+    best = largest_usable_mask_ratio(num)
+    _fail("model.mask_ratio", f"{ratio} keeps {kept} of the {where}; the largest ratio "
+          f"that keeps one is {_ratio_text(best)}: use "
+          f"--config.model.mask_ratio={_ratio_text(best)} or lower")
+  if task == "pretrain" and kept >= num:
+    low = smallest_masking_ratio(num)
+    _fail("model.mask_ratio", f"{ratio} masks none of the {where}, so pre-training has "
+          f"no hidden patch to reconstruct (the masked-patch loss is 0/0); the smallest ratio that masks "
+          f"one is {_ratio_text(low)}: use --config.model.mask_ratio={_ratio_text(low)} or "
+          "higher (MAE: 0.75)")
+
+
 def validate(c: ml_collections.ConfigDict) -> dict:
   """Checks a config before any compile; returns the resolved model dict."""
   for name, value in _nonfinite_fields(c):
@@ -232,6 +329,7 @@ def validate(c: ml_collections.ConfigDict) -> dict:
   if d.image_size % resolved["patch_size"]:
     _fail("data.image_size", f"{d.image_size} is not divisible by model.patch_size="
           f"{resolved['patch_size']}; pick a multiple of the patch size")
+  _check_mask_ratio(c.task, resolved["mask_ratio"], d.image_size, resolved["patch_size"])
   for key in ("mean", "std", "crop_scale"):
     if not _numbers(d[key]):
       _fail(f"data.{key}", f"{d[key]!r} must be a tuple of numbers, e.g. "

@@ -6,6 +6,7 @@
                     the attention/LayerNorm kernels 'auto' resolved to
   runs.jsonl        one run.json line per start, so restarts and resumes stay visible
 `hparams(config)` flattens the config into the scalar dict TensorBoard's hparams take.
+Every one goes through `config_lib.redacted`: a password in a URL is never written.
 """
 import datetime
 import importlib.metadata
@@ -71,23 +72,28 @@ def run_info(mesh=None, argv=None, kernels=None) -> dict:
 
 
 def hparams(config, prefix: str = "") -> dict:
-  """Flat {'optim.base_lr': 1.5e-4, ...}; values other than bool/int/float/str as text."""
+  """Flat {'optim.base_lr': 1.5e-4, ...}; values other than bool/int/float/str as text;
+  passwords in URLs redacted (`config_lib.redacted`)."""
+  from crate_mae_jax import config_lib  # pylint: disable=import-outside-toplevel
   flat = {}
   for key, value in config.items():
     name = f"{prefix}{key}"
     if hasattr(value, "items"):
       flat.update(hparams(value, name + "."))
     elif isinstance(value, (bool, int, float, str)):
-      flat[name] = value
+      flat[name] = config_lib.redacted(value)
     else:
-      flat[name] = str(value)
+      flat[name] = config_lib.redacted(str(value))
   return flat
 
 
 def record(workdir: str, config, mesh=None, argv=None, kernels=None) -> dict:
-  """Writes config.json, run.json and a runs.jsonl line into `workdir` (local or gs://)."""
+  """Writes config.json, run.json and a runs.jsonl line into `workdir` (local or gs://),
+  passwords in URLs (config fields, the command line) redacted."""
   from etils import epath  # what Orbax writes with: local and cloud paths, no TensorFlow
-  info = run_info(mesh, argv, kernels)
+  from crate_mae_jax import config_lib  # pylint: disable=import-outside-toplevel
+  info = config_lib.redacted(run_info(mesh, argv, kernels))
+  config = config_lib.redacted(config)
   folder = epath.Path(workdir)
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True)

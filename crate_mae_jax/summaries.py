@@ -14,6 +14,12 @@ import numpy as np
 from crate_mae_jax import cli
 
 
+def _redacted(hparams: dict) -> dict:
+  """hparams with passwords in URLs redacted (`config_lib.redacted`)."""
+  from crate_mae_jax import config_lib  # pylint: disable=import-outside-toplevel
+  return config_lib.redacted(dict(hparams))
+
+
 class LoggingWriter:
   """Minimal stand-in for clu.metric_writers when TensorFlow is absent."""
 
@@ -39,7 +45,7 @@ class LoggingWriter:
       logging.info("[%d] %s: %s", step, k, v)
 
   def write_hparams(self, hparams):
-    logging.info("hparams: %s", hparams)
+    logging.info("hparams: %s", _redacted(hparams))
 
   def flush(self):
     pass
@@ -76,7 +82,8 @@ class _TensorboardXWriter(LoggingWriter):
 
   def write_hparams(self, hparams):
     super().write_hparams(hparams)
-    self.tb.add_hparams(dict(hparams), {}, name="hparams")  # a run of its own, as TB expects
+    # A run of its own, as TB expects.
+    self.tb.add_hparams(_redacted(dict(hparams)), {}, name="hparams")
 
   def flush(self):
     self.tb.flush()

@@ -53,6 +53,13 @@ MISTAKES = [
       "multiple of the patch size"]),
     ("mask_ratio_one", ["--config.model.mask_ratio=1.0"],
      ["config.model.mask_ratio=1.0", "[0, 1)"]),
+    # 28 px / patch 4: 49 patches; int(49 * 0.01) = 0 kept (issue 24).
+    ("mask_ratio_keeps_no_patch", ["--config.model.mask_ratio=0.99"],
+     ["config.model.mask_ratio", "0.99 keeps 0 of the 49 patches",
+      "--config.model.mask_ratio=0.9795"]),
+    ("mask_ratio_masks_no_patch", ["--config.model.mask_ratio=0.0"],
+     ["config.model.mask_ratio", "masks none of the 49 patches",
+      "--config.model.mask_ratio=0.0001"]),
     ("negative_lr", ["--config.optim.base_lr=-0.1"],
      ["config.optim.base_lr", "must be positive"]),
     ("zero_batch", ["--config.batch_size=0"],
@@ -264,3 +271,57 @@ def test_mistake_is_one_line_and_exit_code_2(case, outcomes):
   # Before any compilation and any training: nothing was written to the workdir.
   assert not (out["workdir"] / "checkpoints").exists()
   assert out["seconds"] < 90, f"{name} took {out['seconds']:.0f}s"
+
+
+# ---------------------------------------------------------------- mask ratio (issue 24)
+def _pretrain(image_size: int, patch_size: int, ratio: float):
+  from crate_mae_jax import recipes
+  c = recipes.quickstart("pretrain")
+  c.data.image_size, c.model.patch_size, c.model.mask_ratio = image_size, patch_size, ratio
+  return c
+
+
+def test_mask_ratio_that_keeps_no_patch_is_refused_naming_the_largest_usable():
+  from crate_mae_jax import config_lib
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(_pretrain(112, 16, 0.99))  # int(49 * 0.01) = 0 patches kept
+  message = str(e.value)
+  assert message.startswith("config.model.mask_ratio: ") and "\n" not in message
+  assert "keeps 0 of the 49 patches" in message
+  assert "--config.model.mask_ratio=0.9795" in message
+
+
+@pytest.mark.parametrize("image_size,patch_size", [(112, 16), (224, 16), (28, 4), (32, 4),
+                                                   (8, 4), (224, 14), (512, 16)])
+def test_named_mask_ratios_work(image_size, patch_size):
+  """The ratios the messages name pass validation and keep / mask one patch."""
+  from crate_mae_jax import config_lib, patches
+  num = (image_size // patch_size) ** 2
+  best = config_lib.largest_usable_mask_ratio(num)
+  low = config_lib.smallest_masking_ratio(num)
+  for ratio in (best, low):
+    text = f"{ratio:.4f}".rstrip("0").rstrip(".")
+    assert float(text) == ratio
+    config_lib.validate(_pretrain(image_size, patch_size, float(text)))
+  assert patches.num_kept(num, best) == 1
+  assert patches.num_kept(num, low) == num - 1
+  too_high = 1 - 0.99 / num  # keeps 0.99 of a patch: none
+  with pytest.raises(config_lib.ConfigError, match="config.model.mask_ratio"):
+    config_lib.validate(_pretrain(image_size, patch_size, too_high))
+
+
+def test_mask_ratio_that_masks_no_patch_is_refused_for_pretraining_only():
+  from crate_mae_jax import config_lib, recipes
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(_pretrain(112, 16, 0.0))
+  assert "masks none of the 49 patches" in str(e.value)
+  assert "--config.model.mask_ratio=0.0001" in str(e.value)
+  probe = recipes.quickstart("linear_probe")
+  probe.model.mask_ratio, probe.init_from = 0.0, str(ROOT)  # the encoder never masks
+  config_lib.validate(probe)
+
+
+def test_one_patch_images_cannot_be_pretrained():
+  from crate_mae_jax import config_lib
+  with pytest.raises(config_lib.ConfigError, match="config.data.image_size: 16 gives 1 patch"):
+    config_lib.validate(_pretrain(16, 16, 0.75))
