@@ -277,7 +277,11 @@ def run():
   from absl import app
   from crate_mae_jax import cli
   cli.quiet_startup()
-  _define_flags()
+  flag_values = _define_flags()
+  if cli.wants_help(sys.argv):
+    cli.print_help(sys.argv, flag_values, module=__name__,
+                   usage="--checkpoint=DIR --output=DIR [--FLAG=VALUE ...]")
+    sys.exit(0)
   app.run(main)
 
 

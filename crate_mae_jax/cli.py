@@ -64,30 +64,111 @@ def config_fields(config, prefix: str = "config") -> list[tuple[str, str]]:
 
 
 def wants_help(argv) -> bool:
+  """Whether the command line (program name first) asks for help."""
   return any(a in _HELP_FLAGS for a in argv[1:])
 
 
-def print_help(argv, flag_values, config=None, out=sys.stdout) -> None:
-  """absl's flag help (all modules' flags for --helpfull) and the config's fields."""
-  program = os.path.basename(argv[0]) if argv else "crate-mae-train"
-  doc = (sys.modules["__main__"].__doc__ or "").strip()
+def _module(module):
+  """The module object of `module` (an object, or a name such as a caller's __name__)."""
+  if module is None:
+    return sys.modules["__main__"]
+  return sys.modules[module] if isinstance(module, str) else module
+
+
+def own_flags(flag_values, module) -> list:
+  """The flags `module` defined itself, found by its name (`crate_mae_jax.main`, as under
+  a console script) or by its file (absl names `python -m`'s flags after sys.argv[0])."""
+  mod = _module(module)
+  names = {mod.__name__, getattr(getattr(mod, "__spec__", None), "name", None)}
+  path = getattr(mod, "__file__", None)
+  found = []
+  for key, flag_list in flag_values.flags_by_module_dict().items():
+    mine = key in names
+    if not mine and path and key.endswith(".py") and os.path.exists(key):
+      try:
+        mine = os.path.samefile(key, path)
+      except OSError:
+        mine = False
+    if mine:
+      found.extend(f for f in flag_list if f not in found)
+  return sorted(found, key=lambda f: f.name)
+
+
+def flag_lines(flag_list) -> list[str]:
+  """One line per flag: `  --name  description (default: ...)`, names aligned."""
+  rows = []
+  for f in flag_list:
+    name = f"--[no]{f.name}" if f.boolean else f"--{f.name}"
+    text = " ".join(str(f.help or "").split())
+    if f.default_as_str not in (None, "'None'"):
+      text += f" (default: {f.default_as_str})"
+    rows.append((name, text))
+  width = max((len(name) for name, _ in rows), default=0)
+  return [f"  {name.ljust(width)}  {text}" for name, text in rows]
+
+
+def _program(argv, mod) -> str:
+  arg0 = argv[0] if argv else ""
+  spec = getattr(getattr(mod, "__spec__", None), "name", None)
+  if (not arg0 or arg0.endswith(".py")) and spec:
+    return f"python -m {spec}"
+  return os.path.basename(arg0) or "crate-mae-train"
+
+
+def write_help(text: str, out=None) -> None:
+  """Writes `text`; a reader that stops early (`| head`) ends the process quietly
+  with status 0 (the pattern of the `signal` module docs' "Note on SIGPIPE")."""
+  out = sys.stdout if out is None else out
+  try:
+    out.write(text)
+    out.flush()
+  except BrokenPipeError:
+    # Python flushes the standard streams at exit: point stdout at devnull so
+    # that flush does not raise (and print a traceback) again.
+    try:
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, out.fileno())
+    except (OSError, ValueError, AttributeError):
+      pass
+    sys.exit(0)
+
+
+def print_help(argv, flag_values, config=None, out=None, *, module=None,
+               usage: str | None = None) -> None:
+  """The help of one entry point: `module`'s docstring, a usage line, the flags
+  `module` defines (one line each; --helpfull adds every other module's) and, with
+  `config`, the shipped configs and every config field with its default.
+
+  `module` is the entry point's module (its __name__ will do); default: __main__,
+  which under a console script is the wrapper, so entry points pass theirs.
+  Imports nothing heavy, and a closed stdout (`| head`) ends quietly."""
+  mod = _module(module)
+  program = _program(argv, mod)
+  lines = []
+  doc = (mod.__doc__ or "").strip()
   if doc:
-    print(doc, file=out)
-    print(file=out)
-  print(f"usage: {program} --config=CONFIG --workdir=DIR [--config.FIELD=VALUE ...]", file=out)
-  print(file=out)
+    lines += [doc, ""]
+  lines += [f"usage: {program} " + (usage or "[--FLAG=VALUE ...]"), ""]
+  mine = own_flags(flag_values, mod)
+  if not mine:  # defined elsewhere: every flag but absl's own
+    mine = sorted((f for key, fl in flag_values.flags_by_module_dict().items()
+                   if not key.startswith("absl.") for f in fl), key=lambda f: f.name)
   full = "--helpfull" in argv
-  text = (flag_values.get_help() if full else flag_values.main_module_help())
-  print("flags:" if full else "flags (--helpfull for all modules'):", file=out)
-  print(text, file=out)
+  lines.append("flags:" if full else "flags (--helpfull for all modules'):")
+  lines += flag_lines(mine)
+  if full:
+    for key, flag_list in sorted(flag_values.flags_by_module_dict().items()):
+      others = [f for f in flag_list if f not in mine]
+      if others:
+        lines += ["", f"{key}:"] + flag_lines(sorted(others, key=lambda f: f.name))
   if config is not None:
     shipped = sorted({p.name for d in configs_dirs() if d.is_dir() for p in d.glob("[!_]*.py")})
-    print(f"\nshipped configs (--config=NAME or configs/NAME): {', '.join(shipped)}", file=out)
-    print("\nconfig fields (--config.FIELD=VALUE) and their defaults:", file=out)
+    lines.append(f"\nshipped configs (--config=NAME or configs/NAME): {', '.join(shipped)}")
+    lines.append("\nconfig fields (--config.FIELD=VALUE) and their defaults:")
     rows = config_fields(config)
     width = max(len(name) for name, _ in rows)
-    for name, default in rows:
-      print(f"  --{name.ljust(width)}  {default}", file=out)
+    lines += [f"  --{name.ljust(width)}  {default}" for name, default in rows]
+  write_help("\n".join(lines) + "\n", out)
 
 
 # ------------------------------------------------------------------ runtime

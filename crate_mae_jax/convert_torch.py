@@ -266,8 +266,10 @@ def main(argv=None) -> int:
   from absl import flags
   argv = sys.argv[1:] if argv is None else list(argv)
   fv = _flags()
-  if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv):
-    print(__doc__.split("\n\n")[0] + "\n\nflags:\n" + fv.get_help())
+  from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
+  if cli.wants_help([sys.argv[0], *argv]):
+    cli.print_help([sys.argv[0], *argv], fv, module=__name__,
+                   usage="--checkpoint=FILE.pth --output=DIR [--FLAG=VALUE ...]")
     return 0
   try:
     rest = fv(["convert_torch"] + argv)

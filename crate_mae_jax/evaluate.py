@@ -159,6 +159,10 @@ def run():
   """Console-script entry point (crate-mae-eval)."""
   from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
   cli.quiet_startup()
+  if cli.wants_help(sys.argv):
+    cli.print_help(sys.argv, FLAGS, module=__name__,
+                   usage="--config=CONFIG (--checkpoint=DIR | --random_init) [--FLAG=VALUE ...]")
+    sys.exit(0)
   app.run(main)
 
 

@@ -143,7 +143,8 @@ def _parse_flags(argv):
   argv = cli.rewrite_config_args(argv)
   if cli.wants_help(argv):
     from crate_mae_jax import config_lib
-    cli.print_help(argv, FLAGS, config_lib.default_config())
+    cli.print_help(argv, FLAGS, config_lib.default_config(), module=__name__,
+                   usage="--config=CONFIG --workdir=DIR [--config.FIELD=VALUE ...]")
     sys.exit(0)
   given = [a for a in argv[1:] if a.startswith("--config=") or a == "--config"]
   if len(given) > 1:

@@ -518,6 +518,11 @@ def main(argv):
 
 def run():
   """Console script `crate-mae-plan`."""
+  from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
+  if cli.wants_help(sys.argv):
+    cli.print_help(sys.argv, FLAGS, module=__name__,
+                   usage="--config=CONFIG --topology=TOPOLOGY [--mesh=...] [--json=OUT.json]")
+    sys.exit(0)
   app.run(main)
 
 

@@ -11,6 +11,7 @@ layer) of the pre-trained encoder against the randomly initialised encoder the
 run started from, and the masked-patch MSE against a trivial predictor.
 """
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -114,8 +115,10 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  from crate_mae_jax import cli
   cli.quiet_startup()
+  if cli.wants_help(sys.argv):
+    cli.print_help(sys.argv, FLAGS, module=__name__, usage="[--workdir=DIR]")
+    sys.exit(0)
   app.run(main)
 
 

@@ -841,20 +841,13 @@ _FLAG_NAMES = ("variant", "arch", "batch_size", "image_size", "dtype", "attentio
                "json", "report", "micro", "quiet")
 
 
-def usage() -> str:
-  lines = [__doc__, "flags:"]
-  for name in _FLAG_NAMES:
-    flag = FLAGS[name]
-    lines.append(f"  --{name}: {flag.help} (default: {flag.default_as_str or 'unset'})")
-  return "\n".join(lines)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
   """The benchmark's absl flags from `argv` (without the program name), as a
   namespace; parsing again starts from the defaults (tests call `main` twice).
   `--help` prints the flags and exits 0; a bad flag exits 2 naming it."""
-  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
-    print(usage())
+  from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
+  if cli.wants_help([sys.argv[0], *argv]):
+    cli.print_help([sys.argv[0], *argv], FLAGS, module=__name__)
     sys.exit(0)
   FLAGS.unparse_flags()
   try:
