@@ -259,6 +259,9 @@ def check_backend(c: ml_collections.ConfigDict, platform: str) -> None:
   if c.model.get("attention_impl") == "splash" and platform not in ("tpu", "cpu"):
     _fail("model.attention_impl", f"'splash' is the Pallas TPU kernel and cannot run on "
           f"this {platform} backend; use 'auto' (or 'cudnn' / 'xla')")
+  if c.model.get("attention_impl") == "mssa" and platform == "tpu":
+    _fail("model.attention_impl", "'mssa' is our Pallas Triton kernel for NVIDIA GPUs and "
+          "cannot run on this tpu backend; use 'auto' (or 'xla' / 'splash')")
 
 
 def _ratio_text(ratio: float) -> str:

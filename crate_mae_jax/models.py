@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from crate_mae_jax import layers
+from crate_mae_jax.kernels import attention, layernorm
 from crate_mae_jax.crate_mae import CrateEncoder, CrateMAE
 from crate_mae_jax.vit_mae import ViTEncoder, ViTMAE
 
@@ -55,11 +55,13 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
       drop_path=0.0,                     # downstream fine-tuning only
       dtype="float32",                   # compute dtype; "bfloat16" for mixed precision
       param_dtype="float32",
-      attention_impl="auto",             # "auto" (cuDNN on GPU in bf16/fp16, else XLA),
-                                         # "explicit", "xla", "cudnn", "splash" (TPU)
+      attention_impl="auto",             # "auto" (on one GPU in bf16/fp16: our MSSA kernel,
+                                         # cuDNN for ViT-MAE; else XLA),
+                                         # "explicit", "xla", "cudnn", "mssa" (our
+                                         # q=k=v kernel, GPU), "splash" (TPU)
       norm_impl="auto",                  # "auto" (tokamax's Triton kernel on GPU in
                                          # bf16/fp16 if installed, else flax), "flax",
-                                         # "fused", "tokamax"
+                                         # "tokamax"
       remat_policy=placeholder(str),     # None, "full" or a jax.checkpoint_policies name
   ))
 
@@ -130,14 +132,14 @@ def _fill_and_check(cfg) -> ResolvedModel:
       raise ValueError(f"config.model.{key}={out[key]!r} is unknown; use one of {tuple(DTYPES)}")
   if out["attention_impl"] is None:      # older configs and checkpoints' metadata
     out["attention_impl"] = "auto"
-  if out["attention_impl"] not in layers.ATTENTION_IMPLS:
+  if out["attention_impl"] not in attention.ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl={out['attention_impl']!r} is unknown; "
-                     f"use one of {layers.ATTENTION_IMPLS}")
-  if out.get("norm_impl") is None:       # older configs and checkpoints' metadata
-    out["norm_impl"] = "auto"
-  if out["norm_impl"] not in layers.NORM_IMPLS:
+                     f"use one of {attention.ATTENTION_IMPLS}")
+  if out.get("norm_impl") in (None, "fused"):  # older configs and checkpoints' metadata
+    out["norm_impl"] = "auto" if out.get("norm_impl") is None else "flax"  # same function
+  if out["norm_impl"] not in layernorm.NORM_IMPLS:
     raise ValueError(f"config.model.norm_impl={out['norm_impl']!r} is unknown; "
-                     f"use one of {layers.NORM_IMPLS}")
+                     f"use one of {layernorm.NORM_IMPLS}")
   policy = out["remat_policy"]
   if policy not in (None, "none", "full") and not hasattr(jax.checkpoint_policies, policy):
     raise ValueError(f"config.model.remat_policy={policy!r} is unknown; use None, 'full' "
@@ -149,8 +151,10 @@ def kernels(resolved: dict, platform: str | None = None) -> dict[str, str]:
   """The attention and LayerNorm kernels a resolved model config runs with on
   `platform` (default: JAX's backend), after 'auto' is decided."""
   dtype = DTYPES[resolved["dtype"]]
-  return {"attention": layers.resolve_attention(resolved["attention_impl"], dtype, platform),
-          "layernorm": layers.resolve_norm(resolved["norm_impl"], dtype, platform)}
+  shared_qkv = resolved["arch"] == "crate_mae"
+  return {"attention": attention.resolve_attention(resolved["attention_impl"], dtype, platform,
+                                                   shared_qkv),
+          "layernorm": layernorm.resolve_norm(resolved["norm_impl"], dtype, platform)}
 
 
 def with_fields(model, **changes) -> ResolvedModel:

@@ -6,7 +6,7 @@ and data × fsdp × tensor mixes are therefore config changes. JAX (GSPMD throug
 `jax.jit` with shardings) does the rest.
 
 `activate(mesh, rules)` sets the mesh (`jax.set_mesh`) and the rules for tracing,
-so the activation constraints of `layers.constrain` land in the compiled program.
+so the activation constraints of `models.layers.constrain` land in the compiled program.
 """
 import contextlib
 import math
@@ -19,6 +19,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 # Mesh axes over which the batch is split (all that exist in the mesh).
 BATCH_AXES = ("data", "fsdp")
+# Logical names of activations (batch, tokens, width), and per head
+# (batch, tokens, heads, head_dim): heads split over 'tensor'.
+ACT = ("activation_batch", "activation_length", "activation_embed")
+ACT_HEADS = ("activation_batch", "activation_length", "heads", "head_dim")
 
 
 def mesh_shape(shape_cfg, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -111,3 +115,15 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
   """Assembles the global batch from each process's local slice (multi-host)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
           for k, v in local.items()}
+
+
+def mesh_spec(names: tuple[str | None, ...], shape: tuple[int, ...]
+              ) -> jax.sharding.PartitionSpec | None:
+  """The mesh placement of an array of `shape` with these logical names under
+  the current mesh and rules (None outside a mesh or without rules); axes that
+  do not divide a dimension leave it replicated."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return None
+  return fit_spec(nn.logical_to_mesh_axes(names, rules), shape, mesh.shape)

@@ -49,7 +49,7 @@ class ViTEncoder(nn.Module):
     if ids_keep is not None:
       visible = jnp.take_along_axis(x[:, 1:], ids_keep[..., None], axis=1)
       x = jnp.concatenate([x[:, :1], visible], axis=1)
-    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype)
+    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype, shared_qkv=False)
     block = layers.remat_layer(layers.ViTBlock, self.remat_policy)
     for i in range(self.depth):
       x = block(self.heads, self.mlp_ratio,
@@ -86,7 +86,7 @@ class ViTDecoder(nn.Module):
       x = self._embed_and_unshuffle(latent, ids_restore, grid, kw)
     else:
       x = latent
-    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype)
+    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype, shared_qkv=False)
     block = layers.remat_layer(layers.ViTBlock, self.remat_policy)
     for i in range(self.depth):
       x = block(self.heads, self.mlp_ratio, attention_impl=self.attention_impl,

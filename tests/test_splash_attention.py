@@ -18,6 +18,8 @@ import pytest
 
 from crate_mae_jax import config_lib, layers, models
 
+from crate_mae_jax.kernels import attention as kernel_attention
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -51,8 +53,8 @@ def test_splash_matches_exact_attention(dtype, tol, stack_padded):
 
   def loss(impl):
     def f(w):
-      wp = layers.pad_tokens(w, pad)
-      out = layers.attention(wp, wp, wp, d**-0.5, impl, valid)
+      wp = kernel_attention.pad_tokens(w, pad)
+      out = kernel_attention.attention(wp, wp, wp, d**-0.5, impl, valid)
       assert out.shape == wp.shape
       return (out[:, :t].astype(jnp.float32) * cot).sum(), out
     return jax.jit(jax.value_and_grad(f, has_aux=True))
@@ -68,17 +70,17 @@ def test_splash_matches_exact_attention(dtype, tol, stack_padded):
 
 def test_splash_tiles():
   # 197 tokens -> 256: one tile per (batch, head); longer sequences in 512s or less.
-  assert [layers.splash_block(n) for n in (128, 256, 384, 512, 640, 1024)] == \
+  assert [kernel_attention.splash_block(n) for n in (128, 256, 384, 512, 640, 1024)] == \
       [128, 256, 384, 512, 128, 512]
 
 
 def test_splash_pads_the_stack_only_where_it_pays():
   """To a multiple of 128 tokens, up to +50 %; beyond that in every call."""
-  padded, valid = layers.stack_padding(jnp.zeros((2, 197, 8)), "splash", jnp.bfloat16)
+  padded, valid = kernel_attention.stack_padding(jnp.zeros((2, 197, 8)), "splash", jnp.bfloat16)
   assert padded.shape == (2, 256, 8) and valid == 197      # CRATE-MAE's tokens, +30 %
   # ViT-MAE's 50 visible tokens would more than double: padded per call instead.
-  assert layers.stack_padding(jnp.zeros((2, 50, 8)), "splash", jnp.bfloat16)[1] is None
-  assert layers.stack_padding(jnp.zeros((2, 256, 8)), "splash", jnp.bfloat16)[1] is None
+  assert kernel_attention.stack_padding(jnp.zeros((2, 50, 8)), "splash", jnp.bfloat16)[1] is None
+  assert kernel_attention.stack_padding(jnp.zeros((2, 256, 8)), "splash", jnp.bfloat16)[1] is None
 
 
 @pytest.mark.slow  # ~15-30 s: the kernel in interpret mode, forward and backward
@@ -90,7 +92,7 @@ def test_crate_mae_with_splash_matches_xla(monkeypatch, stack_padded):
   images = jax.random.normal(jax.random.key(1), (2, 20, 20, 3))  # 25 patches + cls
   noise = jax.random.uniform(jax.random.key(2), (2, 25))
   # 26 tokens -> 128: once per stack or (beyond the limit) in every call.
-  monkeypatch.setitem(layers.STACK_PADDED, "splash", (128, 10.0 if stack_padded else 0.5))
+  monkeypatch.setitem(kernel_attention.STACK_PADDED, "splash", (128, 10.0 if stack_padded else 0.5))
 
   def run(impl):
     model = models.build_mae(models.with_fields(cfg, attention_impl=impl))
@@ -145,6 +147,7 @@ _SHARDED_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from crate_mae_jax import layers, sharding
+from crate_mae_jax.kernels import attention as kernel_attention
 assert jax.device_count() == 2
 rules = (("activation_batch", ("data", "fsdp")), ("activation_length", None),
          ("heads", "tensor"), ("head_dim", None))
@@ -153,7 +156,7 @@ cot = jax.random.normal(jax.random.key(1), w.shape)
 def loss(impl):
   def f(w):
     w = layers.constrain(w, layers.ACT_HEADS)
-    out = layers.constrain(layers.attention(w, w, w, 8**-0.5, impl), layers.ACT_HEADS)
+    out = layers.constrain(kernel_attention.attention(w, w, w, 8**-0.5, impl), layers.ACT_HEADS)
     return (out * cot).sum()
   return jax.jit(jax.value_and_grad(f))
 ref_val, ref_grad = loss("xla")(w)
@@ -194,7 +197,7 @@ def test_splash_compiles_per_shard_for_a_tpu_mesh():
 
   def loss(w):
     w = layers.constrain(w, layers.ACT_HEADS)
-    out = layers.constrain(layers.attention(w, w, w, 64**-0.5, "splash"), layers.ACT_HEADS)
+    out = layers.constrain(kernel_attention.attention(w, w, w, 64**-0.5, "splash"), layers.ACT_HEADS)
     return (out.astype(jnp.float32) ** 2).sum()
 
   with sharding.activate(mesh, rules):

@@ -13,6 +13,7 @@
 #     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), profile
 #     bash tools/gpu_speed.sh table      # `main` on in-memory data, tiny/small/large, ViT-MAE-Base, remat
 #     bash tools/gpu_speed.sh remat      # remat policies of Base, ViT-MAE-Base
+#     bash tools/gpu_speed.sh mssa       # our MSSA kernel in the step vs the default and PyTorch
 #     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
 #                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
@@ -40,6 +41,16 @@ case "${1:-}" in
     # 4. Where the time goes now.
     bench --variant base --batch_size 256 --profile /tmp/prof --json "$OUT/jax_base_profile.json" \
       | tail -45
+    ;;
+  mssa)
+    # Our MSSA kernel in the whole step, beside the default (cuDNN), and the official
+    # code (+SDPA) in the same call; then the profile of the kernel's step.
+    JAX_PLATFORMS=cuda timeout 120 python3 -m pytest tests/test_kernel_mssa.py -q -rs 2>&1 | tail -4
+    bench --variant base --batch_size 256 --attention_impl auto,mssa --json "$OUT/jax_base_mssa.json" | tail -4
+    T=300 timeout 300 python3 tools/bench_official_torch.py --official_dir .official \
+      --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
+    bench --variant base --batch_size 256 --attention_impl mssa --profile /tmp/prof \
+      --json "$OUT/jax_base_mssa_profile.json" | tail -45
     ;;
   kernels)
     # Each candidate at CRATE-MAE-Base's shapes (fwd + bwd, gradient error against
@@ -83,5 +94,5 @@ PY
     bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     ;;
-  *) echo "usage: $0 defaults|table|kernels|remat"; exit 2 ;;
+  *) echo "usage: $0 defaults|mssa|table|kernels|remat"; exit 2 ;;
 esac

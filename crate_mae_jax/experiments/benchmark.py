@@ -499,56 +499,12 @@ def _time_fn(fn, *xs, windows: int = 5, reps: int = 10) -> float:
   return statistics.median(times)
 
 
-def padded_cudnn_attention(w, scale: float, pad_to: int):
-  """q = k = v = w through cuDNN with the sequence padded to `pad_to` and the
-  padding masked out by sequence lengths (exact softmax over the real tokens)."""
-  import jax
-  import jax.numpy as jnp
-  b, n = w.shape[:2]
-  wp = jnp.pad(w, ((0, 0), (0, pad_to - n), (0, 0), (0, 0)))
-  lens = jnp.full((b,), n, jnp.int32)
-  out = jax.nn.dot_product_attention(wp, wp, wp, scale=scale, query_seq_lengths=lens,
-                                     key_value_seq_lengths=lens, implementation="cudnn")
-  return out[:, :n]
-
-
-def tokamax_attention(w, scale: float, implementation: str, pad_to: int | None = None):
-  """q = k = v = w through tokamax's attention kernels (Mosaic GPU or Triton),
-  optionally padded with the padding masked out by key lengths."""
-  import jax.numpy as jnp
-  import tokamax
-  from crate_mae_jax import layers
-  layers.absl_flags_default()
-  b, n = w.shape[:2]
-  if pad_to is None:
-    return tokamax.dot_product_attention(w, w, w, scale=scale, implementation=implementation)
-  wp = jnp.pad(w, ((0, 0), (0, pad_to - n), (0, 0), (0, 0)))
-  lens = jnp.full((b,), n, jnp.int32)
-  out = tokamax.dot_product_attention(wp, wp, wp, scale=scale, key_value_seq_lengths=lens,
-                                      implementation=implementation)
-  return out[:, :n]
-
-
-def pallas_attention(w, scale: float, pad_to: int, block_q: int, block_k: int):
-  """q = k = v = w through JAX's Pallas (Triton) flash attention; the padding
-  is a second segment, so real tokens attend to real tokens only."""
-  import jax.numpy as jnp
-  from jax.experimental.pallas.ops.gpu import attention as pallas_mha
-  b, n = w.shape[:2]
-  wp = jnp.pad(w, ((0, 0), (0, pad_to - n), (0, 0), (0, 0)))
-  seg = jnp.broadcast_to((jnp.arange(pad_to) >= n).astype(jnp.int32), (b, pad_to))
-  blocks = pallas_mha.BlockSizes(block_q=block_q, block_k=block_k, block_q_dkv=min(block_q, 64),
-                                 block_kv_dkv=min(block_k, 64), block_q_dq=min(block_q, 64),
-                                 block_kv_dq=min(block_k, 64))
-  out = pallas_mha.mha(wp, wp, wp, seg, sm_scale=scale, block_sizes=blocks)
-  return out[:, :n]
-
-
 def micro(args) -> list[dict]:
   """Ceilings and attention variants at the model's shapes (fwd + bwd)."""
   import jax
   import jax.numpy as jnp
-  from crate_mae_jax import layers, models
+  from crate_mae_jax import models
+  from crate_mae_jax.kernels import attention, layernorm
   r = models.resolve(models.model_config(args.variant if args.variant != "all" else "base",
                                          _split(args.arch)[0]))
   b = int(_split(args.batch_size)[0])
@@ -585,8 +541,8 @@ def micro(args) -> list[dict]:
   # LayerNorm kernels at the model's shapes: bf16 activations, f32 parameters.
   ln_ref = None
   x_probe = jax.random.normal(jax.random.key(3), x.shape, jnp.float32)  # a cotangent
-  for impl in layers.NORM_IMPLS[1:]:
-    ln = layers.layer_norm(1e-5, jnp.bfloat16, jnp.float32, "ln", impl)
+  for impl in layernorm.NORM_IMPLS[1:]:
+    ln = layernorm.layer_norm(1e-5, jnp.bfloat16, jnp.float32, "ln", impl)
     ln_grad = jax.jit(jax.grad(lambda p, a, ln=ln: (ln.apply(p, a).astype(jnp.float32)
                                                     * x_probe).sum(), argnums=(0, 1)))
     try:
@@ -609,20 +565,10 @@ def micro(args) -> list[dict]:
   flops = 3 * 4 * b * h * n * n * hd
   impls = {
       "xla": lambda q: jax.nn.dot_product_attention(q, q, q, scale=scale, implementation="xla"),
-      "explicit": lambda q: layers.attention(q, q, q, scale, "explicit"),
+      "explicit": lambda q: attention.attention(q, q, q, scale, "explicit"),
+      "cudnn": lambda q: attention.attention(q, q, q, scale, "cudnn"),
+      "mssa": lambda q: attention.attention(q, q, q, scale, "mssa"),
   }
-  for pad in (p for p in (n + 1, n + 3, -(-n // 16) * 16, -(-n // 64) * 64) if p > n):
-    impls[f"cudnn pad {pad}"] = lambda q, pad=pad: padded_cudnn_attention(q, scale, pad)
-  impls["cudnn (layers.cudnn_attention)"] = lambda q: layers.attention(q, q, q, scale, "cudnn")
-  for pad, bq, bk in ((256, 128, 128), (256, 64, 64), (224, 32, 32)):
-    if pad > n and gpu:
-      impls[f"pallas-triton mha pad {pad} blocks {bq}/{bk}"] = (
-          lambda q, pad=pad, bq=bq, bk=bk: pallas_attention(q, scale, pad, bq, bk))
-  if gpu:
-    for impl in ("mosaic", "triton"):
-      impls[f"tokamax {impl}"] = lambda q, impl=impl: tokamax_attention(q, scale, impl)
-      impls[f"tokamax {impl} pad {-(-n // 16) * 16}"] = (
-          lambda q, impl=impl: tokamax_attention(q, scale, impl, -(-n // 16) * 16))
   ref = None
   for name, fn in impls.items():
     def loss(q, fn=fn):
@@ -795,7 +741,7 @@ flags.DEFINE_integer("image_size", 224, "image side in pixels", flag_values=FLAG
 flags.DEFINE_string("dtype", "bfloat16", "compute dtype: float32, bfloat16 (comma list allowed)", flag_values=FLAGS)
 flags.DEFINE_string("attention_impl", "auto",
                     "auto (the training default: cuDNN on GPU in bf16/fp16, else XLA), "
-                    "xla, cudnn, splash (TPU), explicit (comma list allowed)",
+                    "xla, cudnn, mssa (our q=k=v kernel, GPU), splash (TPU), explicit (comma list allowed)",
                     flag_values=FLAGS)
 flags.DEFINE_string("norm_impl", "auto",
                     "LayerNorm kernel: auto (the training default), flax, fused, tokamax "

@@ -47,11 +47,7 @@ kernel, so callers need not pad (`TOKEN_MULTIPLE`). Off GPU (or with
 `interpret=True`) the same kernel runs in Pallas interpret mode, which is how
 the CPU tests exercise it.
 
-Measured on an H200 (jax 0.11.2) at CRATE-MAE-Base's (256, 197, 12, 64) bf16,
-forward + backward w.r.t. the single w: 0.540 ms (forward 0.168), against
-0.958 ms for cuDNN with the padding and three-gradient glue of
-layers.cudnn_attention, and 2.47 ms for XLA; gradient max |error| against the
-float32 path 0.079 (cuDNN 0.083, XLA bf16 0.049).
+Its measurements (micro-benchmark and whole step) are in BENCHMARKS.md, "Our MSSA kernel".
 
 Only jax and numpy are imported here (the GPU image has neither
 ml_collections nor TensorFlow).
@@ -76,11 +72,8 @@ __all__ = ["mssa_attention", "mssa_reference", "supported", "TOKEN_MULTIPLE",
            "MAX_TOKENS", "HEAD_DIMS", "Config", "default_config"]
 
 # The kernel masks the token tail itself (any length up to MAX_TOKENS), so a
-# layer stack that runs only this kernel need not pad the tokens at all: 197
-# tokens run as 3 row blocks of 64 plus one of 16 (and keys likewise), and
-# pre-padded input only costs more. Measured on an H200 at (256, T, 12, 64)
-# bf16, forward + backward: 197 tokens 0.602 ms, pre-padded to 208 0.621 ms,
-# to 256 0.673 ms (tools/bench_mssa_kernel.py, one run).
+# layer stack that runs only this kernel need not pad the tokens (pre-padding
+# measured slower, BENCHMARKS.md).
 TOKEN_MULTIPLE = 1
 # All keys of a (batch, head) are held on chip: tokens up to this many.
 MAX_TOKENS = 256
@@ -124,10 +117,9 @@ class Config:
 
 
 def default_config(tokens: int, head_dim: int) -> Config:
-  """The settings measured best on an H200 (tools/bench_mssa_kernel.py, one
-  run, (256, 197, 12, 64) bf16, forward + backward): backward chunks of 32
-  with δ from the pre-pass 0.540 ms (chunks of 64: 0.549; cuDNN with its
-  padding glue 0.958, XLA 2.47). Every shape gets them (no other was timed)."""
+  """The settings measured fastest (and correct) on an H200 at CRATE-MAE-Base's
+  shape (BENCHMARKS.md, "Our MSSA kernel"); every shape gets them, as no other
+  shape was timed."""
   del tokens, head_dim
   return Config()
 
