@@ -218,21 +218,38 @@ def _check_workdir(workdir: str) -> None:
           "with free space")
 
 
-def _last_complete_step(workdir: str) -> int | None:
-  """Newest finalised step folder, read without writing anything."""
+def _last_complete_step_in(folder: str) -> int | None:
   try:
-    steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    return max((int(d) for d in os.listdir(folder) if d.isdigit()), default=None)
   except OSError:
     return None
-  return max(steps, default=None)
+
+
+def _last_complete_step(workdir: str) -> tuple[int, str] | None:
+  """(step, folder) of the newest finalised step folder in the workdir's
+  `checkpoints/` or `checkpoints_best/`, read without writing anything."""
+  found = []
+  for rank, name in enumerate(("checkpoints", "checkpoints_best")):
+    folder = os.path.join(workdir, name)
+    step = _last_complete_step_in(folder)
+    if step is not None:
+      found.append((step, -rank, folder))
+  if not found:
+    return None
+  step, _, folder = max(found)
+  return step, folder
 
 
 def _failure_message(e: BaseException, workdir: str) -> str:
   """One line for a failure during training (the traceback goes to the log)."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   last = _last_complete_step(workdir)
-  kept = (f"the last complete checkpoint, step {last} in {ckpt_dir!r}, is intact"
+  kept = (f"the last complete checkpoint, step {last[0]} in {last[1]!r}, is intact"
           if last is not None else "no checkpoint had been completed")
+  if last is not None and last[1] != ckpt_dir:  # only the best-checkpoint folder is newer
+    resume = _last_complete_step_in(ckpt_dir)
+    kept += (f" (a rerun resumes from step {resume} of {ckpt_dir!r})" if resume is not None
+             else " (a rerun starts from scratch; init_from or crate-mae-eval can read it)")
   code = disk_problem(e)
   if code is not None:
     logging.error("%s", e)

@@ -9,6 +9,7 @@
 """
 import re
 
+from absl import logging
 import jax
 import ml_collections
 import optax
@@ -21,8 +22,13 @@ def peak_lr(cfg: ml_collections.ConfigDict) -> float:
 
 
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: float):
-  warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-  warmup = min(warmup, max(total_steps - 1, 0))
+  requested = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+  warmup = min(requested, max(total_steps - 1, 0))
+  if requested > warmup:
+    logging.warning(
+        "config.optim.warmup_epochs=%s is %d steps but the run has %d: warm-up cut to %d "
+        "steps, with no decay phase; lower optim.warmup_epochs or train longer",
+        cfg.optim.warmup_epochs, requested, total_steps, warmup)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_lr(cfg), warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=cfg.optim.min_lr)

@@ -115,3 +115,20 @@ def test_gradient_accumulation_matches_one_big_batch():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert not np.allclose(jax.tree_util.tree_leaves(one.params)[0],
                          jax.tree_util.tree_leaves(params)[0])
+
+
+def test_warmup_longer_than_the_run_is_one_warning(caplog):
+  """A warm-up that does not fit is cut to the run, said once with both lengths."""
+  import logging as std_logging  # pylint: disable=import-outside-toplevel
+  from crate_mae_jax import config_lib, optim  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.default_config()
+  cfg.optim.warmup_epochs = 40.0
+  with caplog.at_level(std_logging.WARNING):
+    lr = optim.schedule(cfg, total_steps=100, steps_per_epoch=10.0)
+  lines = [r.getMessage() for r in caplog.records if "warmup_epochs" in r.getMessage()]
+  assert len(lines) == 1 and "400 steps" in lines[0] and "has 100" in lines[0], lines
+  assert float(lr(99)) == pytest.approx(optim.peak_lr(cfg))
+  caplog.clear()
+  with caplog.at_level(std_logging.WARNING):
+    optim.schedule(cfg, total_steps=1000, steps_per_epoch=10.0)
+  assert not [r for r in caplog.records if "warmup_epochs" in r.getMessage()]
