@@ -280,7 +280,10 @@ def _exit(message: str, code: int, threads_may_write: bool = True) -> None:
   err = os.dup(2)
   os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
   lead = "\n" if threads_may_write else ""
-  os.write(err, f"{lead}error: {' '.join(str(message).split())}\n".encode())
+  try:
+    os.write(err, f"{lead}error: {' '.join(str(message).split())}\n".encode())
+  except OSError:  # the terminal is gone (SIGHUP): the log and results.json still say it
+    pass
   os._exit(code)  # pylint: disable=protected-access
 
 
@@ -330,9 +333,11 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     _exit(_failure_message(e, workdir), 1)
   if results.get("interrupted"):
+    hangup = results["interrupted"].startswith("SIGHUP")
     _exit(f"interrupted ({results['interrupted']}) at step {results['step']}: a checkpoint "
           f"was saved in {os.path.join(workdir, 'checkpoints')!r}; rerun the same command "
-          "to resume", 130)
+          "to resume" + ("; for runs that outlive the terminal use nohup, setsid or tmux"
+                         if hangup else ""), 129 if hangup else 130)
   del lock
   logging.info("final: %s", results)
 

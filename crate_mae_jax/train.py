@@ -34,8 +34,9 @@ class TrainingStopped(RuntimeError):
 
 
 class _Preemption:
-  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop polls between steps,
-  so both save a checkpoint at the current step; `interrupted` names a Ctrl-C.
+  """Turns SIGTERM, Ctrl-C (SIGINT) and a closed terminal (SIGHUP) into a flag the
+  loop polls between steps, so each saves a checkpoint at the current step;
+  `interrupted` names a Ctrl-C or a hang-up.
 
   On several processes hosts receive SIGTERM at different steps, so the
   decision is Orbax's sync point (`CheckpointManager.reached_preemption`, fed
@@ -52,7 +53,8 @@ class _Preemption:
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      signals = (signal.SIGINT,) if self._multi_host else (signal.SIGTERM, signal.SIGINT)
+      signals = (signal.SIGINT, signal.SIGHUP) if self._multi_host else (
+          signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -70,6 +72,8 @@ class _Preemption:
     self.requested = True
     if signum == signal.SIGINT:
       self.interrupted = "Ctrl-C"
+    elif signum == signal.SIGHUP:
+      self.interrupted = "SIGHUP: the terminal closed"
 
   def __exit__(self, *exc):
     for sig, previous in self._previous.items():

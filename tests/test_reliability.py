@@ -166,6 +166,23 @@ def test_ctrl_c_saves_and_exits_130(cache, tmp_path):
   assert _complete_steps(workdir) == [stopped]
 
 
+def test_sighup_saves_and_exits_129(cache, tmp_path):
+  """The terminal or ssh session closing (SIGHUP) saves the current step and ends
+  with one line naming nohup/setsid, exit 129 (128 + SIGHUP)."""
+  workdir = tmp_path / "run"
+  run = Run(cache, workdir, ["--config.checkpoint_every_steps=1000"], FAULT_STEP_SECONDS=0.25)
+  run.wait_for(lambda: run.last_step_logged() >= 3)
+  run.signal(signal.SIGHUP)
+  assert run.finish() == 129, run.context()
+  line = _one_error(run)
+  results = _results(workdir)
+  stopped = results["step"]
+  assert results["interrupted"].startswith("SIGHUP") and 3 <= stopped < NUM_STEPS, results
+  assert f"at step {stopped}" in line and "nohup" in line, line
+  assert _complete_steps(workdir) == [stopped]
+  assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+
+
 def test_losing_the_checkpoint_folder_is_one_error_line(cache, tmp_path):
   workdir = tmp_path / "run"
   run = Run(cache, workdir, FAULT_STEP_SECONDS=0.25)
