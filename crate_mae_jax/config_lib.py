@@ -11,6 +11,7 @@ import math
 import os
 import re
 
+from absl import logging
 import ml_collections
 
 from crate_mae_jax import datasets, models
@@ -198,8 +199,40 @@ def _numbers(value) -> bool:
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
 
 
-def check_against_data(c: ml_collections.ConfigDict, source) -> None:
+def host_memory_bytes() -> int | None:
+  """Physical memory of this host (None where the OS does not say)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_batch_memory(c: ml_collections.ConfigDict, channels: int, local_batch: int,
+                       memory: int | None = None) -> None:
+  """Refuses, before anything is allocated, a per-process batch whose images
+  alone (float32, the batches the pipeline holds at once: `data.prefetch` + 2)
+  would take more than half of this host's memory."""
+  memory = host_memory_bytes() if memory is None else memory
+  if not memory:
+    return
+  held = (max(int(c.data.prefetch), 0) + 2) * c.data.image_size ** 2 * channels * 4
+  largest = max(1, memory // 2 // held)
+  if local_batch > largest:
+    _fail("batch_size", f"{c.batch_size} is {local_batch} images per process, about "
+          f"{local_batch * held / 2**30:,.1f} GiB of batches in host memory "
+          f"({c.data.image_size}² px × {channels} channels, float32, data.prefetch + 2 "
+          f"batches held), more than half of this host's {memory / 2**30:.1f} GiB; use at "
+          f"most {largest} per process (or more processes)")
+
+
+def check_against_data(c: ml_collections.ConfigDict, source, local_batch: int | None = None
+                       ) -> None:
   """Checks that need the dataset (after it is read, before any compile)."""
+  examples = getattr(source, "num_train_examples", None)
+  if local_batch is not None and examples and local_batch > examples:
+    logging.warning("config.batch_size=%d is %d images per process but the train split has "
+                    "%d: every step repeats examples; a batch of at most %d avoids it",
+                    c.batch_size, local_batch, examples, examples)
   if c.task == "pretrain" or c.data.num_classes is None:
     return
   found = dataset_num_classes(source)

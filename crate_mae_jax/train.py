@@ -177,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
   mesh = sharding.create_mesh(config.mesh.shape)
   rules = sharding.rules(config.mesh)
   local_batch = _check_batch(config, mesh)
+  config_lib.check_batch_memory(config, resolved["channels"], local_batch)
 
   ckpt_dir = os.path.join(workdir, "checkpoints")
   latest = None
@@ -193,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
                                    process_count=jax.process_count())
   except ValueError as e:  # missing/empty dataset, a bad image with bad_images='fail'
     raise ConfigError(str(e) if str(e).startswith("config.") else f"config.data: {e}") from e
-  config_lib.check_against_data(config, source)
+  config_lib.check_against_data(config, source, local_batch)
   if source.stats.get("skipped_bad_images"):
     logging.warning("Skipped %d bad images (logged above with their paths)",
                     source.stats["skipped_bad_images"])

@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -62,6 +63,9 @@ MISTAKES = [
       "--config.model.mask_ratio=0.0001"]),
     ("negative_lr", ["--config.optim.base_lr=-0.1"],
      ["config.optim.base_lr", "must be positive"]),
+    ("huge_batch", ["--config.batch_size=1000000000"],
+     ["config.batch_size", "1000000000 images per process", "more than half of this host's",
+      "use at most"]),
     ("zero_batch", ["--config.batch_size=0"],
      ["config.batch_size", "positive integer"]),
     ("accum_not_dividing_batch", ["--config.accum_steps=3"],
@@ -325,3 +329,18 @@ def test_one_patch_images_cannot_be_pretrained():
   from crate_mae_jax import config_lib
   with pytest.raises(config_lib.ConfigError, match="config.data.image_size: 16 gives 1 patch"):
     config_lib.validate(_pretrain(16, 16, 0.75))
+
+
+def test_batch_memory_limit_is_named_and_usable():
+  """The largest per-process batch the message names passes the same check."""
+  from crate_mae_jax import config_lib  # pylint: disable=import-outside-toplevel
+  c = config_lib.default_config()
+  c.data.image_size, c.data.prefetch = 224, 2
+  memory = 16 * 2**30
+  with pytest.raises(config_lib.ConfigError, match=r"config.batch_size: .* use at most (\d+)"
+                     ) as e:
+    config_lib.check_batch_memory(c, 3, 100_000, memory)
+  largest = int(re.search(r"use at most (\d+)", str(e.value)).group(1))
+  config_lib.check_batch_memory(c, 3, largest, memory)
+  with pytest.raises(config_lib.ConfigError):
+    config_lib.check_batch_memory(c, 3, largest + 1, memory)
