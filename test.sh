@@ -34,4 +34,4 @@ markers=(-m "not slow")
 if [ "$full" = "1" ]; then
   markers=()
 fi
-exec "$venv/bin/python" -m pytest -q -n "${TEST_WORKERS:-2}" "${markers[@]}" "$@" tests
+exec "$venv/bin/python" -m pytest -q -rs --durations=10 -n "${TEST_WORKERS:-2}" "${markers[@]}" "$@" tests
