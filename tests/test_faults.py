@@ -526,17 +526,22 @@ def test_full_disk_stops_cleanly_and_resumes_after_freeing_space(cache, disk, ba
 
 def test_failure_message_names_the_newest_step_across_both_folders(tmp_path):
   """A failed final save names the newest complete step, also when only
-  checkpoints_best/ holds it, and says where a rerun resumes from."""
-  import errno  # pylint: disable=import-outside-toplevel
-  from crate_mae_jax import main  # pylint: disable=import-outside-toplevel
+  checkpoints_best/ holds it, and says where a rerun resumes from. (In a
+  subprocess: `main` defines absl flags that other test modules define too.)"""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path)
   os.makedirs(os.path.join(workdir, "checkpoints", "10"))
   os.makedirs(os.path.join(workdir, "checkpoints", "40.orbax-checkpoint-tmp-1"))
   os.makedirs(os.path.join(workdir, "checkpoints_best", "30"))
-  full = OSError(errno.ENOSPC, "No space left on device")
-  line = main._failure_message(full, workdir)  # pylint: disable=protected-access
-  assert "step 30 in" in line and "checkpoints_best" in line, line
-  assert "resumes from step 10" in line, line
+  code = ("import errno, sys; from crate_mae_jax import main; "
+          "print(main._failure_message(OSError(errno.ENOSPC, 'full'), sys.argv[1]))")
+  def line():
+    return subprocess.run([sys.executable, "-c", code, workdir], capture_output=True,
+                          text=True, check=True, timeout=120).stdout
+  out = line()
+  assert "step 30 in" in out and "checkpoints_best" in out, out
+  assert "resumes from step 10" in out, out
   os.makedirs(os.path.join(workdir, "checkpoints", "50"))
-  line = main._failure_message(full, workdir)  # pylint: disable=protected-access
-  assert "step 50 in" in line and "checkpoints_best" not in line, line
+  out = line()
+  assert "step 50 in" in out and "checkpoints_best" not in out, out
