@@ -10,4 +10,4 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q -c requirements-ci.txt -e '.[tf]'
 fi
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=3
-exec .venv/bin/python -m crate_mae_jax.quickstart --workdir="${1:-workdirs/quickstart}"
+exec .venv/bin/python -m crate_mae_jax.tools.quickstart --workdir="${1:-workdirs/quickstart}"

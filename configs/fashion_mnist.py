@@ -22,11 +22,11 @@ Baselines (parameters at 28 px, encoder / whole MAE):
   672,960 / 1,355,152 against CRATE-MAE's 673,344 / 1,346,128 (-0.06 % /
   +0.7 %; width 92 or 100 would be -8 % / +8 %).
 * supervised: the fine-tuning recipe from a random initialisation (no init_from),
-  for any arch: the control that shows what pre-training adds. `python -m crate_mae_jax.experiments.study`
+  for any arch: the control that shows what pre-training adds. `python -m experiments.study`
 runs all of them, the raw-pixel floor and the diagnostics (RESULTS.md).
 
 Data: the 60,000 / 10,000 Fashion-MNIST IDX files (source 'fashion_mnist', read
-TF-free by `crate_mae_jax.data_arrays`; Debian/Ubuntu: apt install
+TF-free by `crate_mae_jax.data.data_arrays`; Debian/Ubuntu: apt install
 dataset-fashion-mnist), 28 px grayscale, held in memory, augmented on device.
 
 Model: both archs width 192, depth 6, heads 6 (head dim 32), patch 4 (7x7 = 49
@@ -60,8 +60,9 @@ import math
 
 import ml_collections
 
-from crate_mae_jax import config_lib, datasets
-from crate_mae_jax.datasets import fashion_mnist as fashion_mnist_data
+from crate_mae_jax import config_lib
+from crate_mae_jax.data import datasets
+from crate_mae_jax.data.datasets import fashion_mnist as fashion_mnist_data
 NUM_TRAIN = 60_000
 
 ARCHS = ("crate_mae", "vit_mae", "vit_mae_all", "vit_mae_matched")

@@ -4,7 +4,7 @@
     python -m crate_mae_jax.main --config=configs/quickstart.py:linear_probe \
         --workdir=/tmp/qs/probe --config.init_from=/tmp/qs/pretrain
 
-`python -m crate_mae_jax.quickstart` runs both and a raw-pixel baseline.
+`python -m crate_mae_jax.tools.quickstart` runs both and a raw-pixel baseline.
 """
 from crate_mae_jax import recipes
 

@@ -268,8 +268,10 @@ def import_tensorflow_quietly():
   return tf
 
 
-def benchmark() -> None:
-  """Console script for crate_mae_jax.experiments.benchmark (its main returns the rows)."""
-  from crate_mae_jax.experiments import benchmark as bench
-  bench.main()
-  sys.exit(0)
+def tensorflow():
+  """TensorFlow for tf.data only, imported quietly and hidden from the GPUs (which
+  belong to JAX); raises TensorFlow's own ImportError where it is missing."""
+  tf = import_tensorflow_quietly()
+  if tf is None:  # not installed, or broken: raise its own ImportError here
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel,redefined-outer-name
+  return tf

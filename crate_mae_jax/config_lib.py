@@ -14,7 +14,8 @@ import re
 from absl import logging
 import ml_collections
 
-from crate_mae_jax import datasets, models
+from crate_mae_jax.data import datasets
+from crate_mae_jax import models
 
 TASKS = ("pretrain", "linear_probe", "finetune")
 _IMAGENET = datasets.get("imagenet2012")
@@ -304,7 +305,7 @@ def _ratio_text(ratio: float) -> str:
 def largest_usable_mask_ratio(num_patches: int) -> float:
   """The largest mask ratio, at 4 decimals, that still keeps one of `num_patches`
   (`patches.num_kept` truncates, so 1 - 1/L itself may keep none)."""
-  from crate_mae_jax import patches  # pylint: disable=import-outside-toplevel
+  from crate_mae_jax.models import patches  # pylint: disable=import-outside-toplevel
   ratio = math.floor((1 - 1 / num_patches) * 10_000) / 10_000
   while ratio > 0 and patches.num_kept(num_patches, ratio) < 1:
     ratio = round(ratio - 1e-4, 4)
@@ -313,7 +314,7 @@ def largest_usable_mask_ratio(num_patches: int) -> float:
 
 def smallest_masking_ratio(num_patches: int) -> float:
   """The smallest mask ratio, at 4 decimals, that masks one of `num_patches`."""
-  from crate_mae_jax import patches  # pylint: disable=import-outside-toplevel
+  from crate_mae_jax.models import patches  # pylint: disable=import-outside-toplevel
   ratio = 1e-4
   while patches.num_kept(num_patches, ratio) >= num_patches:
     ratio = round(ratio + 1e-4, 4)
@@ -323,7 +324,7 @@ def smallest_masking_ratio(num_patches: int) -> float:
 def _check_mask_ratio(task: str, ratio: float, image_size: int, patch_size: int) -> None:
   """The mask ratio keeps at least one patch of the image (the encoder needs a
   token) and, for pre-training, masks at least one (the loss is over masked ones)."""
-  from crate_mae_jax import patches  # pylint: disable=import-outside-toplevel
+  from crate_mae_jax.models import patches  # pylint: disable=import-outside-toplevel
   num = (image_size // patch_size) ** 2
   kept = patches.num_kept(num, ratio)
   where = f"{num} patches ({image_size} px / patch {patch_size})"
@@ -443,7 +444,7 @@ def validate(c: ml_collections.ConfigDict) -> dict:
     _fail("nonfinite", f"{c.nonfinite!r} is unknown; use 'stop' or 'skip'")
   if c.task != "pretrain" and not c.init_from and c.task == "linear_probe":
     _fail("init_from", "linear_probe needs init_from: a pre-training workdir or a "
-          "checkpoint written by crate_mae_jax.convert_torch")
+          "checkpoint written by crate_mae_jax.tools.convert_torch")
   if c.init_from and not c.init_from.startswith("gs://") and not os.path.exists(c.init_from):
     _fail("init_from", f"{c.init_from!r} does not exist")
   if c.task != "pretrain":

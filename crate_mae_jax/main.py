@@ -310,7 +310,8 @@ def main(argv):
     if os.environ.get("JAX_PROCESS_ID"):
       kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
     jax.distributed.initialize(**kwargs)
-  from crate_mae_jax import checkpoints, config_lib, summaries, train, workdir_lock
+  from crate_mae_jax.training import checkpoints, summaries, train, workdir_lock
+  from crate_mae_jax import config_lib
   summaries.quiet_library_logs()
   cli.enable_compilation_cache(FLAGS.compilation_cache)
   workdir = FLAGS.workdir
@@ -345,7 +346,7 @@ def main(argv):
 def run():
   """Console-script entry point."""
   cli.quiet_startup()
-  from crate_mae_jax import xla_defaults  # before JAX creates its backends
+  from crate_mae_jax.training import xla_defaults  # before JAX creates its backends
   xla_defaults.apply()
   app.run(main, flags_parser=_parse_flags)
 

@@ -5,7 +5,8 @@ Each function returns a complete, validated-later ConfigDict; the files in
 """
 import ml_collections
 
-from crate_mae_jax import config_lib, datasets
+from crate_mae_jax import config_lib
+from crate_mae_jax.data import datasets
 
 # The paper's linear-probe / fine-tuning datasets (crate_mae_jax/datasets holds
 # their TFDS names, classes, splits and normalisation).

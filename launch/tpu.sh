@@ -124,7 +124,7 @@ require_tpu() { require TPU_NAME --name; require ZONE --zone; }
 
 # The pod planner, run on this machine; exits 1 when the config fits no mesh.
 planner() {
-  run "$PYTHON" -m crate_mae_jax.plan --config="$CONFIG" --topology="$TOPOLOGY" \
+  run "$PYTHON" -m crate_mae_jax.tools.plan --config="$CONFIG" --topology="$TOPOLOGY" \
     ${MESH:+"--mesh=$MESH"} "$@"
 }
 

@@ -38,7 +38,7 @@ def _hide_clu():
 
 def _poison_steps(bad_steps):
   import jax.numpy as jnp
-  from crate_mae_jax import steps
+  from crate_mae_jax.training import steps
   original = steps._apply  # pylint: disable=protected-access
 
   def _apply(state, tx, grads, loss, batch_stats=None):
@@ -53,7 +53,7 @@ def _poison_updates(bad_steps):
   learning rate or an overflowing moment would)."""
   import jax
   import jax.numpy as jnp
-  from crate_mae_jax import steps
+  from crate_mae_jax.training import steps
   original = steps._apply  # pylint: disable=protected-access
 
   def _apply(state, tx, grads, loss, batch_stats=None):
@@ -83,7 +83,7 @@ def _break_disk(code: int, after: int, workdir: str):
   """OSError(code) for writes under `workdir` once `after` saves have started."""
   import builtins
   import pathlib
-  from crate_mae_jax import checkpoints
+  from crate_mae_jax.training import checkpoints
   root = os.path.abspath(workdir)
   saves = {"n": 0}
   original_save = checkpoints.TrainCheckpoints.save

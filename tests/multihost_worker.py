@@ -49,7 +49,8 @@ def _gathered_params(state) -> dict:
 
 class Spies:
   def __init__(self):
-    from crate_mae_jax import checkpoints, sharding
+    from crate_mae_jax.training import checkpoints
+    from crate_mae_jax import sharding
     self.last_saved = None
     self.saved_steps = []
     self.restored_step = None
@@ -90,7 +91,7 @@ def _restore(workdir: str, out: pathlib.Path) -> dict:
   a target (as `train` does for `config.init_from`) works on this topology."""
   import jax
   import orbax.checkpoint as ocp
-  from crate_mae_jax import checkpoints
+  from crate_mae_jax.training import checkpoints
   facts = {}
   try:
     params, _ = checkpoints.restore_params(workdir)
@@ -150,7 +151,8 @@ def _main() -> None:
     np.savez(out / "final_params.npz", **final)
 
   if "reference" in options:
-    from crate_mae_jax import main, train
+    from crate_mae_jax import main
+    from crate_mae_jax.training import train
     config = main.FLAGS.config.copy_and_resolve_references()
     spies.reset()
     train.train_and_evaluate(config, options["reference"])

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crate_mae_jax import layers, models
+from crate_mae_jax.models import layers
+from crate_mae_jax import models
 
 from crate_mae_jax.kernels import attention as kernel_attention
 
@@ -141,7 +142,7 @@ def test_stack_padding_only_where_it_pays(monkeypatch):
 
 
 def test_xla_defaults_respect_the_user():
-  from crate_mae_jax import xla_defaults
+  from crate_mae_jax.training import xla_defaults
   env = {}
   assert xla_defaults.apply(env, gpu=True) == [
       "--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_cudnn_layer_norm=true"]

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from crate_mae_jax import models
-from crate_mae_jax.experiments import benchmark
+from crate_mae_jax.tools import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--variant", "tiny", "--width", "32", "--depth", "1", "--heads", "2",
@@ -69,20 +69,20 @@ def test_mesh_flag():
 @pytest.mark.slow
 def test_sweep_isolates_runs_and_reports(tmp_path):
   out = tmp_path / "sweep.json"
-  cmd = [sys.executable, "-m", "crate_mae_jax.experiments.benchmark", *TINY, "--dtype", "float32,bfloat16",
+  cmd = [sys.executable, "-m", "crate_mae_jax.tools.benchmark", *TINY, "--dtype", "float32,bfloat16",
          "--json", str(out)]
   proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = json.loads(out.read_text())["rows"]
   assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
   assert all("error" not in r and r["img_s"] > 0 for r in rows), rows
-  report = subprocess.run([sys.executable, "-m", "crate_mae_jax.experiments.benchmark", "--report", str(out)],
+  report = subprocess.run([sys.executable, "-m", "crate_mae_jax.tools.benchmark", "--report", str(out)],
                           env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert report.returncode == 0 and report.stdout.count("crate_mae") == 2
 
 
 def test_import_loads_no_tensorflow():
-  code = ("import sys, crate_mae_jax.experiments.benchmark; "
+  code = ("import sys, crate_mae_jax.tools.benchmark; "
           "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'clu')]; "
           "print(bad); sys.exit(1 if bad else 0)")
   proc = subprocess.run([sys.executable, "-c", code], env=_env(), cwd=ROOT,
@@ -100,8 +100,8 @@ def test_input_pipeline_flag_never_fails(capsys):
 def test_flags_do_not_collide_with_other_entry_points():
   """The benchmark keeps its flags in its own set: importing it next to the
   study and the planner (as a test session or a notebook does) defines no flag twice."""
-  import crate_mae_jax.experiments.study  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  import crate_mae_jax.plan  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  import experiments.study  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  import crate_mae_jax.tools.plan  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   args = benchmark.parse_args(["--variant", "tiny", "--norm_impl", "flax,fused"])
   assert args.variant == "tiny" and args.norm_impl == "flax,fused" and args.isolate is None
   assert benchmark.parse_args([]).variant == "base"      # parsing again starts from defaults

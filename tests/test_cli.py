@@ -61,12 +61,12 @@ def test_shipped_config_name_works_from_another_folder(tmp_path):
 # A flag each entry point defines itself, with (the start of) its description.
 _OWN_FLAG = {
     "crate_mae_jax.main": ("--workdir", "Directory (local or gs://) for checkpoints and logs."),
-    "crate_mae_jax.analyze": ("--num_images", "images to analyse"),
-    "crate_mae_jax.evaluate": ("--max_train", "Train images for k-NN / probes (0: all)."),
-    "crate_mae_jax.plan": ("--topology", "Cloud TPU topology, e.g. v5p:4x4x4"),
-    "crate_mae_jax.quickstart": ("--workdir", "Where checkpoints and logs go."),
-    "crate_mae_jax.convert_torch": ("--checkpoint", "official .pth file"),
-    "crate_mae_jax.experiments.benchmark": ("--batch_size", "global batch (comma list allowed)"),
+    "crate_mae_jax.tools.analyze": ("--num_images", "images to analyse"),
+    "crate_mae_jax.tools.evaluate": ("--max_train", "Train images for k-NN / probes (0: all)."),
+    "crate_mae_jax.tools.plan": ("--topology", "Cloud TPU topology, e.g. v5p:4x4x4"),
+    "crate_mae_jax.tools.quickstart": ("--workdir", "Where checkpoints and logs go."),
+    "crate_mae_jax.tools.convert_torch": ("--checkpoint", "official .pth file"),
+    "crate_mae_jax.tools.benchmark": ("--batch_size", "global batch (comma list allowed)"),
 }
 
 
@@ -105,7 +105,7 @@ def test_console_script_help_lists_its_own_flags(script, tmp_path):
   proc = subprocess.run([sys.executable, "-c", code, "--help"], cwd=tmp_path, env=_env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  owner = "crate_mae_jax.experiments.benchmark" if script == "crate-mae-benchmark" else module
+  owner = "crate_mae_jax.tools.benchmark" if script == "crate-mae-benchmark" else module
   _assert_lists_own_flag(proc.stdout, owner)
   assert f"usage: {script} " in proc.stdout
 
@@ -175,12 +175,11 @@ def test_quiet_startup_drops_only_the_known_noise(caplog):
 
 def test_tensorflow_is_hidden_from_gpus(monkeypatch):
   tf = pytest.importorskip("tensorflow")
-  from crate_mae_jax import input_pipeline
   calls = []
   monkeypatch.setattr(tf.config, "set_visible_devices", lambda d, kind: calls.append((d, kind)))
   cli.import_tensorflow_quietly.cache_clear()
   try:
-    assert input_pipeline._tf() is tf
+    assert cli.tensorflow() is tf
     assert cli.import_tensorflow_quietly() is tf   # cached: the devices are set once
   finally:
     cli.import_tensorflow_quietly.cache_clear()
@@ -192,12 +191,12 @@ def test_tensorflow_is_hidden_from_gpus(monkeypatch):
     ("crate_mae_jax.main", ["--config=quickstart", "--workdir={tmp}/w",
                             "--config.model.mask_ratio=1.5"], 2),
     ("crate_mae_jax.main", ["--config=no_such_config", "--workdir={tmp}/w"], 2),
-    ("crate_mae_jax.quickstart", ["--help"], 0),
-    ("crate_mae_jax.analyze", ["--help"], 0),
-    ("crate_mae_jax.evaluate", ["--help"], 0),
-    ("crate_mae_jax.plan", ["--help"], 0),
-    ("crate_mae_jax.convert_torch", ["--help"], 0),
-    ("crate_mae_jax.experiments.benchmark", ["--help"], 0),
+    ("crate_mae_jax.tools.quickstart", ["--help"], 0),
+    ("crate_mae_jax.tools.analyze", ["--help"], 0),
+    ("crate_mae_jax.tools.evaluate", ["--help"], 0),
+    ("crate_mae_jax.tools.plan", ["--help"], 0),
+    ("crate_mae_jax.tools.convert_torch", ["--help"], 0),
+    ("crate_mae_jax.tools.benchmark", ["--help"], 0),
 ])
 def test_help_and_config_errors_do_not_import_tensorflow(module, args, code, tmp_path):
   # -X importtime lists every imported module on stderr, whatever way the process exits.
@@ -219,7 +218,7 @@ def test_help_and_config_errors_do_not_import_tensorflow(module, args, code, tmp
 def test_tensorflow_imports_quietly_where_it_is_needed(tmp_path):
   pytest.importorskip("tensorflow")
   code = ("import sys\n"
-          "from crate_mae_jax import cli, summaries\n"
+          "from crate_mae_jax import cli\nfrom crate_mae_jax.training import summaries\n"
           "cli.quiet_startup()\n"
           "assert 'tensorflow' not in sys.modules\n"
           "writer = summaries.create_writer(sys.argv[1], is_chief=True)\n"

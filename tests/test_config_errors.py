@@ -149,7 +149,7 @@ MISTAKES = [
 
 def _fake_checkpoint(path: pathlib.Path, width: int) -> str:
   """A params checkpoint whose meta says it holds a CRATE-MAE of `width`."""
-  from crate_mae_jax import checkpoints
+  from crate_mae_jax.training import checkpoints
   meta = {"model": {"arch": "crate_mae", "width": width, "depth": 2, "heads": 2,
                     "patch_size": 4, "channels": 1}, "task": "pretrain"}
   params = {"encoder": {"w": np.zeros((width,), np.float32)}}
@@ -299,7 +299,8 @@ def test_mask_ratio_that_keeps_no_patch_is_refused_naming_the_largest_usable():
                                                    (8, 4), (224, 14), (512, 16)])
 def test_named_mask_ratios_work(image_size, patch_size):
   """The ratios the messages name pass validation and keep / mask one patch."""
-  from crate_mae_jax import config_lib, patches
+  from crate_mae_jax import config_lib
+  from crate_mae_jax.models import patches
   num = (image_size // patch_size) ** 2
   best = config_lib.largest_usable_mask_ratio(num)
   low = config_lib.smallest_masking_ratio(num)

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crate_mae_jax import checkpoints, convert_torch, models
+from crate_mae_jax.training import checkpoints
+from crate_mae_jax.tools import convert_torch
+from crate_mae_jax import models
 
 import reference_numpy as ref
 
@@ -153,7 +155,7 @@ def torch_state_dict(torch, official_tiny):
 def test_cli_subprocess_end_to_end(torch, official_tiny, official_tiny_pth, tmp_path):
   out_dir = tmp_path / "converted"
   proc = subprocess.run(
-      [sys.executable, "-m", "crate_mae_jax.convert_torch", "--checkpoint",
+      [sys.executable, "-m", "crate_mae_jax.tools.convert_torch", "--checkpoint",
        str(official_tiny_pth), "--output", str(out_dir), "--heads", str(HEADS)],
       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -261,7 +263,7 @@ def test_cli_refusal_in_process(torch, official_tiny, tmp_path, capsys):
 def test_cli_refusal_subprocess_exit_code(torch, official_tiny, tmp_path):
   path = bad_pth(torch, official_tiny, tmp_path)
   proc = subprocess.run(
-      [sys.executable, "-m", "crate_mae_jax.convert_torch", "--checkpoint", path,
+      [sys.executable, "-m", "crate_mae_jax.tools.convert_torch", "--checkpoint", path,
        "--output", str(tmp_path / "out"), "--heads", str(HEADS)],
       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]

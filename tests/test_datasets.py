@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from crate_mae_jax import config_lib, datasets, input_pipeline, recipes
-from crate_mae_jax.datasets import registry
+from crate_mae_jax import config_lib, recipes
+from crate_mae_jax.data import datasets, input_pipeline
+from crate_mae_jax.data.datasets import registry
 
 EXPECTED = ("cifar10", "cifar100", "fashion_mnist", "imagenet2012", "oxford_flowers102",
             "oxford_iiit_pet", "quickstart")

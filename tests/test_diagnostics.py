@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_mae_jax import checkpoints, convert_torch, diagnostics, figures, models
+from crate_mae_jax.training import checkpoints
+from crate_mae_jax.tools import convert_torch
+from crate_mae_jax.analysis import diagnostics, figures
+from crate_mae_jax import models
 
 from conftest import ROOT
 
@@ -267,7 +270,7 @@ def test_heatmap_is_the_plasma_colormap():
 
 
 def test_study_line_plot_and_before_after(tmp_path):
-  from crate_mae_jax.experiments import plots
+  from experiments import plots
   xs = np.arange(4)
   panels = [("loss", "epoch", [("CRATE-MAE train", xs, [3.0, 2.0, 1.5, 1.2], "tab:blue", "line"),
                                ("CRATE-MAE eval", xs[::2], [2.5, 1.6], "tab:blue", "dots"),
@@ -299,7 +302,7 @@ def test_study_line_plot_and_before_after(tmp_path):
 
 def _run(*args, timeout=120):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  return subprocess.run([sys.executable, "-m", "crate_mae_jax.analyze", *args], cwd=ROOT,
+  return subprocess.run([sys.executable, "-m", "crate_mae_jax.tools.analyze", *args], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -352,8 +355,8 @@ def test_analyze_cli_errors(tmp_path):
 
 
 def test_no_tensorflow_import():
-  code = ("import sys; import crate_mae_jax.diagnostics, crate_mae_jax.figures, "
-          "crate_mae_jax.analyze, crate_mae_jax.steps, crate_mae_jax.models; "
+  code = ("import sys; import crate_mae_jax.analysis.diagnostics, crate_mae_jax.analysis.figures, "
+          "crate_mae_jax.tools.analyze, crate_mae_jax.training.steps, crate_mae_jax.models; "
           "bad = [m for m in sys.modules if m.split('.')[0] in "
           "('tensorflow', 'torch', 'matplotlib')]; "
           "assert not bad, bad")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config
-from crate_mae_jax import models, train
+from crate_mae_jax import models
+from crate_mae_jax.training import train
 from crate_mae_jax.config_lib import ConfigError
 from crate_mae_jax.evaluators import common, features, knn, linear_probe
 
@@ -131,7 +132,7 @@ def test_default_evals_and_bad_entries():
 
 
 def test_diagnostics_evaluator_drops_decoder_sparsity_and_adds_masked(tmp_path):
-  from crate_mae_jax import input_pipeline
+  from crate_mae_jax.data import input_pipeline
   from crate_mae_jax.evaluators import diagnostics
   cfg = _tiny_quickstart()
   source = input_pipeline.create(cfg.data, cfg.augment, task="pretrain", batch_size=8, seed=0)
@@ -153,7 +154,7 @@ TINY_FLAGS = ["--config=configs/quickstart.py", "--config.model.width=32",
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "crate_mae_jax.evaluate", *TINY_FLAGS, *args],
+  return subprocess.run([sys.executable, "-m", "crate_mae_jax.tools.evaluate", *TINY_FLAGS, *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -175,7 +176,7 @@ def test_cli_refuses_a_missing_checkpoint(tmp_path):
 
 
 def test_split_arrays_are_the_normalised_eval_path():
-  from crate_mae_jax import augment_jax, input_pipeline
+  from crate_mae_jax.data import augment_jax, input_pipeline
   cfg = _tiny_quickstart()
   x, y, classes = input_pipeline.split_arrays(cfg.data, "test", max_examples=50, batch_size=16)
   assert x.shape == (50, 28, 28, 1) and x.dtype == np.float32 and y.shape == (50,)
@@ -193,10 +194,10 @@ def test_split_arrays_are_the_normalised_eval_path():
 
 def test_batch_progress_logs_every_interval_not_every_batch():
   from absl import logging as absl_logging
-  from crate_mae_jax.evaluators import _batches
+  from crate_mae_jax.evaluators import batches
   now = [0.0]
   lines = []
-  progress = _batches.BatchProgress(10, what="eval", every_s=10.0, clock=lambda: now[0])
+  progress = batches.BatchProgress(10, what="eval", every_s=10.0, clock=lambda: now[0])
   original = absl_logging.info
   absl_logging.info = lambda msg, *args: lines.append(msg % args)
   try:

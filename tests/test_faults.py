@@ -138,7 +138,7 @@ def _tmp_steps(workdir) -> list[int]:
 
 def _params(workdir) -> dict:
   import jax
-  from crate_mae_jax import checkpoints
+  from crate_mae_jax.training import checkpoints
   params, _ = checkpoints.restore_params(str(workdir))
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(params)}
@@ -365,7 +365,7 @@ def test_nonfinite_stop_names_step_exits_1_and_keeps_last_good_checkpoint(backgr
   assert max(_complete_steps(run.workdir)) == bad, run.context()
   assert not _tmp_steps(run.workdir)
   _assert_finite(_params(run.workdir))
-  from crate_mae_jax import checkpoints
+  from crate_mae_jax.training import checkpoints
   meta, step = checkpoints.read_meta(str(run.workdir))
   assert step == bad and meta["task"] == "pretrain"
   assert not (run.workdir / "results.json").exists()

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_mae_jax import augment_jax, config_lib, data_arrays, input_pipeline
-from crate_mae_jax.datasets import fashion_mnist
+from crate_mae_jax.data import augment_jax, data_arrays, input_pipeline
+from crate_mae_jax import config_lib
+from crate_mae_jax.data.datasets import fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_MEAN, CIFAR_STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
@@ -460,8 +461,8 @@ def test_mixup_cutmix(mixup, cutmix):
 def test_no_tensorflow_for_array_sources():
   code = (
       "import sys\n"
-      "import crate_mae_jax.input_pipeline as ip, crate_mae_jax.data_arrays, "
-      "crate_mae_jax.augment_jax\n"
+      "import crate_mae_jax.data.input_pipeline as ip, crate_mae_jax.data.data_arrays, "
+      "crate_mae_jax.data.augment_jax\n"
       "assert 'tensorflow' not in sys.modules, 'import loaded TF'\n"
       "from crate_mae_jax import config_lib\n"
       "c = config_lib.default_config()\n"

@@ -94,7 +94,7 @@ def test_create_runs_the_planner_first(fakes):
   cmds = dry_run(TPU, "create", *V4, "--accelerator-type=v4-32", "--topology=v4:2x2x4",
                  "--config=configs/large.py", "--config.batch_size=2048", fakes=fakes)
   assert cmds == [
-      ["python3", "-m", "crate_mae_jax.plan", "--config=configs/large.py",
+      ["python3", "-m", "crate_mae_jax.tools.plan", "--config=configs/large.py",
        "--topology=v4:2x2x4", "--config.batch_size=2048"],
       GCLOUD_TPUS + ["tpu-vm", "create", "crate-v4", "--accelerator-type=v4-32",
                      "--version=tpu-ubuntu2204-base", *V4_WHERE]]
@@ -103,7 +103,7 @@ def test_create_runs_the_planner_first(fakes):
 def test_plan_command_passes_mesh_json_and_overrides(fakes):
   cmds = dry_run(TPU, "plan", "--topology", "v5p:2x4x4", "--mesh=data=8,fsdp=4",
                  "--json", "plan.json", "--config.model.remat_policy=full", fakes=fakes)
-  assert cmds == [["python3", "-m", "crate_mae_jax.plan", "--config=configs/base.py",
+  assert cmds == [["python3", "-m", "crate_mae_jax.tools.plan", "--config=configs/base.py",
                    "--topology=v5p:2x4x4", "--mesh=data=8,fsdp=4", "--json=plan.json",
                    "--config.model.remat_policy=full"]]
   res = launch(TPU, "plan", "--dry-run", fakes=fakes)

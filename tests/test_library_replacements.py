@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from crate_mae_jax import layers
+from crate_mae_jax.models import layers
 
 
 def test_kaiming_uniform_is_the_old_variance_scaling():
@@ -70,7 +70,7 @@ _BOXES = [(0, 0, 28, 28), (3, 5, 12, 20), (0, 10, 28, 18), (7.5, 2.25, 9.5, 13.0
 
 @pytest.mark.parametrize("method", ["bilinear", "bicubic"])
 def test_crop_and_resize_matches_the_old_dense_matrices(method):
-  from crate_mae_jax import augment_jax
+  from crate_mae_jax.data import augment_jax
   image = np.random.default_rng(0).uniform(0, 255, (28, 28, 3))
   for size in (16, 32):   # down- and up-sampling
     expected = np.stack([_old_crop(image, box, size, method) for box in _BOXES])
@@ -84,7 +84,7 @@ def test_crop_geometry_of_a_coordinate_image():
   """Pixels that hold their own coordinates: an integer box at scale 1 returns exactly
   those coordinates, the whole-image box returns the image, and a 2x up-sampled crop
   samples at the output pixel centres."""
-  from crate_mae_jax import augment_jax
+  from crate_mae_jax.data import augment_jax
   rows, cols = np.meshgrid(np.arange(20.0), np.arange(24.0), indexing="ij")
   image = jnp.asarray(np.stack([rows, cols], -1), jnp.float32)
   for method in ("bilinear", "bicubic"):
@@ -99,7 +99,7 @@ def test_crop_geometry_of_a_coordinate_image():
 
 
 def test_eval_box_is_the_old_eval_geometry():
-  from crate_mae_jax import augment_jax
+  from crate_mae_jax.data import augment_jax
   image = np.random.default_rng(1).uniform(0, 255, (80, 100, 3))
   aug = augment_jax.make_device_augment(image_size=64, mean=(0.0,) * 3, std=(1 / 255.0,) * 3)
   got = aug(jax.random.key(0), image[None], False)[0]
@@ -118,7 +118,7 @@ def test_eval_box_is_the_old_eval_geometry():
 
 
 def test_train_crop_flips_the_resized_columns():
-  from crate_mae_jax import augment_jax
+  from crate_mae_jax.data import augment_jax
   image = np.random.default_rng(2).integers(0, 256, (1, 12, 12, 1)).astype(np.uint8)
   aug = augment_jax.make_device_augment(image_size=12, mean=(0.0,), std=(1 / 255.0,),
                                         crop_scale=(1.0, 1.0), ratio=(1.0, 1.0))

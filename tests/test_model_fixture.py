@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crate_mae_jax import convert_torch, models
-from crate_mae_jax.pos_embed import sincos_2d
+from crate_mae_jax.tools import convert_torch
+from crate_mae_jax import models
+from crate_mae_jax.models.pos_embed import sincos_2d
 
 import reference_numpy as ref
 

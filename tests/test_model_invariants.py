@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crate_mae_jax import convert_torch, models
-from crate_mae_jax.patches import masking_from_noise, num_kept
+from crate_mae_jax.tools import convert_torch
+from crate_mae_jax import models
+from crate_mae_jax.models.patches import masking_from_noise, num_kept
 
 import reference_numpy as ref
 
@@ -130,7 +131,7 @@ def test_reference_patchify_matches_official_einsum():
   p = 4
   official = np.einsum("nchpwq->nhwpqc", nchw.reshape(2, 3, 2, p, 2, p)).reshape(2, 4, p * p * 3)
   np.testing.assert_array_equal(ref.patchify(nchw.transpose(0, 2, 3, 1), p), official)
-  from crate_mae_jax.patches import patchify, unpatchify
+  from crate_mae_jax.models.patches import patchify, unpatchify
   np.testing.assert_array_equal(np.asarray(patchify(jnp.asarray(nchw.transpose(0, 2, 3, 1)), p)),
                                 official)
   np.testing.assert_array_equal(
@@ -201,7 +202,7 @@ def test_encode_equals_latent_at_ratio_zero(small_model):
   np.testing.assert_allclose(np.asarray(features), np.asarray(out["latent"]), rtol=1e-6, atol=1e-6)
   assert float(np.asarray(out["mask"]).sum()) == 0.0
   # the MAE loss at ratio 0 is the mean per-patch MSE over every patch
-  from crate_mae_jax.patches import patchify
+  from crate_mae_jax.models.patches import patchify
   target = np.asarray(patchify(images, 4), np.float64)
   expected = ((np.asarray(out["pred"], np.float64) - target) ** 2).mean()
   assert abs(float(out["loss"]) - expected) < 1e-5 * expected
@@ -287,10 +288,10 @@ def test_initialisation_matches_official_distributions():
 def test_imports_pull_in_no_tensorflow():
   code = ("import sys\n"
           "import crate_mae_jax\n"
-          "import crate_mae_jax.models, crate_mae_jax.crate_mae, crate_mae_jax.vit_mae, "
-          "crate_mae_jax.layers, crate_mae_jax.convert_torch\n"
+          "import crate_mae_jax.models, crate_mae_jax.models.crate_mae, crate_mae_jax.models.vit_mae, "
+          "crate_mae_jax.models.layers, crate_mae_jax.tools.convert_torch\n"
           "bad = sorted(m for m in sys.modules if m == 'tensorflow' or m.startswith('tensorflow.'))\n"
-          "assert 'crate_mae_jax.convert_torch' in sys.modules\n"
+          "assert 'crate_mae_jax.tools.convert_torch' in sys.modules\n"
           "print('TF:', bad)\n"
           "sys.exit(1 if bad else 0)\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -327,9 +328,9 @@ def test_vit_mae_forward_runs():
 def test_vit_mae_with_mask_tokens_in_the_encoder_matches_the_maths():
   """encoder_sees='all': mask tokens replace the masked patch embeddings before the
   position table, the encoder runs on every token, the decoder reads the latent."""
-  from crate_mae_jax import layers
-  from crate_mae_jax.patches import masked_mse, patchify
-  from crate_mae_jax.pos_embed import sincos_2d
+  from crate_mae_jax.models import layers
+  from crate_mae_jax.models.patches import masked_mse, patchify
+  from crate_mae_jax.models.pos_embed import sincos_2d
   cfg = models.model_config("base", "vit_mae")
   cfg.update(width=32, depth=2, heads=2, decoder_depth=1, decoder_heads=4, patch_size=4,
              encoder_sees="all", norm_pix_loss=True)

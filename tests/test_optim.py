@@ -7,7 +7,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from crate_mae_jax import config_lib, models, optim, state_lib, steps
+from crate_mae_jax import config_lib, models
+from crate_mae_jax.training import optim, state_lib, steps
 
 
 def _tiny_encoder_params(arch: str):
@@ -120,7 +121,8 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_warmup_longer_than_the_run_is_one_warning(caplog):
   """A warm-up that does not fit is cut to the run, said once with both lengths."""
   import logging as std_logging  # pylint: disable=import-outside-toplevel
-  from crate_mae_jax import config_lib, optim  # pylint: disable=import-outside-toplevel
+  from crate_mae_jax import config_lib
+  from crate_mae_jax.training import optim  # pylint: disable=import-outside-toplevel
   cfg = config_lib.default_config()
   cfg.optim.warmup_epochs = 40.0
   with caplog.at_level(std_logging.WARNING):

@@ -8,7 +8,8 @@ import pathlib
 
 import pytest
 
-from crate_mae_jax import plan, recipes
+from crate_mae_jax.tools import plan
+from crate_mae_jax import recipes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -127,7 +128,7 @@ def test_mesh_flags_and_candidates():
 
 def test_cli_refuses_a_bad_mesh_in_one_line():
   out = subprocess.run(
-      [sys.executable, "-m", "crate_mae_jax.plan", "--config=configs/tiny.py",
+      [sys.executable, "-m", "crate_mae_jax.tools.plan", "--config=configs/tiny.py",
        "--topology=v5e:2x2", "--mesh=rows=4"], cwd=ROOT, capture_output=True, text=True,
       timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 2, out.stderr[-2000:]
@@ -173,7 +174,7 @@ def test_merge_recommends_over_separately_compiled_layouts(tmp_path):
     paths.append(tmp_path / f"{i}.json")
     paths[-1].write_text(json.dumps(r))
   out = subprocess.run(
-      [sys.executable, "-m", "crate_mae_jax.plan", "--merge=" + ",".join(map(str, paths)),
+      [sys.executable, "-m", "crate_mae_jax.tools.plan", "--merge=" + ",".join(map(str, paths)),
        f"--json={tmp_path / 'merged.json'}"], cwd=ROOT, capture_output=True, text=True,
       timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]

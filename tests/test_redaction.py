@@ -9,7 +9,8 @@ import ml_collections
 import pytest
 
 from conftest import tiny_train_config
-from crate_mae_jax import checkpoints, config_lib, run_record, summaries, train
+from crate_mae_jax.training import checkpoints, run_record, summaries, train
+from crate_mae_jax import config_lib
 
 SECRET = "SECRET"
 URL = f"gs://user:{SECRET}@bucket/x"

@@ -65,7 +65,7 @@ def _largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
 
 def _analyze(cache, workdir, output, *extra, timeout=300):
   env = _env(cache)
-  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.analyze",
+  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.tools.analyze",
                          f"--checkpoint={workdir}", f"--output={output}", *extra],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   return proc
@@ -216,7 +216,7 @@ def test_converter_output_is_a_file_exits_at_once(official_tiny_pth, tmp_path):
   target = tmp_path / "exists.txt"
   target.write_text("a file, not a folder\n")
   env = _env(tmp_path / "cache")
-  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.convert_torch",
+  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.tools.convert_torch",
                          f"--checkpoint={official_tiny_pth}", f"--output={target}", "--heads=4"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
   lines = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
@@ -227,7 +227,7 @@ def test_converter_output_is_a_file_exits_at_once(official_tiny_pth, tmp_path):
 
 # ------------------------------------------------------------------ data and the best checkpoint
 def test_image_folder_symlink_loop_reads_each_image_once(tmp_path):
-  from crate_mae_jax import input_pipeline
+  from crate_mae_jax.data import input_pipeline
   for c in ("a", "b"):
     (tmp_path / c).mkdir()
     for i in range(3):
@@ -235,7 +235,7 @@ def test_image_folder_symlink_loop_reads_each_image_once(tmp_path):
   (tmp_path / "a" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
   (tmp_path / "b" / "other").symlink_to(tmp_path / "a", target_is_directory=True)
   # pylint: disable-next=protected-access
-  classes, per_class = input_pipeline._class_files(str(tmp_path))
+  classes, per_class = input_pipeline.class_files(str(tmp_path))
   assert classes == ["a", "b"]
   assert [len(f) for f in per_class] == [3, 3], per_class
   everything = [os.path.realpath(f) for files in per_class for f in files]
@@ -243,7 +243,7 @@ def test_image_folder_symlink_loop_reads_each_image_once(tmp_path):
 
 
 def test_float_arrays_in_0_1_are_scaled_not_blackened():
-  from crate_mae_jax import data_arrays
+  from crate_mae_jax.data import data_arrays
   x = np.linspace(0.0, 1.0, 16 * 4 * 4, dtype=np.float32).reshape(16, 4, 4, 1)
   y = np.arange(16) % 2
   u8 = data_arrays.to_uint8(x, "train images")
@@ -259,7 +259,7 @@ def test_best_checkpoint_survives_a_resume_with_an_equal_metric(tmp_path):
   """The best store keeps its step when a resumed run sees an equal metric
   (Orbax's BestN preservation policy over the saved metric)."""
   import jax.numpy as jnp
-  from crate_mae_jax import checkpoints, steps
+  from crate_mae_jax.training import checkpoints, steps
   def state(step, value):
     return steps.TrainState(step=jnp.asarray(step, jnp.int32), params={"w": jnp.full(3, value)},
                             opt_state={"m": jnp.zeros(3)}, batch_stats={},
@@ -283,7 +283,7 @@ def test_best_checkpoint_survives_a_resume_with_an_equal_metric(tmp_path):
 
 def test_nonfinite_state_is_never_saved(tmp_path):
   import jax.numpy as jnp
-  from crate_mae_jax import checkpoints, steps
+  from crate_mae_jax.training import checkpoints, steps
   bad = steps.TrainState(step=jnp.asarray(1, jnp.int32), params={"w": jnp.array([1.0, jnp.nan])},
                          opt_state={"m": jnp.zeros(2)}, batch_stats={},
                          rng=jnp.zeros(2, jnp.uint32), nonfinite_count=jnp.zeros((), jnp.int32),

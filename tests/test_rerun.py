@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config
-from crate_mae_jax import train
+from crate_mae_jax.training import train
 
 
 def _rerun_gives_same_results(task, tmp_path, **overrides):
@@ -34,7 +34,8 @@ def test_rerun_of_finished_probe_reports_the_same_top1(tmp_path):
 
 _TINY_QUICKSTART = """
 import sys
-from crate_mae_jax import quickstart, recipes
+from crate_mae_jax import recipes
+from crate_mae_jax.tools import quickstart
 full = recipes.quickstart
 def tiny(task="pretrain"):
   c = full(task)

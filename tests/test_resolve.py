@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config
-from crate_mae_jax import config_lib, models, train
+from crate_mae_jax import config_lib, models
+from crate_mae_jax.training import train
 
 
 def _tiny_model(arch="crate_mae"):
@@ -69,7 +70,8 @@ def test_derived_model_is_checked_again():
 def test_the_train_build_path_resolves_once(count_resolutions):
   """What `train_and_evaluate` builds from one validated config: the module, the
   checkpoint check and the default evaluators, without another resolution."""
-  from crate_mae_jax import evaluators, input_pipeline
+  from crate_mae_jax import evaluators
+  from crate_mae_jax.data import input_pipeline
   cfg = tiny_train_config("pretrain", source="quickstart")
   resolved = config_lib.validate(cfg)
   source = input_pipeline.create(cfg.data, cfg.augment, task="pretrain", batch_size=8, seed=0)
@@ -97,7 +99,8 @@ def test_a_training_run_resolves_its_model_once(tmp_path, count_resolutions):
 def test_converting_an_official_checkpoint_resolves_once(official_tiny_pth, tmp_path,
                                                          count_resolutions):
   pytest.importorskip("torch")
-  from crate_mae_jax import checkpoints, convert_torch
+  from crate_mae_jax.training import checkpoints
+  from crate_mae_jax.tools import convert_torch
   convert_torch.convert(str(official_tiny_pth), str(tmp_path / "converted"), heads=4)
   assert len(count_resolutions) == 1
   _, meta = checkpoints.restore_params(str(tmp_path / "converted"))

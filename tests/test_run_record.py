@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from conftest import tiny_train_config
-from crate_mae_jax import run_record, summaries, train
+from crate_mae_jax.training import run_record, summaries, train
 
 
 @pytest.fixture(scope="module")

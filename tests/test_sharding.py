@@ -241,7 +241,8 @@ def _layout_facts(x) -> dict:
 
 def _equivalence(out: pathlib.Path, names: list):
   import jax
-  from crate_mae_jax import config_lib, models, optim, sharding, state_lib, steps
+  from crate_mae_jax import config_lib, models, sharding
+  from crate_mae_jax.training import optim, state_lib, steps
 
   c = config_lib.default_config()
   c.model.update(variant="tiny", width=64, depth=2, heads=4, patch_size=4, channels=3)
@@ -307,7 +308,8 @@ def _constraints(out: pathlib.Path):
   constraints it holds and which mesh axes they name."""
   import re
   import jax
-  from crate_mae_jax import config_lib, models, optim, sharding, state_lib, steps
+  from crate_mae_jax import config_lib, models, sharding
+  from crate_mae_jax.training import optim, state_lib, steps
 
   c = config_lib.default_config()
   c.model.update(variant="tiny", width=64, depth=2, heads=4, patch_size=4, channels=3)
@@ -342,7 +344,8 @@ def _train(workdir: pathlib.Path, mesh_shape, num_train_steps: int) -> dict:
   """
   import jax
   from conftest import tiny_train_config
-  from crate_mae_jax import checkpoints, sharding, train
+  from crate_mae_jax.training import checkpoints, train
+  from crate_mae_jax import sharding
 
   cfg = tiny_train_config("pretrain", "quickstart", num_train_steps=num_train_steps)
   cfg.mesh.shape = mesh_shape

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crate_mae_jax import config_lib, layers, models
+from crate_mae_jax import config_lib, models
+from crate_mae_jax.models import layers
 
 from crate_mae_jax.kernels import attention as kernel_attention
 
@@ -134,7 +135,7 @@ def test_splash_is_refused_on_gpu_before_compile():
 def test_training_refuses_splash_on_gpu_first(monkeypatch, tmp_path):
   """The check runs at the start of training, before data, mesh or compile."""
   from conftest import tiny_train_config
-  from crate_mae_jax import train
+  from crate_mae_jax.training import train
   cfg = tiny_train_config(source="quickstart")
   cfg.model.attention_impl = "splash"
   monkeypatch.setattr(train.jax, "default_backend", lambda: "gpu")
@@ -146,7 +147,8 @@ def test_training_refuses_splash_on_gpu_first(monkeypatch, tmp_path):
 _SHARDED_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from crate_mae_jax import layers, sharding
+from crate_mae_jax import sharding
+from crate_mae_jax.models import layers
 from crate_mae_jax.kernels import attention as kernel_attention
 assert jax.device_count() == 2
 rules = (("activation_batch", ("data", "fsdp")), ("activation_length", None),
@@ -189,7 +191,8 @@ def test_splash_compiles_per_shard_for_a_tpu_mesh():
   Without the shard_map, JAX refuses: a Mosaic kernel cannot be partitioned."""
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from crate_mae_jax import plan, sharding
+  from crate_mae_jax.tools import plan
+  from crate_mae_jax import sharding
   devices = plan.topology_devices("v5e:2x2")
   mesh = sharding.create_mesh((("data", 2), ("fsdp", 1), ("tensor", 2)), devices)
   rules = (("activation_batch", ("data", "fsdp")), ("activation_length", None),
@@ -211,7 +214,7 @@ def test_splash_compiles_per_shard_for_a_tpu_mesh():
 
 
 def test_planner_keeps_an_explicit_splash():
-  from crate_mae_jax import plan
+  from crate_mae_jax.tools import plan
   cfg = config_lib.default_config()
   assert plan.for_tpu(cfg).model.attention_impl == "xla"
   cfg.model.attention_impl = "splash"
@@ -219,7 +222,7 @@ def test_planner_keeps_an_explicit_splash():
 
 
 def test_benchmark_refuses_splash_on_gpu(monkeypatch):
-  from crate_mae_jax.experiments import benchmark
+  from crate_mae_jax.tools import benchmark
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   tiny = ["--variant", "tiny", "--width", "32", "--depth", "1", "--heads", "2",
           "--patch_size", "8", "--image_size", "16", "--batch_size", "4", "--steps", "1",

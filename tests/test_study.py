@@ -1,4 +1,4 @@
-"""The issue-8 study driver (crate_mae_jax.experiments.study) and its config, on CPU.
+"""The issue-8 study driver (experiments.study) and its config, on CPU.
 
 One end-to-end run of the CLI in a subprocess: tiny models (width 32, depth 2),
 the Fashion-MNIST subset shipped in the package (512 train / 1,000 test),
@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from crate_mae_jax import config_lib, models
-from crate_mae_jax.experiments import study
+from experiments import study
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ("--data_source=quickstart", "--tiny", "--scale=0.01", "--max_examples=512",
@@ -107,7 +107,7 @@ def test_study_config_scales_every_epoch_count():
 
 
 def test_recording_writer_records_and_forwards():
-  from crate_mae_jax import summaries
+  from crate_mae_jax.training import summaries
   writer = study.RecordingWriter(summaries.LoggingWriter(None))
   writer.write_scalars(3, {"train/loss": 0.5})
   writer.write_scalars(6, {"train/loss": 0.25, "eval/loss": 0.3})
@@ -132,7 +132,7 @@ def test_run_stage_records_the_learning_rate(tmp_path):
 def study_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("study")
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.experiments.study", f"--workdir={workdir}",
+  proc = subprocess.run([sys.executable, "-m", "experiments.study", f"--workdir={workdir}",
                          *ARGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]
   with open(workdir / "study.json") as f:

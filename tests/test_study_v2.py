@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_mae_jax.experiments import study_v2, study_v2_report
+from experiments import study_v2, study_v2_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +97,7 @@ ARGS = ["--tiny", "--data_source=quickstart", "--max_examples=256", "--pretrain_
 @pytest.mark.slow
 def test_two_workers_end_to_end_resume_and_report(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  cmd = [sys.executable, "-m", "crate_mae_jax.experiments.study_v2", f"--workdir={tmp_path}"]
+  cmd = [sys.executable, "-m", "experiments.study_v2", f"--workdir={tmp_path}"]
   proc = subprocess.run(cmd + ARGS, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

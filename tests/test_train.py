@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import tiny_train_config
-from crate_mae_jax import checkpoints, train
+from crate_mae_jax.training import checkpoints, train
 
 
 def _params_close(a, b, tol=1e-6):

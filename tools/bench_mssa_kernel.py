@@ -8,7 +8,7 @@ taken w.r.t. the single input w) for
     stack pre-padded to 208 and 256 tokens (valid_length 197);
   * a sweep of its tile settings (block sizes, num_warps, num_stages, δ in the
     kernel or as a pre-pass, short last key/row pieces or not);
-  * cuDNN's fused attention as crate_mae_jax/layers.py `cudnn_attention` calls
+  * cuDNN's fused attention as crate_mae_jax/models/layers.py `cudnn_attention` calls
     it (pad 197 -> 208, sequence lengths, slice back; the three gradients
     summed by XLA), from 197 tokens (the pad/slice glue inside the number)
     and on pre-padded 208-token input;
@@ -55,11 +55,11 @@ sys.modules["mssa_kernel"] = mssa
 _spec.loader.exec_module(mssa)
 C = mssa.Config
 
-CUDNN_TOKEN_MULTIPLE = 16     # as crate_mae_jax/layers.py
+CUDNN_TOKEN_MULTIPLE = 16     # as crate_mae_jax/models/layers.py
 
 
 def cudnn_attention(w, scale, valid_length=None, multiple=CUDNN_TOKEN_MULTIPLE):
-  """The padding logic of crate_mae_jax/layers.py `cudnn_attention` (q = k = v = w)."""
+  """The padding logic of crate_mae_jax/models/layers.py `cudnn_attention` (q = k = v = w)."""
   b, t = w.shape[:2]
   valid = t if valid_length is None else valid_length
   tp = -(-t // multiple) * multiple

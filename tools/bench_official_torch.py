@@ -13,7 +13,7 @@ weight decay 0.05) and zero_grad, on a fixed batch of random N(0, 1) images
 already on the GPU. After warm-up, `--windows` windows of `--steps` steps are
 timed with a synchronisation at the end of each window only; the median
 window's ms/step is reported with img/s, model TFLOP/s (3 × the analytic
-forward FLOPs of `crate_mae_jax.experiments.benchmark.forward_flops`, the same count the
+forward FLOPs of `crate_mae_jax.tools.benchmark.forward_flops`, the same count the
 JAX benchmark uses) and the peak memory torch allocated
 (torch.cuda.max_memory_allocated). `compile` wraps the model in
 torch.compile (default mode); the optimizer step stays eager (fused kernel).
@@ -35,7 +35,7 @@ import time
 GIB = 1024**3
 
 # Forward FLOPs per image at 224 px, mask ratio 0.75, from
-# crate_mae_jax.experiments.benchmark.forward_flops (official counting), so this script
+# crate_mae_jax.tools.benchmark.forward_flops (official counting), so this script
 # needs no JAX.
 FWD_GFLOP = {"mae_crate_tiny": 7.24, "mae_crate_small": 15.04, "mae_crate_base": 25.63,
              "mae_crate_large": 87.57, "mae_vit_base": 32.37, "mae_vit_large": 72.1}

@@ -26,7 +26,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-bench() { timeout "${T:-300}" python3 -m crate_mae_jax.experiments.benchmark "$@"; }
+bench() { timeout "${T:-300}" python3 -m crate_mae_jax.tools.benchmark "$@"; }
 case "${1:-}" in
   defaults)
     # 1. What a user gets: no flags at all (attention and LayerNorm 'auto', XLA GPU
@@ -84,7 +84,7 @@ PY
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     T=200 bench --variant base --remat_policy full,dots_with_no_batch_dims_saveable \
       --batch_size 256 --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_remat.json" | tail -3
-    python3 -m crate_mae_jax.experiments.benchmark --report="$(ls "$OUT"/jax_*.json | paste -sd,)"
+    python3 -m crate_mae_jax.tools.benchmark --report="$(ls "$OUT"/jax_*.json | paste -sd,)"
     ;;
   remat)
     # Rematerialisation policies of Base, and ViT-MAE-Base, at batch 256.

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from crate_mae_jax.datasets import fashion_mnist  # noqa: E402  (TF-free)
+from crate_mae_jax.data.datasets import fashion_mnist  # noqa: E402  (TF-free)
 
 PER_CLASS = {"train": 500, "test": 100}
 

@@ -5,7 +5,7 @@
 benchmarks/plans/<model>_<topology>_<layout>.json hold one `--mesh` run each
 (one compile, so each survives on its own); --merge first writes
 benchmarks/plans/<model>_<topology>.json, the report over all of a cell's
-layouts with the recommendation (`crate_mae_jax.plan.merge_reports`). The
+layouts with the recommendation (`crate_mae_jax.tools.plan.merge_reports`). The
 table is then printed from the cell reports only, so every number in it is
 one the planner wrote. --compact adds the models × topologies summary of the README.
 """
@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from crate_mae_jax import plan  # noqa: E402
+from crate_mae_jax.tools import plan  # noqa: E402
 
 PLANS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      "benchmarks", "plans")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Fashion-MNIST study of issue 8 (crate_mae_jax.experiments.study) on one GPU of the
+# The Fashion-MNIST study of issue 8 (experiments.study) on one GPU of the
 # workplace's device tool. Three steps; only the second runs on the GPU.
 #
 # 1. Here, in the repo root (no GPU):
@@ -20,13 +20,13 @@
 #            command="STUDY_ARGS=--archs=crate_mae bash tools/run_study_on_gpu.sh device"
 #            command="STUDY_ARGS='--archs=vit_mae --nopixel_floor' bash tools/run_study_on_gpu.sh device"
 #    It installs the carried wheels, runs
-#        python3 -m crate_mae_jax.experiments.study --workdir=/tmp/study --data_path=.fmnist
+#        python3 -m experiments.study --workdir=/tmp/study --data_path=.fmnist
 #    and returns (under $OUT, at most 8 files): study.json, study.md,
 #    loss_curves.png, study.log and study_files.tar.gz (the study folder without
 #    checkpoints: per-arch summary.json, layerwise / reconstruction / attention /
 #    pca figures, per-stage results.json, scalars.json, stage.json).
 #    Environment knobs: STUDY_SCALE (default 1.0) multiplies every epoch count;
-#    STUDY_ARGS adds flags of crate_mae_jax.experiments.study; STUDY_TIMEOUT (default 580 s)
+#    STUDY_ARGS adds flags of experiments.study; STUDY_TIMEOUT (default 580 s)
 #    is the guard after which SIGTERM makes the study save the running stage
 #    and write the report of what finished.
 #
@@ -34,7 +34,7 @@
 #        bash tools/run_study_on_gpu.sh unpack FILES_AT [DIR]
 #    extracts study_files.tar.gz into DIR (default workdirs/study_gpu) and
 #    rebuilds study.json / study.md / loss_curves.png from everything DIR holds
-#    (python -m crate_mae_jax.experiments.study --workdir=DIR --report_only), merging split runs.
+#    (python -m experiments.study --workdir=DIR --report_only), merging split runs.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 mode="${1:-}"
@@ -90,7 +90,7 @@ case "$mode" in
     # running stage save a checkpoint and the study write the report of what is
     # complete, so the files below still come back.
     # shellcheck disable=SC2086
-    timeout -s TERM "${STUDY_TIMEOUT:-580}" python3 -m crate_mae_jax.experiments.study --workdir="$study" \
+    timeout -s TERM "${STUDY_TIMEOUT:-580}" python3 -m experiments.study --workdir="$study" \
       --data_path=.fmnist --scale="${STUDY_SCALE:-1.0}" ${STUDY_ARGS:-} 2>&1 \
       | tee "$OUT/study.log"
     rc=$?
@@ -104,7 +104,7 @@ case "$mode" in
     ;;
 
   device2)
-    # The study of crate_mae_jax.experiments.study_v2 (baselines, layer-wise read-outs,
+    # The study of experiments.study_v2 (baselines, layer-wise read-outs,
     # random-init controls, 3 seeds) in one call of the device tool:
     #     run(kind="nvidia-h100-x1", timeout_s=600, carry=[".fmnist", ".whl"],
     #         command="bash tools/run_study_on_gpu.sh device2")
@@ -120,13 +120,13 @@ case "$mode" in
     study=/tmp/study2
     start=$(date +%s)
     # shellcheck disable=SC2086
-    timeout -k 15 -s TERM "${STUDY2_TIMEOUT:-540}" python3 -m crate_mae_jax.experiments.study_v2 \
+    timeout -k 15 -s TERM "${STUDY2_TIMEOUT:-540}" python3 -m experiments.study_v2 \
       --workdir="$study" --data_path=.fmnist --workers="${STUDY2_WORKERS:-6}" \
       --deadline_s="${STUDY2_DEADLINE:-490}" ${STUDY2_ARGS:-} 2>&1 | tee "$OUT/study2.log"
     rc=$?
     echo "study exit status $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/study2.log"
     tar -C "$study" --exclude=checkpoints --exclude=claims -czf "$OUT/study2_files.tar.gz" .
-    JAX_PLATFORMS=cpu timeout 25 python3 -m crate_mae_jax.experiments.study_v2 --workdir="$study" --report_only \
+    JAX_PLATFORMS=cpu timeout 25 python3 -m experiments.study_v2 --workdir="$study" --report_only \
       --docs="$OUT" >/dev/null 2>>"$OUT/study2.log"
     ls -la "$OUT"
     exit "$rc"
@@ -140,7 +140,7 @@ case "$mode" in
     tar -xzf "$files/study2_files.tar.gz" -C "$dir" || exit 1
     cp "$files/study2.log" "$docs/study2.log" 2>/dev/null
     PYTHON="${PYTHON:-python3}"
-    JAX_PLATFORMS=cpu "$PYTHON" -m crate_mae_jax.experiments.study_v2 --workdir="$dir" \
+    JAX_PLATFORMS=cpu "$PYTHON" -m experiments.study_v2 --workdir="$dir" \
       --report_only --docs="$docs"
     ;;
 
@@ -151,12 +151,12 @@ case "$mode" in
     tar -xzf "$files/study_files.tar.gz" -C "$dir" || exit 1
     cp "$files/study.log" "$dir/study_$(date +%Y%m%d_%H%M%S).log" 2>/dev/null
     PYTHON="${PYTHON:-python3}"
-    JAX_PLATFORMS=cpu "$PYTHON" -m crate_mae_jax.experiments.study --workdir="$dir" --report_only
+    JAX_PLATFORMS=cpu "$PYTHON" -m experiments.study --workdir="$dir" --report_only
     ;;
 
   *)
     sed -n '2,40p' "$0"
-    echo "also: device2 / unpack2 FILES_AT [RUNS_DIR] [DOCS_DIR] (crate_mae_jax.experiments.study_v2)"
+    echo "also: device2 / unpack2 FILES_AT [RUNS_DIR] [DOCS_DIR] (experiments.study_v2)"
     exit 2
     ;;
 esac

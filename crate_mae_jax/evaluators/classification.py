@@ -1,6 +1,6 @@
 """Top-1 / top-5 and cross-entropy of a classifier (linear probe, fine-tuning)."""
-from crate_mae_jax import steps
-from crate_mae_jax.evaluators import _batches, common
+from crate_mae_jax.training import steps
+from crate_mae_jax.evaluators import batches, common
 
 
 @common.register("classification")
@@ -11,9 +11,9 @@ class Evaluator:
     self.context = context
     self.max_batches = (context.config.eval.max_batches if max_batches is None
                         else max_batches)
-    self.step = _batches.jit_step(context, steps.make_classify_eval_step(
+    self.step = batches.jit_step(context, steps.make_classify_eval_step(
         context.model, context.source.device_augment))
 
   def run(self, state) -> dict:
-    return _batches.averaged(self.context, self.step, common.variables_of(state),
+    return batches.averaged(self.context, self.step, common.variables_of(state),
                              self.max_batches)

@@ -7,7 +7,7 @@ the train state and returns a flat dict of scalars (float) and images (uint8
 arrays, (H, W, C) or (1, H, W, C)), written as `prefix + key` (prefix: the
 entry's name and '/', unless set). The train loop runs every entry at its
 `every_steps` (default `config.eval_every_steps`) and at the last step; the
-same evaluators run on any checkpoint through `crate_mae_jax.evaluate`.
+same evaluators run on any checkpoint through `crate_mae_jax.tools.evaluate`.
 
 With `config.evals` empty the task's default is used: 'eval' (the masked loss
 and reconstruction figure when pre-training, top-1/top-5 when classifying) and

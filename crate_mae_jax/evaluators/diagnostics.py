@@ -10,7 +10,7 @@ construction) is left out: it measures nothing.
 import jax
 import jax.numpy as jnp
 
-from crate_mae_jax import diagnostics
+from crate_mae_jax.analysis import diagnostics
 from crate_mae_jax.config_lib import ConfigError
 from crate_mae_jax.evaluators import common
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from crate_mae_jax import models
 from crate_mae_jax.evaluators import common
-from crate_mae_jax.evaluators._batches import BatchProgress
+from crate_mae_jax.evaluators.batches import BatchProgress
 
 POOLS = ("cls", "mean")
 
@@ -75,7 +75,7 @@ class SplitFeatures:
 
   def __init__(self, config, *, max_train: int | None = None, max_test: int | None = None,
                batch_size: int = 256, arrays=None, resolved=None):
-    from crate_mae_jax import input_pipeline
+    from crate_mae_jax.data import input_pipeline
     if arrays is None:
       limit = [m for m in (max_train, config.data.max_examples) if m]
       train_x, train_y, classes = input_pipeline.split_arrays(

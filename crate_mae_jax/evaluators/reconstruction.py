@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_mae_jax import diagnostics, steps
-from crate_mae_jax.evaluators import _batches, common
+from crate_mae_jax.analysis import diagnostics
+from crate_mae_jax.training import steps
+from crate_mae_jax.evaluators import batches, common
 
 
 def trivial_mse(images, patch_size: int, norm_pix_loss: bool) -> float:
@@ -16,7 +17,7 @@ def trivial_mse(images, patch_size: int, norm_pix_loss: bool) -> float:
   beat: with `norm_pix_loss` each patch's own mean, otherwise the data set's
   mean pixel (inputs are normalised). Masked patches are a uniform sample, so
   the mean over all patches is the expected masked MSE."""
-  from crate_mae_jax import patches
+  from crate_mae_jax.models import patches
   target = patches.patchify(jnp.asarray(images), patch_size)
   return float(patches.per_patch_mse(jnp.zeros_like(target), target,
                                      bool(norm_pix_loss)).mean())
@@ -38,18 +39,18 @@ class Evaluator:
     self.num_images = config.eval.num_images if num_images is None else int(num_images)
     self.max_batches = config.eval.max_batches if max_batches is None else max_batches
     self.seed = config.seed if seed is None else int(seed)
-    self.step = _batches.jit_step(context, steps.make_pretrain_eval_step(
+    self.step = batches.jit_step(context, steps.make_pretrain_eval_step(
         self.model, self.mask_ratio, self.seed, context.source.device_augment))
 
   def run(self, state) -> dict:
     params = common.params_of(state)
-    out = _batches.averaged(self.context, self.step, params, self.max_batches)
+    out = batches.averaged(self.context, self.step, params, self.max_batches)
     if self.num_images:
       out["reconstruction"] = self.figure(params)
     return out
 
   def figure(self, params) -> np.ndarray:
-    from crate_mae_jax import figures
+    from crate_mae_jax.analysis import figures
     source, config = self.context.source, self.context.config
     batch = next(iter(source.eval_batches()))
     images = source.device_augment(jax.random.key(0),

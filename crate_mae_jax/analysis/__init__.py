@@ -1,0 +1,1 @@
+"""Analysis: coding-rate and sparsity diagnostics, figures, the pixel baseline."""

@@ -1,0 +1,1 @@
+"""Input: the dataset registry, tf.data and in-memory sources, augmentation."""

@@ -1,0 +1,1 @@
+"""Command-line tools besides training: analyze, evaluate, plan, benchmark, convert, quick start."""

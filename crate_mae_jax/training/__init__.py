@@ -1,0 +1,1 @@
+"""Training: the train loop, its step, state, optimizer, checkpoints and records."""
