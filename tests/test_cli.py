@@ -66,6 +66,7 @@ _OWN_FLAG = {
     "crate_mae_jax.tools.plan": ("--topology", "Cloud TPU topology, e.g. v5p:4x4x4"),
     "crate_mae_jax.tools.quickstart": ("--workdir", "Where checkpoints and logs go."),
     "crate_mae_jax.tools.convert_torch": ("--checkpoint", "official .pth file"),
+    "crate_mae_jax.tools.export_torch": ("--image_size", "image side of the official"),
     "crate_mae_jax.tools.benchmark": ("--batch_size", "global batch (comma list allowed)"),
 }
 

@@ -18,6 +18,10 @@ table and dropped; `decoder_embed.*`, which the official forward never calls, is
 dropped too. A one-head model has no official output projection (`to_out` is
 `nn.Identity` there); it becomes an identity kernel with a zero bias.
 
+`key_map` is the one table of official names, our parameter paths and layouts
+(CRATE-MAE and, for `torch_to_flax`, ViT-MAE in MAE's `models_mae` layout); the
+export (`export_torch`) reads the same table backwards.
+
 Errors (a state dict that does not fit, an unreadable file, a bad --heads) end
 the CLI with exit code 2 and one line on stderr naming every offending key.
 """
@@ -115,61 +119,158 @@ def infer_model_config(sd: Mapping[str, np.ndarray], heads: int | None = None,
   return cfg
 
 
-def _mssa(sd, prefix, heads, out):
-  qkv = sd[f"{prefix}.qkv.weight"]
-  width = qkv.shape[1]
-  head_dim = qkv.shape[0] // heads
-  out["subspaces"] = {"kernel": qkv.T.reshape(width, heads, head_dim)}
-  if f"{prefix}.to_out.0.weight" not in sd:
-    # One head as wide as the model: the official Attention has no output
-    # projection (`to_out` is nn.Identity), i.e. an identity map without bias.
-    out["out"] = {"kernel": np.eye(width, dtype=np.float32).reshape(heads, head_dim, width),
-                  "bias": np.zeros(width, np.float32)}
-    return out
-  w_out = sd[f"{prefix}.to_out.0.weight"]
-  out["out"] = {"kernel": w_out.T.reshape(heads, head_dim, w_out.shape[0]),
-                "bias": sd[f"{prefix}.to_out.0.bias"]}
-  return out
+# ------------------------------------------------------------------ the one key map
+# Layouts of an official tensor against ours; both directions read them:
+#   "copy"     same array (LayerNorm weight -> scale, biases, tokens, the ISTA dictionary)
+#   ("T", n)   a PyTorch Linear weight (out, in) against a kernel whose first n axes
+#              are the input: (in, out), (width, heads, head_dim), (heads, head_dim, width)
+#   "flat"     a flat bias against (3, heads, head_dim)
+#   "conv"     the patch conv (D, C, p, p) against a (p*p*C, D) kernel in `patchify` order
+#   "identity" no official tensor: a one-head CRATE attention has no output projection
+#              (`to_out` is nn.Identity), ours is an identity kernel with a zero bias
 
 
-def _norm(sd, prefix):
-  return {"scale": sd[f"{prefix}.weight"], "bias": sd[f"{prefix}.bias"]}
+def _norm_rows(torch_prefix, path):
+  return [(f"{torch_prefix}.weight", path + ("scale",), "copy"),
+          (f"{torch_prefix}.bias", path + ("bias",), "copy")]
+
+
+def _crate_mssa_rows(torch_prefix, path, heads):
+  rows = [(f"{torch_prefix}.qkv.weight", path + ("subspaces", "kernel"), ("T", 1))]
+  if heads == 1:
+    return rows + [(None, path + ("out", "kernel"), "identity"),
+                   (None, path + ("out", "bias"), "identity")]
+  return rows + [(f"{torch_prefix}.to_out.0.weight", path + ("out", "kernel"), ("T", 2)),
+                 (f"{torch_prefix}.to_out.0.bias", path + ("out", "bias"), "copy")]
+
+
+def _vit_block_rows(torch_prefix, path):
+  t = torch_prefix
+  return (_norm_rows(f"{t}.norm1", path + ("norm_attn",)) + [
+      (f"{t}.attn.qkv.weight", path + ("qkv", "kernel"), ("T", 1)),
+      (f"{t}.attn.qkv.bias", path + ("qkv", "bias"), "flat"),
+      (f"{t}.attn.proj.weight", path + ("out", "kernel"), ("T", 2)),
+      (f"{t}.attn.proj.bias", path + ("out", "bias"), "copy")] +
+      _norm_rows(f"{t}.norm2", path + ("norm_mlp",)) + [
+      (f"{t}.mlp.fc1.weight", path + ("mlp", "fc1", "kernel"), ("T", 1)),
+      (f"{t}.mlp.fc1.bias", path + ("mlp", "fc1", "bias"), "copy"),
+      (f"{t}.mlp.fc2.weight", path + ("mlp", "fc2", "kernel"), ("T", 1)),
+      (f"{t}.mlp.fc2.bias", path + ("mlp", "fc2", "bias"), "copy")])
+
+
+def key_map(cfg) -> list[tuple[str | None, tuple[str, ...], object]]:
+  """(official name, path in our parameter tree, layout), in the official module's
+  order: CRATE-MAE as `model/crate_ae` (`mae_crate_*`), ViT-MAE as MAE's
+  `models_mae` (`mae_vit_*`, qkv with bias). The one mapping that `torch_to_flax`
+  and `export_torch` both read; the fixed `pos_embed` tables and an unused
+  `decoder_embed` are not in it (they hold nothing of ours)."""
+  from crate_mae_jax import models
+  r = models.resolve(cfg)
+  enc, dec = ("encoder",), ("decoder",)
+  rows = [("cls_token", enc + ("cls_token",), "copy"),
+          ("patch_embed.proj.weight", enc + ("patch_embed", "proj", "kernel"), "conv"),
+          ("patch_embed.proj.bias", enc + ("patch_embed", "proj", "bias"), "copy")]
+  crate = r["arch"] == "crate_mae"
+  for i in range(r["depth"]):
+    layer = enc + (f"layer_{i}",)
+    if crate:
+      b = f"blocks.{i}.layers.0"
+      rows += (_norm_rows(f"{b}.0.norm", layer + ("norm_mssa",)) +
+               _crate_mssa_rows(f"{b}.0.fn", layer + ("mssa",), r["heads"]) +
+               _norm_rows(f"{b}.1.norm", layer + ("norm_ista",)) +
+               [(f"{b}.1.fn.weight", layer + ("ista", "dictionary"), "copy")])
+    else:
+      rows += _vit_block_rows(f"blocks.{i}", layer)
+  rows += _norm_rows("norm", enc + ("norm",))
+  if crate or r["encoder_sees"] == "all":
+    rows.append(("mask_token", enc + ("mask_token",), "copy"))
+  else:
+    rows += [("decoder_embed.weight", dec + ("embed", "kernel"), ("T", 1)),
+             ("decoder_embed.bias", dec + ("embed", "bias"), "copy"),
+             ("mask_token", dec + ("mask_token",), "copy")]
+  for i in range(r["decoder_depth"]):
+    layer = dec + (f"layer_{i}",)
+    if crate:
+      b = f"decoder_blocks.{i}.layers.0"
+      rows += (_norm_rows(f"{b}.0.norm", layer + ("norm_dict",)) +
+               [(f"{b}.0.fn.weight", layer + ("dictionary", "kernel"), ("T", 1))] +
+               _norm_rows(f"{b}.1.norm", layer + ("norm_mssa",)) +
+               _crate_mssa_rows(f"{b}.1.fn", layer + ("mssa",), r["decoder_heads"]))
+    else:
+      rows += _vit_block_rows(f"decoder_blocks.{i}", layer)
+  rows += _norm_rows("decoder_norm", dec + ("norm",))
+  rows += [("decoder_pred.weight", dec + ("pixel_head", "kernel"), ("T", 1)),
+           ("decoder_pred.bias", dec + ("pixel_head", "bias"), "copy")]
+  return rows
+
+
+def torch_shape(layout, shape: tuple, cfg) -> tuple:
+  """The official tensor's shape for one of our parameters of `shape`."""
+  if layout == "conv":
+    from crate_mae_jax import models
+    r = models.resolve(cfg)
+    return (shape[1], r["channels"], r["patch_size"], r["patch_size"])
+  if layout == "flat":
+    return (int(np.prod(shape)),)
+  if isinstance(layout, tuple):
+    n = layout[1]
+    return (int(np.prod(shape[n:])), int(np.prod(shape[:n])))
+  return tuple(shape)
+
+
+def to_flax(layout, value: np.ndarray, shape: tuple) -> np.ndarray:
+  """An official tensor in our layout (`shape`: our parameter's shape)."""
+  if layout == "identity":
+    if len(shape) == 1:
+      return np.zeros(shape, np.float32)
+    return np.eye(shape[-1], dtype=np.float32).reshape(shape)
+  if layout == "conv":  # (D, C, p, p) -> (p, p, C, D) -> (p*p*C, D)
+    return value.transpose(2, 3, 1, 0).reshape(shape)
+  if isinstance(layout, tuple):
+    return value.T.reshape(shape)
+  return value.reshape(shape)
+
+
+def to_torch(layout, value: np.ndarray, shape: tuple) -> np.ndarray:
+  """One of our parameters in the official layout (`shape`: from `torch_shape`);
+  the exact inverse of `to_flax`."""
+  if layout == "conv":
+    d, c, p, _ = shape
+    return value.reshape(p, p, c, d).transpose(3, 2, 0, 1)
+  if isinstance(layout, tuple):
+    return value.reshape(shape[::-1]).T
+  return value.reshape(shape)
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _abstract(cfg):
+  from crate_mae_jax import models
+  r = models.resolve(cfg)
+  return models.abstract_params(r, image_size=r["patch_size"] * 2)
 
 
 def _expected_shapes(cfg) -> dict[str, tuple]:
   """Official state-dict names and shapes for a model config."""
-  from crate_mae_jax import models
-  r = models.resolve(cfg)
-  d, p, c = r["width"], r["patch_size"], r["channels"]
-  shapes = {"cls_token": (1, 1, d), "mask_token": (1, 1, d),
-            "patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,),
-            "norm.weight": (d,), "norm.bias": (d,), "decoder_norm.weight": (d,),
-            "decoder_norm.bias": (d,), "decoder_pred.weight": (p * p * c, d),
-            "decoder_pred.bias": (p * p * c,)}
-  # The official Attention drops its output projection when one head spans the
-  # whole width (`project_out = not (heads == 1 and dim_head == dim)`).
-  out_proj = r["heads"] != 1
-  for i in range(r["depth"]):
-    b = f"blocks.{i}.layers.0"
-    shapes.update({f"{b}.0.norm.weight": (d,), f"{b}.0.norm.bias": (d,),
-                   f"{b}.0.fn.qkv.weight": (d, d), f"{b}.0.fn.to_out.0.weight": (d, d),
-                   f"{b}.0.fn.to_out.0.bias": (d,), f"{b}.1.norm.weight": (d,),
-                   f"{b}.1.norm.bias": (d,), f"{b}.1.fn.weight": (d, d)})
-  for i in range(r["decoder_depth"]):
-    b = f"decoder_blocks.{i}.layers.0"
-    shapes.update({f"{b}.0.norm.weight": (d,), f"{b}.0.norm.bias": (d,),
-                   f"{b}.0.fn.weight": (d, d), f"{b}.1.norm.weight": (d,),
-                   f"{b}.1.norm.bias": (d,), f"{b}.1.fn.qkv.weight": (d, d),
-                   f"{b}.1.fn.to_out.0.weight": (d, d), f"{b}.1.fn.to_out.0.bias": (d,)})
-  if not out_proj:
-    shapes = {k: v for k, v in shapes.items() if ".fn.to_out.0." not in k}
-  return shapes
+  abstract = _abstract(cfg)
+  return {name: torch_shape(layout, tuple(_get(abstract, path).shape), cfg)
+          for name, path, layout in key_map(cfg) if name is not None}
 
 
 def check_state_dict(sd: Mapping[str, np.ndarray], cfg) -> None:
   """Refuses a state dict that does not fit `cfg`, naming every bad key."""
   expected = _expected_shapes(cfg)
-  present = {k for k in sd if k not in IGNORED}
+  present = {k for k in sd if k not in IGNORED or k in expected}
   missing = sorted(set(expected) - present)
   unexpected = sorted(present - set(expected))
   wrong = sorted(f"{k} {tuple(sd[k].shape)} != {expected[k]}"
@@ -192,41 +293,19 @@ def check_state_dict(sd: Mapping[str, np.ndarray], cfg) -> None:
 
 
 def torch_to_flax(sd: Mapping[str, np.ndarray], cfg) -> dict:
-  """Maps an official CRATE-MAE state dict onto the Flax parameter tree of `cfg`."""
+  """Maps an official state dict onto the Flax parameter tree of `cfg` (`key_map`)."""
   from crate_mae_jax import models
   sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
   r = models.resolve(cfg)
   check_state_dict(sd, r)
-  heads = r["heads"]
-  conv = sd["patch_embed.proj.weight"]  # (D, C, p, p) -> (p, p, C, D) -> (p*p*C, D)
-  encoder = {
-      "patch_embed": {"proj": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, conv.shape[0]),
-                               "bias": sd["patch_embed.proj.bias"]}},
-      "cls_token": sd["cls_token"], "mask_token": sd["mask_token"],
-      "norm": _norm(sd, "norm")}
-  for i in range(r["depth"]):
-    b = f"blocks.{i}.layers.0"
-    encoder[f"layer_{i}"] = {
-        "norm_mssa": _norm(sd, f"{b}.0.norm"),
-        "mssa": _mssa(sd, f"{b}.0.fn", heads, {}),
-        "norm_ista": _norm(sd, f"{b}.1.norm"),
-        "ista": {"dictionary": sd[f"{b}.1.fn.weight"]}}
-  decoder = {"norm": _norm(sd, "decoder_norm"),
-             "pixel_head": {"kernel": sd["decoder_pred.weight"].T,
-                            "bias": sd["decoder_pred.bias"]}}
-  for i in range(r["decoder_depth"]):
-    b = f"decoder_blocks.{i}.layers.0"
-    decoder[f"layer_{i}"] = {
-        "norm_dict": _norm(sd, f"{b}.0.norm"),
-        "dictionary": {"kernel": sd[f"{b}.0.fn.weight"].T},
-        "norm_mssa": _norm(sd, f"{b}.1.norm"),
-        "mssa": _mssa(sd, f"{b}.1.fn", heads, {})}
-  params = {"encoder": encoder, "decoder": decoder}
-  import jax
-  params = jax.tree_util.tree_map(lambda x: np.ascontiguousarray(x, np.float32), params)
+  abstract = _abstract(r)
+  params: dict = {}
+  for name, path, layout in key_map(r):
+    shape = tuple(_get(abstract, path).shape)
+    _set(params, path, np.ascontiguousarray(
+        to_flax(layout, None if name is None else sd[name], shape), np.float32))
   from crate_mae_jax.training.checkpoints import check_compatible
-  check_compatible(params, models.abstract_params(r, image_size=r["patch_size"] * 2),
-                   where="converted state dict")
+  check_compatible(params, abstract, where="converted state dict")
   return params
 
 
