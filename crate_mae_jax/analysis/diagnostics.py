@@ -257,13 +257,15 @@ def summary_scalars(measures: Mapping[str, Any], include_std: bool = False) -> d
 # ----------------------------------------------------------------------------- attention
 
 
-def cls_attention_weights(w: jax.Array) -> jax.Array:
-  """The cls token's MSSA attention: w (B, N, heads, d_h) -> (B, heads, N).
+def cls_attention_weights(w: jax.Array, keys: jax.Array | None = None) -> jax.Array:
+  """The cls token's attention: w (B, N, heads, d_h) -> (B, heads, N).
 
-  softmax(w₀ wᵀ / √d_h) over all N tokens (cls first), so each row sums to 1.
+  softmax(w₀ kᵀ / √d_h) over all N tokens (cls first), so each row sums to 1;
+  k = w (MSSA: query = key) unless `keys` (ViT's separate keys) are given.
   """
   w = w.astype(jnp.float32)
-  logits = jnp.einsum("bhd,bkhd->bhk", w[:, 0], w,
+  keys = w if keys is None else keys.astype(jnp.float32)
+  logits = jnp.einsum("bhd,bkhd->bhk", w[:, 0], keys,
                       precision=jax.lax.Precision.HIGHEST) * w.shape[-1]**-0.5
   return jax.nn.softmax(logits, axis=-1)
 
@@ -297,6 +299,44 @@ def cls_attention(model, params, images, layer: int = -1) -> np.ndarray:
   _, intermediates = encode_with_intermediates(model, params, images)
   return cls_attention_from_intermediates(
       intermediates, layer, patches.patch_grid(images, model.patch_size))
+
+
+def _is_vit(model) -> bool:
+  from crate_mae_jax.models.vit_mae import ViTEncoder, ViTMAE
+  return isinstance(model, (ViTMAE, ViTEncoder))
+
+
+def _vit_cls_attention(model, params, images) -> list[np.ndarray]:
+  """Per ViT block, the cls token's attention (B, heads, N) from the captured qkv."""
+  n = 1 + patches.num_patches(images, model.patch_size)
+  _, state = model.apply({"params": params}, images,
+                         method="encode" if hasattr(model, "encode") else None,
+                         capture_intermediates=lambda m, name: m.name == "qkv",
+                         mutable=["intermediates"])
+  tree = state["intermediates"]
+  enc = _layers(tree if "encoder" in tree else {"encoder": tree}, "encoder")
+  out = []
+  for layer in enc:
+    qkv = _sown(layer, "qkv", "__call__")[:, :n]         # (B, N, 3, heads, d_h)
+    out.append(np.asarray(cls_attention_weights(qkv[:, :, 0], qkv[:, :, 1])))
+  return out
+
+
+def cls_attention_layers(model, params, images) -> np.ndarray:
+  """The cls token's attention over the patches, every encoder layer and head:
+  (layers, B, heads, gh, gw), for CRATE-MAE (MSSA, query = key) and ViT-MAE
+  (its blocks' query and key), every patch visible. As `cls_attention`, each
+  map sums to 1 minus the cls-to-cls weight."""
+  images = jnp.asarray(images)
+  grid = patches.patch_grid(images, model.patch_size)
+  if _is_vit(model):
+    maps = [a[:, :, 1:].reshape(a.shape[0], a.shape[1], *grid)
+            for a in _vit_cls_attention(model, params, images)]
+    return np.stack(maps)
+  _, intermediates = encode_with_intermediates(model, params, images)
+  depth = len(_layers(intermediates, "encoder"))
+  return np.stack([cls_attention_from_intermediates(intermediates, i, grid)
+                   for i in range(depth)])
 
 
 # ----------------------------------------------------------------------------- PCA

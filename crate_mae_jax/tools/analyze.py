@@ -10,6 +10,9 @@ Writes to DIR:
   reconstruction.png original / masked / reconstruction / reconstruction + visible;
   attention.png      the cls token's attention per head in encoder layer --layer;
   pca.png            first three principal components of the patch features as RGB.
+With Fashion-MNIST images (data sources 'fashion_mnist', 'quickstart') measures.json
+also holds 'foreground': the attention maps' foreground score per layer and head
+(`crate_mae_jax.analysis.foreground`).
 
 The model config comes from the checkpoint's meta; with --config, fields of
 config.model that differ from the schema defaults override it, and config.data
@@ -31,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_mae_jax.training import checkpoints
-from crate_mae_jax.analysis import diagnostics, figures
-from crate_mae_jax import models
+from crate_mae_jax.analysis import diagnostics, figures, foreground
+from crate_mae_jax import config_lib, models
 from crate_mae_jax.models import patches
 
 
@@ -223,8 +226,14 @@ def analyze(checkpoint: str, output: str, config=None, images: str | None = None
                          "loss": float(out["loss"])},
       "scalars": diagnostics.summary_scalars(measures),
   }
+  if not images and foreground.gives_masks(data_config.data):   # Fashion-MNIST: exact masks
+    try:
+      result["foreground"] = foreground.to_json(foreground.foreground_scores(
+          model, params, batch, foreground.object_patches(batch, mean, std, p)))
+    except ValueError as e:   # no image with a partial object among the few analysed
+      result["foreground"] = {"skipped": str(e)}
   with open(os.path.join(output, "measures.json"), "w") as f:
-    json.dump(result, f, indent=2, sort_keys=True, default=str)
+    json.dump(config_lib.redacted(result), f, indent=2, sort_keys=True, default=str)
   return result
 
 
@@ -254,6 +263,14 @@ def _define_flags():
   return flags.FLAGS
 
 
+def _foreground_line(result: dict) -> str:
+  fg = result.get("foreground", {})
+  if "mass_layer_mean" not in fg:
+    return ""
+  return (f"; attention mass on the object {['%.3f' % v for v in fg['mass_layer_mean']]} "
+          f"(uniform map {fg['chance_mass']:.3f})")
+
+
 def main(argv) -> int:
   from absl import flags, logging
   FLAGS = flags.FLAGS
@@ -271,7 +288,8 @@ def main(argv) -> int:
   enc = result["encoder"]
   print(f"analyze: step {result['step']}, {result['num_images']} images; encoder coding rate "
         f"{['%.2f' % v for v in enc['coding_rate']['mean']]}, sparsity "
-        f"{['%.3f' % v for v in enc['sparsity']['mean']]}; wrote {FLAGS.output}")
+        f"{['%.3f' % v for v in enc['sparsity']['mean']]}{_foreground_line(result)}; "
+        f"wrote {FLAGS.output}")
   return 0
 
 
