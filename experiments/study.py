@@ -256,7 +256,7 @@ def run_stage(cfg, workdir: str, tensorboard: bool = False, num_train: int | Non
       "lr": scalars.get(LEARNING_RATE, []),
   }
   with open(stage_path, "w") as f:
-    json.dump(stage, f, indent=1, default=jsonable)
+    json.dump(config_lib.redacted(stage), f, indent=1, default=jsonable)
   return stage
 
 
@@ -386,7 +386,7 @@ def run_arch(arch: str, opts: dict, data: Data, workdir: str, tensorboard: bool 
     summary["seconds"] = time.time() - start
     summary["environment"] = environment()
     with open(os.path.join(root, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1, default=jsonable)
+      json.dump(config_lib.redacted(summary), f, indent=1, default=jsonable)
 
   logging.info("%s: diagnostics of the untrained model", arch)
   init = initial_params(pre_cfg)
@@ -435,7 +435,7 @@ def run_pixel_floor(data: Data, workdir: str, scale: float) -> dict:
                 params=int(np.prod(train_x.shape[1:])) * data.num_classes + data.num_classes,
                 seconds=time.time() - start, environment=environment())
   with open(path, "w") as f:
-    json.dump(result, f, indent=1, default=jsonable)
+    json.dump(config_lib.redacted(result), f, indent=1, default=jsonable)
   return result
 
 
@@ -538,9 +538,9 @@ def report(workdir: str) -> dict:
                                                                           "loss_curves.png"))}
   study["table"] = markdown(study)
   with open(os.path.join(workdir, "study.md"), "w") as f:
-    f.write(study["table"])
+    f.write(config_lib.redacted(study["table"]))
   with open(os.path.join(workdir, "study.json"), "w") as f:
-    json.dump(study, f, indent=1, default=jsonable)
+    json.dump(config_lib.redacted(study), f, indent=1, default=jsonable)
   return study
 
 
@@ -561,7 +561,7 @@ def run_study(workdir: str, archs=ARCHS, pixel_floor: bool = True, tensorboard: 
               "figure_images": figure_images, "archs": list(archs),
               "command": " ".join(sys.argv)}
   with open(os.path.join(workdir, "protocol.json"), "w") as f:
-    json.dump(protocol, f, indent=1, default=jsonable)
+    json.dump(config_lib.redacted(protocol), f, indent=1, default=jsonable)
   try:
     for arch in archs:
       run_arch(arch, opts, data, workdir, tensorboard, diag_images, figure_images)

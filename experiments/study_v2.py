@@ -172,7 +172,7 @@ class Evaluation:
 def _write_json(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, default=study.jsonable)
+    json.dump(study.config_lib.redacted(obj), f, indent=1, default=study.jsonable)
   os.replace(tmp, path)
 
 

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from crate_mae_jax import config_lib
 from experiments import plots
 
 NAMES = {"crate_mae_lam0.5": "CRATE-MAE λ=0.5", "crate_mae_lam5": "CRATE-MAE λ=5.0",
@@ -305,13 +306,13 @@ def report(workdir: str, out_dir: str) -> dict:
                   "", *head, tables(agg, runs), white_box_table(runs), text,
                   "Figures: `layerwise_readout.png`, `white_box.png`.", ""])
   with open(os.path.join(out_dir, "study2.md"), "w") as f:
-    f.write(md)
+    f.write(config_lib.redacted(md))
   with open(os.path.join(out_dir, "answers.md"), "w") as f:
-    f.write("\n".join(head) + tables(agg, runs) + "\n" + text)
+    f.write(config_lib.redacted("\n".join(head) + tables(agg, runs) + "\n" + text))
   study = {"protocol": protocol, "environment": env, "aggregate": agg, "figures": figures,
            "finished": finished, "missing": missing,
            "runs": {r["name"]: {"metrics": run_metrics(r), **r} for r in runs}}
   with open(os.path.join(out_dir, "study2.json"), "w") as f:
-    json.dump(study, f, indent=1, default=str)
+    json.dump(config_lib.redacted(study), f, indent=1, default=str)
   print(md)
   return study

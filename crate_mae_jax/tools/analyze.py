@@ -161,22 +161,29 @@ def analyze(checkpoint: str, output: str, config=None, images: str | None = None
             num_images: int = 8, layer: int = -1, step: int | None = None, seed: int = 0,
             data: str | None = None, eps: float = 0.01, pca_per_image: bool = False) -> dict:
   """Runs every diagnostic and writes the files; returns the measures.json dict."""
+  picked = {}
+
+  def check(meta):  # before the params of the picked step are read
+    cfg = model_config_from(meta, config)
+    try:
+      resolved = models.resolve(cfg)
+    except ValueError as e:
+      raise AnalyzeError(str(e)) from None
+    if resolved["arch"] != "crate_mae":
+      raise AnalyzeError(f"{checkpoint!r} is a {resolved['arch']} checkpoint: white-box "
+                         "diagnostics need a CRATE-MAE (ViT-MAE has no subspaces or sparse "
+                         "codes)")
+    if meta.get("task", "pretrain") != "pretrain":
+      raise AnalyzeError(f"{checkpoint!r} is a {meta['task']!r} checkpoint: analyze needs the "
+                         "pre-trained masked autoencoder (encoder and decoder)")
+    picked["resolved"] = resolved
+
+  # The newest complete step, or the next newest where a live run deletes it meanwhile.
   try:
-    meta, step = checkpoints.read_meta(checkpoint, step)
-  except (FileNotFoundError, ValueError) as e:
+    params, meta, step = checkpoints.read(checkpoint, step, check=check)
+  except (FileNotFoundError, checkpoints.CheckpointError) as e:
     raise AnalyzeError(f"cannot read checkpoint {checkpoint!r}: {e}") from None
-  cfg = model_config_from(meta, config)
-  try:
-    resolved = models.resolve(cfg)
-  except ValueError as e:
-    raise AnalyzeError(str(e)) from None
-  if resolved["arch"] != "crate_mae":
-    raise AnalyzeError(f"{checkpoint!r} is a {resolved['arch']} checkpoint: white-box "
-                       "diagnostics need a CRATE-MAE (ViT-MAE has no subspaces or sparse codes)")
-  if meta.get("task", "pretrain") != "pretrain":
-    raise AnalyzeError(f"{checkpoint!r} is a {meta['task']!r} checkpoint: analyze needs the "
-                       "pre-trained masked autoencoder (encoder and decoder)")
-  params, _ = checkpoints.restore_params(checkpoint, step)
+  resolved = picked["resolved"]
   checkpoints.check_compatible(params,
                                models.abstract_params(resolved, resolved["patch_size"] * 2),
                                where=checkpoint)

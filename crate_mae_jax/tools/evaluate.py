@@ -32,8 +32,9 @@ flags.DEFINE_list("evals", None, "Evaluator kinds (default: knn, linear_probe an
 flags.DEFINE_integer("max_train", 10_000, "Train images for k-NN / probes (0: all).")
 flags.DEFINE_integer("max_test", 0, "Test images for k-NN / probes (0: all).")
 flags.DEFINE_integer("k", 20, "k of the k-NN.")
-flags.DEFINE_string("output", None, "JSON file (default: evals_<checkpoint step or "
-                    "random_init>.json beside the checkpoint, or in the working directory).")
+flags.DEFINE_string("output", None, "JSON file (default: evals_<workdir>_step_<N>.json or "
+                    "evals_random_init.json in the current directory, never inside the "
+                    "checkpoint's workdir, which a live run may hold).")
 
 LAYERED = ("knn", "linear_probe")
 
@@ -61,10 +62,11 @@ def random_params(config, resolved=None):
 
 
 def checkpoint_params(config, path: str, resolved=None):
+  """(params, step) of the newest complete step (one being deleted by a live
+  run's retention is passed over), checked against `config` before loading."""
   from crate_mae_jax.training import checkpoints, train
-  meta, step = checkpoints.read_meta(path)
-  train.check_against_checkpoint(config, meta, path, resolved)
-  params, meta = checkpoints.restore_params(path)
+  params, _, step = checkpoints.read(
+      path, check=lambda meta: train.check_against_checkpoint(config, meta, path, resolved))
   return params, step
 
 
@@ -117,8 +119,20 @@ def diagnostics_table(values: dict) -> str:
                    [f"| {k} | {values[k]:.4g} |" for k in rows])
 
 
+def default_output(checkpoint: str | None, tag: str) -> str:
+  """evals_<name>_<tag>.json in the current directory: an evaluation is not
+  written into the workdir of the run it reads (that run may hold it)."""
+  if not checkpoint:
+    return f"evals_{tag}.json"
+  path = os.path.abspath(checkpoint).rstrip(os.sep)
+  if os.path.basename(path) == "checkpoints":
+    path = os.path.dirname(path)
+  return f"evals_{os.path.basename(path) or 'checkpoint'}_{tag}.json"
+
+
 def main(argv):
   from crate_mae_jax.training import checkpoints
+  from crate_mae_jax import config_lib
   from crate_mae_jax.config_lib import ConfigError
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -148,12 +162,11 @@ def main(argv):
     print("top-1 per encoder layer ('final' = after the encoder's last norm):\n" + table)
   if "diagnostics" in results:
     print(diagnostics_table(results["diagnostics"]))
-  output = FLAGS.output or os.path.join(
-      FLAGS.checkpoint if FLAGS.checkpoint and os.path.isdir(FLAGS.checkpoint) else ".",
-      f"evals_{tag}.json")
+  output = FLAGS.output or default_output(FLAGS.checkpoint, tag)
   with open(output, "w") as f:
-    json.dump({"checkpoint": FLAGS.checkpoint, "random_init": FLAGS.random_init,
-               "evals": kinds, "results": results}, f, indent=1)
+    json.dump(config_lib.redacted({"checkpoint": FLAGS.checkpoint,
+                                   "random_init": FLAGS.random_init,
+                                   "evals": kinds, "results": results}), f, indent=1)
   print(f"wrote {os.path.abspath(output)}")
 
 

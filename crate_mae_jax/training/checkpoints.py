@@ -17,11 +17,13 @@ back to the newest step that verifies, moving damaged ones to
 `<dir>_damaged/`. Steps without a manifest (killed between the rename and the
 manifest, or written by older versions) are restored unverified.
 """
+import contextlib
 import hashlib
 import json
+import logging as logging_std
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -381,35 +383,76 @@ def _damaged(directory: str, step: int, e: Exception) -> CheckpointError:
       "re-create the checkpoint")
 
 
-def read_meta(path: str, step: int | None = None) -> tuple[dict, int]:
-  """(meta, step) of the given or latest step of a checkpoint root or workdir."""
-  directory = os.path.abspath(checkpoint_dir(path))
-  if not _is_dir(directory):
-    raise CheckpointError(f"checkpoint {path!r} does not exist; pass a workdir of a "
-                          "training run or the output of crate_mae_jax.tools.convert_torch")
-  with ocp.CheckpointManager(directory, item_names=(PARAMS, META)) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no complete checkpoint under {directory!r}")
-    _verified(directory, step)
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-      meta = dict(meta[META])
-    except Exception as e:  # pylint: disable=broad-except
-      raise _damaged(directory, step, e) from None
-  return meta, step
+def _reader(directory: str, handlers: dict | None = None):
+  """A manager that only reads: it creates nothing and reads no step's metadata
+  up front (a step that the writing run's retention deletes meanwhile would
+  otherwise log Orbax warnings for files that are gone)."""
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False,
+                                         lightweight_initialize=True)
+  if handlers is None:
+    return ocp.CheckpointManager(directory, options=options, item_names=(PARAMS, META))
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
-def restore_params(path: str, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
-  """Restores (params, meta). With `target` (arrays or ShapeDtypeStructs, optionally
-  sharded) the params come back with its structure and shardings and any
-  mismatch raises a CheckpointError naming the differing entries."""
-  meta, step = read_meta(path, step)
-  directory = os.path.abspath(checkpoint_dir(path))
+class _OrbaxMissingFileFilter(logging_std.Filter):
+  """Drops Orbax's warnings about files of a step that is being deleted; the
+  reader names a missing file itself (`verify`) or moves to an older step."""
+
+  def filter(self, record):
+    return "Metadata file does not exist" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_reads():
+  logger, quiet = logging_std.getLogger("absl"), _OrbaxMissingFileFilter()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
+def _live(directory: str) -> bool:
+  """A run holds the workdir of this checkpoint folder (it may delete steps)."""
+  from crate_mae_jax.training import workdir_lock  # pylint: disable=import-outside-toplevel
+  return _local(directory) and workdir_lock.held(os.path.dirname(directory))
+
+
+def _vanished(step_dir: str, live: bool, wait_s: float = 5.0) -> bool:
+  """The step is gone or going: the writing run's retention deletes it."""
+  deadline = time.monotonic() + (wait_s if live else 0.0)
+  while True:
+    if not os.path.isdir(step_dir):
+      return True
+    if time.monotonic() >= deadline:
+      return False
+    time.sleep(0.1)
+
+
+def _candidates(directory: str, live: bool) -> list[int]:
+  """Finished steps, newest first; in a live workdir, those with a manifest
+  first (a step without one is being sealed or deleted)."""
+  steps = _finished_steps(directory)[::-1]
+  if live:
+    sealed = [s for s in steps if os.path.exists(os.path.join(_step_dir(directory, s), MANIFEST))]
+    steps = sealed + [s for s in steps if s not in sealed]
+  return steps
+
+
+def _read_meta_at(manager, directory: str, step: int) -> dict:
+  _verified(directory, step)
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+    return dict(meta[META])
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(directory, step, e) from None
+
+
+def _restore_params_at(directory: str, step: int, target: Any) -> Any:
   # Handlers, not just item names: without them `item_metadata` returns None
   # for every item and the compatibility check could not see the saved tree.
   handlers = {PARAMS: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
-  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+  with _reader(directory, handlers) as manager:
     try:
       saved = manager.item_metadata(step)[PARAMS]
     except Exception as e:  # pylint: disable=broad-except
@@ -430,7 +473,64 @@ def restore_params(path: str, step: int | None = None, target: Any = None) -> tu
           PARAMS: ocp.args.StandardRestore(target)}))
     except Exception as e:  # pylint: disable=broad-except
       raise _damaged(directory, step, e) from None
-  return restored[PARAMS], meta
+  return restored[PARAMS]
+
+
+def _directory(path: str) -> str:
+  directory = os.path.abspath(checkpoint_dir(path))
+  if not _is_dir(directory):
+    raise CheckpointError(f"checkpoint {path!r} does not exist; pass a workdir of a "
+                          "training run or the output of crate_mae_jax.tools.convert_torch")
+  return directory
+
+
+def read(path: str, step: int | None = None, target: Any = None,
+         check: Callable[[dict], None] | None = None, params: bool = True):
+  """(params or None, meta, step) of the given step, or of the newest complete
+  one of a checkpoint root or workdir. `check(meta)` runs before the params are
+  read (it raises to refuse them). Safe on a workdir that a run is writing: a
+  step that its retention deletes meanwhile is passed over for the next newest;
+  a damaged step that stays is a CheckpointError naming the bad file."""
+  directory = _directory(path)
+  live = _live(directory)
+  with _quiet_reads():
+    if step is not None:
+      steps = [step]
+    elif _local(directory):
+      steps = _candidates(directory, live)
+    else:
+      with _reader(directory) as manager:
+        steps = [s for s in [manager.latest_step()] if s is not None]
+    for candidate in steps:
+      try:
+        with _reader(directory) as manager:
+          meta = _read_meta_at(manager, directory, candidate)
+        if check is not None:
+          check(meta)
+        restored = _restore_params_at(directory, candidate, target) if params else None
+        return restored, meta, candidate
+      except Exception:  # pylint: disable=broad-except
+        if step is not None or not _local(directory) or \
+            not _vanished(_step_dir(directory, candidate), live):
+          raise
+        logging.info("Checkpoint step %d was deleted while being read; reading the "
+                     "next newest", candidate)
+  raise CheckpointError(f"no complete checkpoint under {directory!r}")
+
+
+def read_meta(path: str, step: int | None = None) -> tuple[dict, int]:
+  """(meta, step) of the given or newest complete step (see `read`)."""
+  _, meta, step = read(path, step, params=False)
+  return meta, step
+
+
+def restore_params(path: str, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
+  """Restores (params, meta) of the given or newest complete step (see `read`).
+  With `target` (arrays or ShapeDtypeStructs, optionally sharded) the params come
+  back with its structure and shardings and any mismatch raises a CheckpointError
+  naming the differing entries."""
+  params, meta, _ = read(path, step, target)
+  return params, meta
 
 
 def _shape_of(x) -> tuple:

@@ -63,3 +63,23 @@ def _describe(path: str) -> str:
     return f"pid {info['pid']} on {info['host']}, started {info['started']}"
   except (OSError, ValueError, KeyError, TypeError):
     return "holder unknown"
+
+
+def held(workdir: str) -> bool:
+  """Whether a live run holds `workdir` (readers use it to expect steps that
+  appear and vanish). Takes a shared lock for the instant of the probe only."""
+  if "://" in workdir:
+    return False
+  try:
+    fd = os.open(_path(workdir, 0), os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except OSError as e:
+    return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+  else:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+  finally:
+    os.close(fd)
