@@ -133,3 +133,17 @@ def test_evaluator_scores_both_archs_and_refuses_sources_without_masks():
   cfg.data.name = "cifar10"
   with pytest.raises(ConfigError, match="'foreground' needs images with a foreground mask"):
     fg_eval.Evaluator(common.Context(config=cfg, model=model))
+
+
+def test_analyze_adds_the_foreground_score_for_fashion_mnist_images(tmp_path):
+  from crate_mae_jax.tools import analyze
+  from crate_mae_jax.training import checkpoints
+  cfg, _, params = _tiny("crate_mae")
+  ckpt = checkpoints.save_params(str(tmp_path / "ckpt"), params,
+                                 {"model": models.resolve(cfg.model), "task": "pretrain"})
+  result = analyze.analyze(str(tmp_path / "ckpt"), str(tmp_path / "out"), config=cfg,
+                           num_images=16)
+  fg = result["foreground"]
+  assert ckpt and fg["num_images"] == 16 and len(fg["mass"]) == 2 and len(fg["iou"][0]) == 2
+  assert 0 < fg["chance_mass"] < 1 and all(0 <= v <= 1 for v in fg["mass_layer_mean"])
+  assert "attention mass on the object" in analyze._foreground_line(result)
