@@ -472,3 +472,38 @@ def validate(c: ml_collections.ConfigDict) -> dict:
     if not isinstance(size, int) or (size < 1 and size != -1):
       _fail("mesh.shape", f"axis {name!r} has size {size!r}; use a positive int or -1")
   return resolved
+
+
+# Which optional data fields each kind of source reads; the others are ignored.
+_TFDS_ONLY_DATA_FIELDS = ("data_dir", "manual_dir")
+_WARNED_UNREAD: set = set()
+
+
+def unread_data_fields(c) -> list[str]:
+  """The `config.data` fields set by the user that `config.data.source` never
+  reads: data_dir/manual_dir for every source but 'tfds', path for 'tfds', name
+  (when not the default) for a source other than 'tfds'."""
+  d = c.data
+  if d.source == "tfds":
+    return ["path"] if d.get("path") else []
+  unread = [f for f in _TFDS_ONLY_DATA_FIELDS if d.get(f)]
+  if d.get("name") and d.name != _IMAGENET.name:
+    unread.append("name")
+  return unread
+
+
+def warn_unread_data_fields(c) -> list[str]:
+  """Logs one warning per field (once per process) for each `unread_data_fields`
+  entry, naming the source and what it reads instead; returns the fields."""
+  fields = unread_data_fields(c)
+  reads = "data.name, data.data_dir, data.manual_dir" if c.data.source == "tfds" \
+      else "data.path"
+  for field in fields:
+    key = (c.data.source, field)
+    if key in _WARNED_UNREAD:
+      continue
+    _WARNED_UNREAD.add(key)
+    logging.warning("config.data.%s=%r is not read by data.source=%r (it reads %s); "
+                    "remove it or pick the source that reads it", field,
+                    redacted(c.data[field]), c.data.source, reads)
+  return fields

@@ -139,3 +139,22 @@ def test_study_and_report_files_redact_credentials(tmp_path):
   study_v2._write_json(str(path), {"data_dir": "gs://user:PASSWORD@bucket/x"})  # pylint: disable=protected-access
   text = path.read_text()
   assert "PASSWORD" not in text and "gs://***@bucket/x" in text
+
+
+def test_data_fields_the_source_does_not_read_are_warned_about_once(monkeypatch):
+  from crate_mae_jax import config_lib, recipes
+  monkeypatch.setattr(config_lib, "_WARNED_UNREAD", set())
+  lines = []
+  monkeypatch.setattr(config_lib.logging, "warning", lambda msg, *a: lines.append(msg % a))
+  c = recipes.quickstart("pretrain")
+  assert config_lib.warn_unread_data_fields(c) == [] and lines == []
+  c.data.data_dir = "gs://user:PASSWORD@bucket/tfds"
+  assert config_lib.warn_unread_data_fields(c) == ["data_dir"]
+  assert config_lib.warn_unread_data_fields(c) == ["data_dir"]   # a second validate
+  assert len(lines) == 1, lines
+  assert "config.data.data_dir=" in lines[0] and "data.source='quickstart'" in lines[0]
+  assert "data.path" in lines[0] and "PASSWORD" not in lines[0] and "***@bucket" in lines[0]
+  t = recipes.quickstart("pretrain")
+  t.data.update(source="tfds", name="cifar10", path="/data/images")
+  assert config_lib.warn_unread_data_fields(t) == ["path"]
+  assert "data.source='tfds'" in lines[-1] and len(lines) == 2
