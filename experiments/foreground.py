@@ -2,7 +2,7 @@
 
     python -m experiments.foreground --run crate=WORKDIR --run vit=WORKDIR \\
         [--source=fashion_mnist --data_path=/usr/share/datasets/fashion-mnist] \\
-        [--max_images=N] [--json=OUT.json]
+        [--max_images=N] [--init_seeds=1,2] [--json=OUT.json]
 
 For every pre-training run named with --run (its latest checkpoint) and for the
 randomly initialised parameters that run started from (`tools.evaluate.
@@ -29,15 +29,22 @@ flags.DEFINE_string("data_path", None, "IDX folder for --source=fashion_mnist")
 flags.DEFINE_integer("max_images", None, "first N test images only")
 flags.DEFINE_integer("batch_size", 500, "images per forward pass")
 flags.DEFINE_string("json", None, "JSON file for every score")
+flags.DEFINE_list("init_seeds", [], "extra seeds of random initialisations to score beside "
+                  "the one each run started from (the spread of the control)")
 
 
 def run_config(workdir: str):
-  """(config, resolved model) of a quick-start-recipe run, its model from the checkpoint."""
+  """(config, resolved model) of a run: the quick-start recipe with the checkpoint's
+  model and seed, so that `random_params` gives the parameters the run started from."""
   from crate_mae_jax.tools import analyze
   from crate_mae_jax.training import checkpoints
   meta, _ = checkpoints.read_meta(workdir)
   cfg = recipes.quickstart("pretrain")
   cfg.model = analyze.model_config_from(meta)
+  saved = meta.get("config")
+  saved = json.loads(saved) if isinstance(saved, str) else saved
+  if isinstance(saved, dict) and isinstance(saved.get("seed"), int):
+    cfg.seed = saved["seed"]
   return cfg, models.resolve(cfg.model)
 
 
@@ -78,6 +85,11 @@ def main(argv):
     return 2
   images, raw = test_images(FLAGS.source, FLAGS.data_path, FLAGS.max_images)
   pixels = foreground.foreground_pixels(raw)
+  mean, std = recipes.quickstart("pretrain").data.mean, recipes.quickstart("pretrain").data.std
+  if not np.array_equal(foreground.foreground_from_normalized(images, mean, std), pixels):
+    print("error: the normalised test images and the raw ones are not the same images in the "
+          "same order; check --source and --data_path", file=sys.stderr)
+    return 2
   scores, resolved_of = {}, {}
   for spec in FLAGS.run:
     name, sep, workdir = spec.partition("=")
@@ -88,7 +100,12 @@ def main(argv):
     masks = foreground.patch_foreground(pixels, resolved["patch_size"])
     model = models.build_mae(resolved)
     params, _ = checkpoints.restore_params(workdir)
-    for label, p in ((name, params), (f"{name}_init", evaluate.random_params(cfg, resolved))):
+    runs = [(name, params), (f"{name}_init", evaluate.random_params(cfg, resolved))]
+    for seed in FLAGS.init_seeds:
+      seeded = cfg.copy_and_resolve_references()
+      seeded.seed = int(seed)
+      runs.append((f"{name}_init_seed{seed}", evaluate.random_params(seeded, resolved)))
+    for label, p in runs:
       scores[label] = per_image(model, p, images, masks, FLAGS.batch_size)
       resolved_of[label] = dict(resolved)
   keep = next(iter(scores.values()))["informative"]
