@@ -158,3 +158,173 @@ def test_data_fields_the_source_does_not_read_are_warned_about_once(monkeypatch)
   t.data.update(source="tfds", name="cifar10", path="/data/images")
   assert config_lib.warn_unread_data_fields(t) == ["path"]
   assert "data.source='tfds'" in lines[-1] and len(lines) == 2
+
+
+# ------------------------------------------------------------------ hostile data
+def _main(*args, cwd=ROOT):
+  env = dict(_env(), TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, "-m", "crate_mae_jax.main",
+                         "--config=configs/quickstart.py", *TINY, *args],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _npz(path, train_labels, images=None):
+  import numpy as np
+  n = len(train_labels)
+  images = np.zeros((n, 28, 28), np.uint8) if images is None else images
+  np.savez(path, train_images=images, train_labels=np.asarray(train_labels),
+           test_images=np.zeros((4, 28, 28), np.uint8), test_labels=np.zeros(4, np.int64))
+  return path
+
+
+def test_negative_labels_in_arrays_are_refused_in_one_line(tmp_path):
+  """A label -1 (e.g. 'unlabelled') would one-hot to zeros and train silently."""
+  npz = _npz(tmp_path / "neg.npz", [0, 1, -1, 2] * 4)
+  proc = _main(f"--workdir={tmp_path / 'run'}", "--config.data.source=arrays",
+               f"--config.data.path={npz}", "--config.data.eval_split=test",
+               "--config.num_train_steps=1")
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+  assert "train_labels: label -1 is negative" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_labels_are_class_indices(tmp_path):
+  import numpy as np
+  from crate_mae_jax.data import data_arrays
+  assert data_arrays.check_labels(np.array([0., 2., 1.]), "y").dtype == np.int32
+  for labels, message in [(np.eye(3), r"shape \(3, 3\).*argmax"),
+                          (np.array([0.5, 1.0]), "non-integer"),
+                          (np.array([0, 7]), "label 7 but config.data.num_classes=5"),
+                          (np.array(["a", "b"]), "not an integer class index")]:
+    with pytest.raises(ValueError, match=message):
+      data_arrays.check_labels(labels, "y", num_classes=5)
+  train = (np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 1, 2, 9]))
+  with pytest.raises(ValueError, match="train labels: label 9 but config.data.num_classes=3"):
+    data_arrays.ArraySource(train, train, batch_size=2, seed=0, image_size=8, mean=(0.5,),
+                            std=(0.5,), num_classes=3)
+  with pytest.raises(ValueError, match=r"pixel values span \[-1, 300\]"):
+    data_arrays.to_uint8(np.array([[-1.0, 300.0]]), "train images")
+
+
+def _png(path, size=(8, 8)):
+  from PIL import Image
+  Image.new("L", size, 128).save(path, format="PNG")
+
+
+def _folder_source(root, **kw):
+  from crate_mae_jax import config_lib
+  from crate_mae_jax.data import input_pipeline
+  c = config_lib.default_config()
+  c.data.update(source="image_folder", path=str(root), image_size=8, mean=(0.5,), std=(0.5,),
+                **kw)
+  return input_pipeline.create(c.data, c.augment, task="pretrain", batch_size=2, seed=0)
+
+
+def test_image_folders_with_os_files_and_a_decompression_bomb(tmp_path, monkeypatch):
+  """OS metadata files are not images; an image above PIL's pixel limit is a bad
+  image (skipped and counted, or named with bad_images='fail'), not decoded."""
+  from PIL import Image
+  for c in ("a", "b"):
+    (tmp_path / c).mkdir()
+    for i in range(5):
+      _png(tmp_path / c / f"{i}.png")
+  (tmp_path / "a" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+  (tmp_path / "a" / "._0.png").write_bytes(b"\0\5\26\7AppleDouble")   # macOS resource fork
+  (tmp_path / "b" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+  (tmp_path / "b" / "desktop.ini").write_text("[.ShellClassInfo]")
+  (tmp_path / "__MACOSX").mkdir()   # a class folder only by accident: holds no image
+  _png(tmp_path / "b" / "bomb.png", (40, 40))
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 1,600 px: above, yet below 2x
+  src = _folder_source(tmp_path)
+  assert src.class_names == ("a", "b") and src.num_classes == 2   # __MACOSX is no class
+  assert src.stats["skipped_bad_images"] == 1
+  assert src.num_train_examples + src.num_eval_examples == 10
+  with pytest.raises(ValueError, match=r"bomb\.png: DecompressionBomb"):
+    _folder_source(tmp_path, bad_images="fail")
+
+
+def test_a_class_folder_linking_to_another_or_empty_is_no_class(tmp_path):
+  from crate_mae_jax.data import tf_sources
+  (tmp_path / "a").mkdir()
+  for i in range(3):
+    _png(tmp_path / "a" / f"{i}.png")
+  (tmp_path / "b").symlink_to(tmp_path / "a", target_is_directory=True)
+  (tmp_path / "c").mkdir()
+  _png(tmp_path / "c" / "0.png")
+  classes, per_class = tf_sources.class_files(str(tmp_path))
+  assert classes == ["a", "c"] and [len(f) for f in per_class] == [3, 1]
+  # An eval folder keeps the train classes' indices, even one it has no image of,
+  # and ignores a folder without images.
+  (tmp_path / "val" / "c").mkdir(parents=True)
+  _png(tmp_path / "val" / "c" / "1.png")
+  (tmp_path / "val" / "__MACOSX").mkdir()
+  classes, per_class = tf_sources.class_files(str(tmp_path / "val"), ["a", "c"])
+  assert classes == ["a", "c"] and [len(f) for f in per_class] == [0, 1]
+  (tmp_path / "val" / "d").mkdir()
+  _png(tmp_path / "val" / "d" / "2.png")
+  with pytest.raises(ValueError, match=r"classes \['d'\] that the train folder lacks"):
+    tf_sources.class_files(str(tmp_path / "val"), ["a", "c"])
+
+
+# ------------------------------------------------------------------ the converter's inputs
+def _convert(pth, out):
+  return subprocess.run([sys.executable, "-m", "crate_mae_jax.tools.convert_torch",
+                         f"--checkpoint={pth}", f"--output={out}", "--heads=4"],
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def official_sd(official_tiny_pth):
+  torch = pytest.importorskip("torch")
+  sd = torch.load(official_tiny_pth, map_location="cpu", weights_only=True)
+  return sd.get("model", sd)
+
+
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "training_dict"])
+def test_converter_reads_half_precision_and_a_training_checkpoint(official_sd, tmp_path,
+                                                                  kind):
+  """Weights saved in fp16/bf16 (pos_embed rounded), or a whole training checkpoint
+  {'model', 'optimizer', 'epoch', 'scaler'}, convert to the same parameters."""
+  import numpy as np
+  import torch
+  from crate_mae_jax.training import checkpoints
+  if kind == "training_dict":
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    obj = {"model": official_sd, "optimizer": opt.state_dict(), "epoch": 3,
+           "scaler": {"scale": 65536.0}}
+  else:
+    obj = {k: v.to(getattr(torch, kind)) for k, v in official_sd.items()}
+  torch.save(obj, tmp_path / "in.pth")
+  proc = _convert(tmp_path / "in.pth", tmp_path / "out")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  params, _ = checkpoints.restore_params(str(tmp_path / "out"))
+  dictionary = np.asarray(params["encoder"]["layer_0"]["ista"]["dictionary"])
+  reference = official_sd["blocks.0.layers.0.1.fn.weight"].float().numpy()
+  np.testing.assert_allclose(dictionary, reference,
+                             atol=0 if kind == "training_dict" else 1e-2 * np.abs(reference).max())
+
+
+def test_converter_refuses_a_vit_an_encoder_only_model_and_safetensors(official_sd, tmp_path):
+  import torch
+  vit = {"patch_embed.proj.weight": torch.zeros(32, 3, 4, 4), "cls_token": torch.zeros(1, 1, 32),
+         "blocks.0.attn.qkv.weight": torch.zeros(96, 32),
+         "blocks.0.mlp.fc1.weight": torch.zeros(128, 32)}
+  encoder_only = {k: v for k, v in official_sd.items() if not k.startswith("decoder")}
+  cases = {"vit.pth": (vit, "a ViT state dict (blocks.0.attn.qkv.weight)"),
+           "enc.pth": (encoder_only, "no decoder_blocks.N weights")}
+  for name, (sd, message) in cases.items():
+    torch.save(sd, tmp_path / name)
+    proc = _convert(tmp_path / name, tmp_path / f"out_{name}")
+    lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+  # A .safetensors file: without the safetensors package, PyTorch's own line names it;
+  # with it, the file is read and this one holds no CRATE-MAE.
+  header = b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+  (tmp_path / "m.safetensors").write_bytes(len(header).to_bytes(8, "little") + header +
+                                           b"\0" * 4)
+  proc = _convert(tmp_path / "m.safetensors", tmp_path / "out_st")
+  lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+  import importlib.util
+  expected = "patch_embed" if importlib.util.find_spec("safetensors") else "pip install safetensors"
+  assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+  assert not (tmp_path / "out_st").exists()

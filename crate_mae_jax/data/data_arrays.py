@@ -56,6 +56,33 @@ def to_uint8(images: np.ndarray, what: str) -> np.ndarray:
   return np.round(images).astype(np.uint8)
 
 
+def check_labels(labels, what: str, num_classes: int | None = None) -> np.ndarray:
+  """int32 class indices from integer (or whole-valued float) labels of shape (N,):
+  a negative label, one at or above `num_classes` (config.data.num_classes), soft
+  or one-hot labels are refused rather than silently dropped by one_hot."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"{what}: shape {labels.shape}; expected (N,) integer class indices "
+                     "(not one-hot: use labels.argmax(-1))")
+  if labels.size == 0:
+    return labels.astype(np.int32)
+  if labels.dtype.kind == "f":
+    if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+      raise ValueError(f"{what}: hold non-integer values; give integer class indices")
+  elif labels.dtype.kind not in "iub":
+    raise ValueError(f"{what}: dtype {labels.dtype} is not an integer class index")
+  lo, hi = int(labels.min()), int(labels.max())
+  if lo < 0:
+    raise ValueError(f"{what}: label {lo} is negative; labels are class indices 0..K-1 "
+                     "(relabel, e.g. np.unique(labels, return_inverse=True)[1])")
+  if num_classes is not None and hi >= num_classes:
+    raise ValueError(f"{what}: label {hi} but config.data.num_classes={num_classes} (labels "
+                     f"0..{num_classes - 1}); set it to {hi + 1} or leave it unset")
+  if hi > np.iinfo(np.int32).max:
+    raise ValueError(f"{what}: label {hi} is too large for a class index")
+  return labels.astype(np.int32)
+
+
 def load_npz(path: str) -> dict:
   """An .npz with `{split}_images` (N, H, W[, C]) and `{split}_labels` (N,) arrays."""
   if not os.path.isfile(path):
@@ -68,7 +95,8 @@ def load_npz(path: str) -> dict:
         if f"{split}_labels" not in f.files:
           raise ValueError(f"{path}: {key} has no matching {split}_labels")
         x = f[key]
-        out[split] = (x[..., None] if x.ndim == 3 else x, f[f"{split}_labels"].astype(np.int32))
+        out[split] = (x[..., None] if x.ndim == 3 else x,
+                      check_labels(f[f"{split}_labels"], f"{path}: {split}_labels"))
     if "class_names" in f.files:
       out["class_names"] = tuple(str(n) for n in f["class_names"])
   if not any(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], np.ndarray)
@@ -158,9 +186,9 @@ class ArraySource:
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     self._x = x if x.ndim == 4 else x[..., None]
-    self._y = y.astype(np.int32)
+    self._y = check_labels(y, "train labels", num_classes)
     self._ex = ex if ex.ndim == 4 else ex[..., None]
-    self._ey = ey.astype(np.int32)
+    self._ey = check_labels(ey, "eval labels", num_classes)
     self._x = to_uint8(self._x, "train images")
     self._ex = to_uint8(self._ex, "eval images")
     self.batch_size = int(batch_size)

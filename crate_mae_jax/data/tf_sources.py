@@ -352,6 +352,9 @@ def _inspect_image(path: str):
       return "empty file (0 bytes)", None
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
+      # Above PIL's pixel limit an image is a decompression bomb: one such
+      # file would decode to gigabytes, here and in every epoch.
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
       with Image.open(path) as im:
         im.verify()
       with Image.open(path) as im:
@@ -380,13 +383,9 @@ def class_files(folder: str, classes: list[str] | None = None):
     raise ValueError(f"image folder {folder!r} does not exist")
   found = sorted(d for d in os.listdir(folder)
                  if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
-  if classes is None:
-    classes = found
-  else:
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-      raise ValueError(f"image folder {folder!r} has classes {unknown[:5]} that the train "
-                       "folder lacks")
+  given = None if classes is None else list(classes)
+  # The train folder's classes in their order, then any folder only this one has.
+  classes = found if given is None else given + sorted(set(found) - set(given))
   per_class = []
   # Symlinked folders are followed once: a link loop, or two links to one
   # folder, would otherwise repeat images (and leak them into the held-out split).
@@ -416,6 +415,18 @@ def class_files(folder: str, classes: list[str] | None = None):
         seen_files.add(os.path.realpath(path))
         files.append(path)
     per_class.append(sorted(files))
+  # A folder without images (__MACOSX of an unzipped archive, a link to a class
+  # already read) is no class: kept, it would add an output that no image has.
+  extra = [c for c, f in zip(classes, per_class) if f and given is not None and c not in given]
+  if extra:
+    raise ValueError(f"image folder {folder!r} has classes {extra[:5]} that the train "
+                     "folder lacks")
+  keep = [i for i, (c, f) in enumerate(zip(classes, per_class))
+          if f or (given is not None and c in given)]
+  if len(keep) < len(classes) and keep and any(per_class):
+    logging.warning("Image folder %s: leaving out %s (no images in them)", folder,
+                    [c for i, c in enumerate(classes) if i not in keep])
+    classes, per_class = [classes[i] for i in keep], [per_class[i] for i in keep]
   if not classes or not any(per_class):
     raise ValueError(f"image folder {folder!r} is empty: expected one sub-folder per class "
                      f"holding images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
