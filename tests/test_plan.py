@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import pathlib
+import re
 
 import pytest
 
@@ -225,3 +226,34 @@ def test_a_layout_xla_cannot_fit_is_a_plan_with_advice():
   assert "--config.accum_steps=" in p["advice"], p["advice"]
   text = plan.format_plan(plan.Plan(**p))
   assert "does NOT fit" in text and "ran out of HBM" in text and "collectives" not in text, text
+
+
+def test_layout_search_prints_a_line_per_layout_with_an_eta(monkeypatch):
+  """Without --mesh: one line per compiled layout (layout, compile time, fits or not,
+  what is left and its ETA), then its report; plans come back in the layouts' order,
+  compiled one at a time or in threads."""
+  shapes = [(("data", d), ("fsdp", f), ("tensor", 1)) for d, f in ((4, 1), (1, 4), (2, 2))]
+  peaks = {4: 2, 1: 20, 2: 3}  # GiB by data size: fsdp=4 does not fit in 16 GiB
+
+  def fake_plan_one(config, topology, devices, shape, num_train_examples, resolved):
+    mesh = dict(shape)
+    return plan.Plan(**_report(mesh, peaks[mesh["data"]] * plan.GiB, 0.1)["plans"][0])
+
+  monkeypatch.setattr(plan, "plan_one", fake_plan_one)
+  for workers in (1, 2):
+    lines = []
+    plans = plan.search(None, "v5e:2x2", None, shapes, 0, None, log=lines.append,
+                        workers=workers)
+    assert [p.mesh for p in plans] == [dict(s) for s in shapes]
+    assert lines[0] == f"compiling 3 layouts for v5e:2x2 ({workers} at a time; --mesh=... " \
+                       "compiles one)"
+    progress = [l for l in lines if l.startswith("layout ")]
+    assert [l.split(" ")[1] for l in progress] == ["1/3", "2/3", "3/3"], progress
+    assert all(re.search(r"compiled in \d+s, ", l) for l in progress), progress
+    assert any("fsdp=4: compiled in" in l and "does NOT fit (peak 20.0 of 16.0 GiB)" in l
+               for l in progress), progress
+    assert re.search(r"; 2 left, ETA \d+s$", progress[0]) and "left" not in progress[-1]
+    assert len(lines) == 1 + 2 * len(shapes)  # each line followed by its report
+  one = []
+  plan.search(None, "v5e:2x2", None, shapes[:1], 0, None, log=one.append)
+  assert len(one) == 1 and one[0].startswith("v5e:2x2")  # --mesh: the report alone

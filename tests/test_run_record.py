@@ -80,3 +80,85 @@ def test_without_tensorflow_event_files_are_still_written(tmp_path, monkeypatch)
       tags.update(v.tag for v in event.summary.value)
   assert {"train/loss", "reconstruction"} <= tags
   assert any("hparams" in t for t in tags)
+
+
+def test_records_hold_only_the_fields_that_apply(finished):
+  """A CRATE-MAE run on a registered dataset: no ViT-MAE-only field, no TFDS name."""
+  workdir, cfg = finished
+  saved = json.load(open(workdir / "config.json"))
+  assert "encoder_sees" not in saved["model"] and "mlp_ratio" not in saved["model"]
+  assert saved["model"]["ista_step"] == cfg.model.ista_step
+  assert "name" not in saved["data"] and saved["data"]["source"] == "quickstart"
+  assert "probe" not in saved and "finetune" not in saved and "init_from" not in saved
+  flat = run_record.hparams(cfg)
+  assert "model.encoder_sees" not in flat and "data.name" not in flat
+  vit = cfg.copy_and_resolve_references()
+  vit.model.arch, vit.task, vit.data.source = "vit_mae", "linear_probe", "tfds"
+  shown = run_record.applying(vit)
+  assert shown.model.encoder_sees == "visible" and "ista_step" not in shown.model
+  assert shown.data.name == cfg.data.name and shown.probe.pool == cfg.probe.pool
+  assert cfg.model.encoder_sees == "visible"  # the config itself keeps every field
+
+
+def test_parameter_table_goes_to_params_txt_not_the_console(finished):
+  workdir, _ = finished
+  table = (workdir / "params.txt").read_text()
+  assert "encoder" in table and "Total" in table
+
+
+class _Scalars:
+  def __init__(self):
+    self.written = []
+
+  def write_scalars(self, step, scalars):
+    self.written.append((step, dict(scalars)))
+
+
+def test_progress_line_has_eta_in_seconds_throughput_and_the_run_rate(caplog):
+  """Per-device img/s, TFLOP/s and MFU (a chip of the planner's table); the last line
+  gives the whole run's rate, not the last interval's."""
+  import logging
+  from crate_mae_jax import chips
+  clock = iter([0.0, 10.0, 20.0, 25.0]).__next__  # the time at steps 1, 41, 81, 100
+  writer = _Scalars()
+  progress = summaries.Progress(100, writer, every_secs=5.0, flops_per_step=1e13,
+                                global_batch=512, num_devices=4, device_kind="TPU v5 lite",
+                                clock=clock)
+  with caplog.at_level(logging.INFO):
+    for step in (1, 41, 81, 100):
+      progress(step)
+  lines = [r.getMessage() for r in caplog.records]
+  # 40 steps in 10 s: 4 steps/s, 512 img/s and 10 TFLOP/s per device; 59 steps to go.
+  assert "step 41/100 (41.0%): 4.00 steps/s, 512 img/s per device, 10 TFLOP/s per device, " \
+         f"MFU {100 * 1e13 / chips.CHIPS['TPU v5 lite'].peak_flops:.1f}%, ETA 15s" in lines
+  step, scalars = writer.written[0]
+  assert step == 41 and scalars["perf/img_per_sec_per_device"] == 512.0
+  assert scalars["perf/mfu"] == 1e13 / chips.CHIPS["TPU v5 lite"].peak_flops
+  # the last interval ran at 3.8 steps/s; the run (steps 1-100 in 25 s) at 3.96
+  assert writer.written[-1][1]["steps_per_sec"] == 19 / 5
+  assert "step 100/100: trained steps 1-100 in 25s, 3.96 steps/s, 507 img/s per device" \
+      in lines[-1], lines
+
+
+def test_unknown_chip_has_no_mfu_and_says_so_once(caplog):
+  import logging
+  clock = iter([0.0, 10.0, 20.0]).__next__
+  progress = summaries.Progress(50, _Scalars(), every_secs=5.0, flops_per_step=1e9,
+                                global_batch=8, num_devices=1, device_kind="cpu", clock=clock)
+  with caplog.at_level(logging.INFO):
+    for step in (1, 11, 21):
+      progress(step)
+  lines = [r.getMessage() for r in caplog.records]
+  assert sum("MFU not shown" in l and "'cpu'" in l for l in lines) == 1
+  assert not any("MFU " in l for l in lines if l.startswith("step "))
+  assert summaries.duration(192) == "3m12s" and summaries.duration(3725) == "1h02m"
+
+
+def test_model_flops_per_step_is_the_benchmark_formula():
+  from crate_mae_jax import models
+  from crate_mae_jax.tools import benchmark
+  cfg = tiny_train_config("pretrain", source="quickstart")
+  r = models.resolve(cfg.model)
+  fwd = benchmark.forward_flops(r, cfg.data.image_size, r["mask_ratio"], cfg.batch_size)
+  assert summaries.model_flops_per_step(cfg, r) == 3 * fwd * cfg.batch_size
+  assert summaries.model_flops_per_step(tiny_train_config("linear_probe"), r) is None

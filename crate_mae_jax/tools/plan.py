@@ -412,6 +412,60 @@ def format_plan(p: Plan) -> str:
   return "\n".join(lines)
 
 
+def _mesh_text(shape) -> str:
+  return ",".join(f"{k}={v}" for k, v in shape if v > 1) or "one chip"
+
+
+def progress_line(index: int, total: int, p: Plan, seconds: float, done_seconds: list[float],
+                  workers: int = 1) -> str:
+  """'layout 2/4 data=8,fsdp=8: compiled in 41s, fits (peak 12.3 of 95.0 GiB); 2 left,
+  ETA 1m22s': one line per compiled layout, the ETA from the mean compile so far."""
+  from crate_mae_jax.training.summaries import duration  # pylint: disable=import-outside-toplevel
+  if p.step_time_source.startswith("not compiled"):
+    fits = "does NOT fit (XLA:TPU ran out of HBM)"
+  else:
+    fits = (f"{'fits' if p.fits else 'does NOT fit'} (peak {p.peak_bytes_per_chip / GiB:.1f} "
+            f"of {p.hbm_bytes_per_chip / GiB:.1f} GiB)")
+  left = total - index
+  eta = ""
+  if left:
+    mean = sum(done_seconds) / len(done_seconds)
+    eta = f"; {left} left, ETA {duration(mean * math.ceil(left / workers))}"
+  return (f"layout {index}/{total} {_mesh_text(tuple(p.mesh.items()))}: compiled in "
+          f"{duration(seconds)}, {fits}{eta}")
+
+
+def search(config, topology: str, devices, shapes, num_train_examples: int, resolved,
+           log=print, workers: int = 1) -> list[Plan]:
+  """Compiles each layout of `shapes`, logging a progress line and the report of
+  each as it finishes; returns the plans in the order of `shapes`. `workers` > 1
+  compiles that many at once in threads (XLA's compile releases the GIL); the
+  default is one at a time (BENCHMARKS.md, "Pod plans", has the comparison)."""
+  import concurrent.futures  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  workers = max(1, workers)
+
+  def one(shape):
+    start = time.monotonic()
+    p = plan_one(config, topology, devices, shape, num_train_examples, resolved)
+    return p, time.monotonic() - start
+
+  if len(shapes) > 1:
+    log(f"compiling {len(shapes)} layouts for {topology} "
+        f"({workers} at a time; --mesh=... compiles one)")
+  results, took = {}, []
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    futures = {pool.submit(one, shape): i for i, shape in enumerate(shapes)}
+    for future in concurrent.futures.as_completed(futures):
+      p, seconds = future.result()
+      results[futures[future]] = p
+      took.append(seconds)
+      if len(shapes) > 1:
+        log(progress_line(len(results), len(shapes), p, seconds, took, workers))
+      log(format_plan(p))
+  return [results[i] for i in range(len(shapes))]
+
+
 def plan(config, topology: str, mesh_text: str | None = None,
          num_train_examples: int = IMAGENET_TRAIN_EXAMPLES, log=print) -> dict:
   """Plans for one mesh (`mesh_text`) or the candidate layouts; returns the
@@ -427,11 +481,7 @@ def plan(config, topology: str, mesh_text: str | None = None,
   if not shapes:
     raise ConfigError(f"config.batch_size={config.batch_size} splits over no mesh of "
                       f"{len(devices)} chips; use a multiple of {len(devices)}")
-  plans = []
-  for shape in shapes:
-    p = plan_one(config, topology, devices, shape, num_train_examples, resolved)
-    log(format_plan(p))
-    plans.append(p)
+  plans = search(config, topology, devices, shapes, num_train_examples, resolved, log=log)
   best = recommend(plans)
   if best is None:
     smallest = min(plans, key=lambda p: p.peak_bytes_per_chip)

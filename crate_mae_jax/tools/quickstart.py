@@ -4,12 +4,15 @@
 
 Runs `configs/quickstart.py` (a small CRATE-MAE on the Fashion-MNIST subset shipped
 in the package), then its linear probe on the pre-trained encoder, then a linear
-classifier on the raw pixels of the same images, and prints the accuracies with
-the paths of the checkpoint, the TensorBoard logs and the reconstruction figure.
-What shows that pre-training helped: the k-NN and ridge probe (best encoder
-layer) of the pre-trained encoder against the randomly initialised encoder the
-run started from, and the masked-patch MSE against a trivial predictor.
+classifier on the raw pixels of the same images, and prints the accuracies, one
+sentence of what they mean, and the paths of the checkpoint, the TensorBoard logs
+and the reconstruction figure; every number printed is also in
+`<workdir>/summary.json`. What shows that pre-training helped: the k-NN and ridge
+probe of the pre-trained encoder at its best layer against the randomly initialised
+encoder the run started from at that same layer, and the masked-patch MSE against
+a trivial predictor.
 """
+import json
 import os
 import sys
 import time
@@ -22,6 +25,7 @@ from crate_mae_jax import cli, recipes
 from crate_mae_jax.analysis import pixel_floor
 from crate_mae_jax.evaluators import features, reconstruction
 
+KNN_K = 20   # neighbours of the k-NN readout
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/quickstart", "Where checkpoints and logs go.")
 
@@ -66,8 +70,90 @@ def learning_evidence(pre_cfg, pre_dir: str, resolved=None) -> dict:
   params, _ = checkpoints.restore_params(pre_dir)
   kinds = ["knn", "linear_probe"]
   random_init = evaluate.random_params(pre_cfg, resolved)
-  return {"pretrained": evaluate.evaluate(pre_cfg, params, kinds, resolved=resolved),
-          "random_init": evaluate.evaluate(pre_cfg, random_init, kinds, resolved=resolved)}
+  return {"pretrained": evaluate.evaluate(pre_cfg, params, kinds, k=KNN_K, resolved=resolved),
+          "random_init": evaluate.evaluate(pre_cfg, random_init, kinds, k=KNN_K,
+                                           resolved=resolved)}
+
+
+def _layer(key: str) -> str:
+  """'cls/layer_02' -> 'cls token after block 3'; 'mean/final' -> 'mean-pooled encoder
+  output' (after the final norm)."""
+  pool, _, layer = key.partition("/")
+  what = "cls token" if pool == "cls" else f"{pool}-pooled"
+  if layer == "final":
+    return f"{what} encoder output"
+  return f"{what} after block {int(layer.split('_')[-1]) + 1}"
+
+
+def compare(pretrained: dict, random_init: dict) -> dict:
+  """The pre-trained encoder's best layer (and pool) against the random init at that
+  same layer, plus the random init's own best layer: like with like, and the
+  random encoder at its best."""
+  best = features.best_layer(pretrained)[1]
+  rand_best, rand_where = features.best_layer(random_init)
+  return {"layer": best, "pretrained": float(pretrained[best]),
+          "random_init_same_layer": float(random_init[best]),
+          "gain_points": round(100 * (pretrained[best] - random_init[best]), 1),
+          "random_init_best_layer": rand_where, "random_init_best": rand_best}
+
+
+def pixel_gap(s: dict) -> float:
+  """Points by which raw pixels beat the best readout of the pre-trained features."""
+  best = max(s["knn"]["pretrained"], s["ridge_probe"]["pretrained"], s["linear_probe_top1"])
+  return round(100 * (s["raw_pixels_top1"] - best), 1)
+
+
+def verdict(s: dict) -> str:
+  """One plain sentence of what the numbers mean, from the numbers."""
+  knn, ridge = s["knn"]["gain_points"], s["ridge_probe"]["gain_points"]
+  gap = s["pixels_minus_best_features_points"]
+  if knn > 0 or ridge > 0:
+    bought = (f"pre-training bought {knn:+.1f} points of k-NN and {ridge:+.1f} of ridge-probe "
+              "accuracy over the random encoder it started from (same layer)")
+  else:
+    bought = (f"pre-training did not beat the random encoder it started from (k-NN "
+              f"{knn:+.1f}, ridge probe {ridge:+.1f} points at the same layer)")
+  if gap > 0:
+    pixels = (f"but its best features are still {gap:.1f} points below a linear classifier "
+              "on the raw pixels: a few CPU minutes of pre-training do not make features "
+              "better than pixels")
+  else:
+    pixels = (f"and its best features beat a linear classifier on the raw pixels by "
+              f"{-gap:.1f} points")
+  return f"In short: {bought}, {pixels}."
+
+
+def report(s: dict) -> list[str]:
+  """The console summary of the numbers in `s` (what `summary.json` holds)."""
+  norm = ", norm-pix" if s["norm_pix_loss"] else ""
+  lines = [
+      "",
+      f"CRATE-MAE quick start ({s['train_images']} train / {s['test_images']} test "
+      f"Fashion-MNIST images, {s['minutes']:.1f} min on {s['devices']} {s['backend']} "
+      "device(s))",
+      f"  pre-training eval loss (masked MSE{norm}): {s['masked_mse']:.4f} vs "
+      f"{s['trivial_mse']:.4f} for predicting {s['trivial_predicts']}",
+  ]
+  for kind, label in (("knn", f"k-NN (cosine, k={s['knn_k']})"),
+                      ("ridge_probe", "ridge probe")):
+    c = s[kind]
+    lines.append(
+        f"  {label}, {_layer(c['layer'])}: pre-trained {100 * c['pretrained']:.1f}% vs "
+        f"random init {100 * c['random_init_same_layer']:.1f}% ({c['gain_points']:+.1f} "
+        f"points; random init at its best, {_layer(c['random_init_best_layer'])}: "
+        f"{100 * c['random_init_best']:.1f}%)")
+  lines += [
+      f"  linear probe on CRATE-MAE features ({s['linear_probe_pool']}-pooled encoder "
+      f"output): top-1 {100 * s['linear_probe_top1']:.1f}%",
+      f"  linear classifier on raw pixels ({s['pixels_per_image']} values per image): "
+      f"top-1 {100 * s['raw_pixels_top1']:.1f}%",
+      f"  {verdict(s)}",
+      f"  numbers:         {s['paths']['summary']}",
+      f"  checkpoint:      {s['paths']['checkpoint']}",
+      f"  TensorBoard:     tensorboard --logdir {s['paths']['tensorboard']}",
+      f"  reconstructions: {s['paths']['reconstructions']}",
+  ]
+  return lines
 
 
 def main(argv):
@@ -90,32 +176,35 @@ def main(argv):
   pixels = pixel_floor.linear_classifier(train_x, train_y, test_x, test_y, classes)
   figure = reconstruction_figure(pre_cfg, pre_dir, pre_model)
   evidence = learning_evidence(pre_cfg, pre_dir, pre_model)
-  trivial = reconstruction.trivial_mse(test_x, pre_cfg.model.patch_size,
-                                       pre_cfg.model.norm_pix_loss)
   norm_pix = bool(pre_cfg.model.norm_pix_loss)
-  trivial_what = "each patch's own mean" if norm_pix else "the mean pixel"
-  minutes = (time.time() - start) / 60
-  lines = [
-      "",
-      f"CRATE-MAE quick start ({len(train_x)} train / {len(test_x)} test Fashion-MNIST "
-      f"images, {minutes:.1f} min on {jax.device_count()} {jax.default_backend()} device(s))",
-      f"  pre-training eval loss (masked MSE{', norm-pix' if norm_pix else ''}): "
-      f"{pre['loss']:.4f} vs {trivial:.4f} for predicting {trivial_what}",
-  ]
-  for kind, label in (("knn", "k-NN (cosine, k=20)"), ("linear_probe", "ridge probe")):
-    (a, where_a), (b, where_b) = (features.best_layer(evidence[s][kind])
-                                  for s in ("pretrained", "random_init"))
-    lines.append(f"  {label + ', best layer:':31s} pre-trained {100 * a:.1f}% ({where_a}) vs "
-                 f"random init {100 * b:.1f}% ({where_b}): {100 * (a - b):+.1f} points")
-  lines += [
-      f"  linear probe on CRATE-MAE features:  top-1 {100 * probe['top1']:.1f}%",
-      f"  linear classifier on raw pixels:     top-1 {100 * pixels['test_accuracy']:.1f}%",
-      f"  checkpoint:      {os.path.abspath(os.path.join(pre_dir, 'checkpoints'))}",
-      f"  TensorBoard:     tensorboard --logdir {os.path.abspath(FLAGS.workdir)}",
-      f"  reconstructions: {os.path.abspath(figure)}",
-  ]
-  print("\n".join(lines))
-  logging.info("quick start done in %.1f min", minutes)
+  summary = {
+      "train_images": len(train_x), "test_images": len(test_x),
+      "minutes": round((time.time() - start) / 60, 1),
+      "devices": jax.device_count(), "backend": jax.default_backend(),
+      "norm_pix_loss": norm_pix,
+      "masked_mse": round(float(pre["loss"]), 4),
+      "trivial_mse": round(float(reconstruction.trivial_mse(
+          test_x, pre_cfg.model.patch_size, norm_pix)), 4),
+      "trivial_predicts": "each patch's own mean" if norm_pix else "the mean pixel",
+      "knn_k": KNN_K,
+      "knn": compare(evidence["pretrained"]["knn"], evidence["random_init"]["knn"]),
+      "ridge_probe": compare(evidence["pretrained"]["linear_probe"],
+                             evidence["random_init"]["linear_probe"]),
+      "linear_probe_pool": probe_cfg.probe.pool,
+      "linear_probe_top1": float(probe["top1"]),
+      "pixels_per_image": int(np.prod(train_x.shape[1:])),
+      "raw_pixels_top1": float(pixels["test_accuracy"]),
+      "paths": {"summary": os.path.abspath(os.path.join(FLAGS.workdir, "summary.json")),
+                "checkpoint": os.path.abspath(os.path.join(pre_dir, "checkpoints")),
+                "tensorboard": os.path.abspath(FLAGS.workdir),
+                "reconstructions": os.path.abspath(figure)},
+  }
+  summary["pixels_minus_best_features_points"] = pixel_gap(summary)
+  summary["verdict"] = verdict(summary)
+  with open(summary["paths"]["summary"], "w") as f:
+    json.dump(summary, f, indent=2)
+  print("\n".join(report(summary)))
+  logging.info("quick start done in %.1f min", summary["minutes"])
 
 
 def run():

@@ -5,6 +5,7 @@ import; on hosts without TensorFlow the same interface writes TensorBoard event
 files with tensorboardX (or, without it, logs scalars and writes images as PNG
 files), so training never needs TF.
 """
+import math
 import os
 import time
 
@@ -20,6 +21,29 @@ def _redacted(hparams: dict) -> dict:
   return config_lib.redacted(dict(hparams))
 
 
+def _log_scalars(step, scalars) -> None:
+  """One log line of the scalars, less those the progress line already shows."""
+  shown = {k: v for k, v in scalars.items() if not k.startswith(PROGRESS_TAGS)}
+  if shown:
+    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in shown.items()))
+
+
+def _clu_logging_writer():
+  """clu's LoggingWriter with the hparams at debug level (they are in config.json and
+  TensorBoard) and without the scalars the progress line shows."""
+  from clu.metric_writers import logging_writer  # pylint: disable=import-outside-toplevel
+
+  class _Quiet(logging_writer.LoggingWriter):
+
+    def write_scalars(self, step, scalars):
+      _log_scalars(step, scalars)
+
+    def write_hparams(self, hparams):
+      logging.debug("hparams: %s", hparams)
+
+  return _Quiet()
+
+
 class LoggingWriter:
   """Minimal stand-in for clu.metric_writers when TensorFlow is absent."""
 
@@ -27,7 +51,7 @@ class LoggingWriter:
     self.logdir = logdir
 
   def write_scalars(self, step, scalars):
-    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
+    _log_scalars(step, scalars)
 
   def write_images(self, step, images):
     if not self.logdir:
@@ -45,7 +69,7 @@ class LoggingWriter:
       logging.info("[%d] %s: %s", step, k, v)
 
   def write_hparams(self, hparams):
-    logging.info("hparams: %s", _redacted(hparams))
+    logging.debug("hparams: %s", _redacted(hparams))
 
   def flush(self):
     pass
@@ -107,45 +131,137 @@ def create_writer(logdir: str, is_chief: bool):
     logging.warning("clu.metric_writers and tensorboardX unavailable: metrics go to the "
                     "log only")
     return LoggingWriter(logdir if is_chief else None)
-  return metric_writers.create_default_writer(logdir, just_logging=not is_chief,
-                                              asynchronous=True)
+  writers = [_clu_logging_writer()]
+  if is_chief:
+    writers.append(metric_writers.SummaryWriter(os.fspath(logdir)))
+  return metric_writers.AsyncMultiWriter(writers)
+
+
+def duration(seconds: float) -> str:
+  """3m12s, 45s, 1h02m: to the second under an hour."""
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(max(seconds, 0.0)))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def model_flops_per_step(config, resolved) -> float | None:
+  """Model FLOPs of one pre-training step of the global batch: 3 × the analytic
+  forward count of `tools/benchmark.py` (forward + backward); None for the other
+  tasks (pass the step's `cost_analysis()` flops there)."""
+  if config.task != "pretrain":
+    return None
+  from crate_mae_jax.tools import benchmark  # pylint: disable=import-outside-toplevel
+  return 3 * benchmark.forward_flops(resolved, config.data.image_size, resolved["mask_ratio"],
+                                     config.batch_size) * config.batch_size
+
+
+def chip_peak_flops(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of one device of this kind (the planner's table)."""
+  from crate_mae_jax import chips  # pylint: disable=import-outside-toplevel
+  chip = chips.CHIPS.get(device_kind)
+  return chip.peak_flops if chip else None
+
+
+# Written by the progress line itself: the metric writer's log line leaves them out.
+PROGRESS_TAGS = ("steps_per_sec", "perf/")
 
 
 class Progress:
-  """steps/s and ETA in the log, for hosts without clu.periodic_actions."""
+  """The progress line: steps/s, img/s and model TFLOP/s per device, MFU against
+  the chip's peak (`chips.CHIPS`; other chips: no MFU, said once), all since the
+  first step's end (the compile left out), and the ETA to the second; the last
+  step's line is the whole run's rate. The writer gets each interval's rates."""
 
-  def __init__(self, num_train_steps: int, writer, every_secs: float = 30.0):
+  def __init__(self, num_train_steps: int, writer, every_secs: float = 30.0, *,
+               flops_per_step: float | None = None, global_batch: int | None = None,
+               num_devices: int | None = None, device_kind: str | None = None,
+               clock=time.monotonic):
     self.total, self.writer, self.every = num_train_steps, writer, every_secs
-    self.last_time, self.last_step = None, None
+    self.flops, self.batch, self.clock = flops_per_step, global_batch, clock
+    if num_devices is None or device_kind is None:
+      import jax  # pylint: disable=import-outside-toplevel
+      num_devices = jax.device_count() if num_devices is None else num_devices
+      device_kind = jax.devices()[0].device_kind if device_kind is None else device_kind
+    self.devices, self.kind = num_devices, device_kind
+    self.peak = chip_peak_flops(device_kind) if flops_per_step else None
+    self.last_time = self.last_step = self.first_time = self.first_step = None
+    self._said_no_peak = False
+
+  def rates(self, steps: int, seconds: float) -> dict:
+    """steps/s and, given the batch and FLOPs, per-device img/s, TFLOP/s and MFU."""
+    rate = steps / seconds if seconds > 0 else 0.0
+    out = {"steps_per_sec": rate}
+    if self.batch:
+      out["perf/img_per_sec_per_device"] = rate * self.batch / self.devices
+    if self.flops:
+      out["perf/tflops_per_device"] = rate * self.flops / self.devices / 1e12
+      if self.peak:
+        out["perf/mfu"] = rate * self.flops / self.devices / self.peak
+    return out
+
+  def describe(self, r: dict) -> str:
+    parts = [f"{r['steps_per_sec']:.2f} steps/s"]
+    if "perf/img_per_sec_per_device" in r:
+      parts.append(f"{r['perf/img_per_sec_per_device']:,.0f} img/s per device")
+    if "perf/tflops_per_device" in r:
+      parts.append(f"{r['perf/tflops_per_device']:.3g} TFLOP/s per device")
+    if "perf/mfu" in r:
+      parts.append(f"MFU {100 * r['perf/mfu']:.1f}%")
+    return ", ".join(parts)
 
   def __call__(self, step: int):
-    now = time.monotonic()
+    now = self.clock()
     if self.last_time is None:
-      self.last_time, self.last_step = now, step
+      self.last_time = self.first_time = now
+      self.last_step = self.first_step = step
+      if self.flops and not self.peak and not self._said_no_peak:
+        self._said_no_peak = True
+        logging.info("MFU not shown: no peak FLOP/s known for %r (crate_mae_jax/chips.py)",
+                     self.kind)
       return
-    if now - self.last_time < self.every:
+    last = step >= self.total
+    if now - self.last_time < self.every and not last:
       return
-    rate = (step - self.last_step) / (now - self.last_time)
-    eta = (self.total - step) / rate if rate > 0 else float("inf")
-    logging.info("step %d/%d (%.1f%%): %.2f steps/s, ETA %.0f min", step, self.total,
-                 100 * step / self.total, rate, eta / 60)
-    self.writer.write_scalars(step, {"steps_per_sec": rate})
+    # Steps are dispatched asynchronously, so one interval's rate swings with the
+    # metric fetches; the console and the ETA use the rate since the first step.
+    run = self.rates(step - self.first_step, now - self.first_time)
+    eta = (self.total - step) / run["steps_per_sec"] if run["steps_per_sec"] > 0 else math.inf
+    if last:
+      logging.info("step %d/%d: trained steps %d-%d in %s, %s over the run (compile left "
+                   "out)", step, self.total, self.first_step, step,
+                   duration(now - self.first_time), self.describe(run))
+    else:
+      logging.info("step %d/%d (%.1f%%): %s, ETA %s", step, self.total,
+                   100 * step / self.total, self.describe(run), duration(eta))
+    self.writer.write_scalars(step, self.rates(step - self.last_step, now - self.last_time))
     self.last_time, self.last_step = now, step
 
 
 def progress_hooks(num_train_steps: int, writer, logdir: str, is_chief: bool,
-                   profile_steps: int = 0, every_secs: float = 30.0) -> list:
-  """ReportProgress (steps/s, ETA) and, when asked, a profiler trace."""
+                   profile_steps: int = 0, every_secs: float = 30.0, *,
+                   flops_per_step: float | None = None,
+                   global_batch: int | None = None) -> list:
+  """The progress line (`Progress`) and, when asked, a profiler trace (clu Profile).
+  `flops_per_step`: model FLOPs of one step of the global batch
+  (`model_flops_per_step`), for TFLOP/s and MFU; `global_batch`: for img/s."""
+  hooks = [Progress(num_train_steps, writer, every_secs, flops_per_step=flops_per_step,
+                    global_batch=global_batch)]
+  if not (is_chief and profile_steps):
+    return hooks
   cli.import_tensorflow_quietly()  # clu's periodic_actions imports TensorFlow
   try:
     from clu import periodic_actions
   except ImportError:
-    return [Progress(num_train_steps, writer, every_secs)]
-  hooks = [periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer,
-                                           every_secs=every_secs)]
-  if is_chief and profile_steps:
-    hooks.append(periodic_actions.Profile(logdir=logdir, num_profile_steps=profile_steps,
-                                          first_profile=10))
+    logging.warning("profile_steps=%d: clu.periodic_actions unavailable, no trace",
+                    profile_steps)
+    return hooks
+  hooks.append(periodic_actions.Profile(logdir=logdir, num_profile_steps=profile_steps,
+                                        first_profile=10))
   return hooks
 
 
