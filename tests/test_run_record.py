@@ -98,6 +98,9 @@ def test_records_hold_only_the_fields_that_apply(finished):
   assert shown.model.encoder_sees == "visible" and "ista_step" not in shown.model
   assert shown.data.name == cfg.data.name and shown.probe.pool == cfg.probe.pool
   assert cfg.model.encoder_sees == "visible"  # the config itself keeps every field
+  # a field that does not apply but was set stays visible (config_lib warns about it)
+  vit.data.source, vit.data.name = "quickstart", "cifar10"
+  assert run_record.applying(vit).data.name == "cifar10"
 
 
 def test_parameter_table_goes_to_params_txt_not_the_console(finished):

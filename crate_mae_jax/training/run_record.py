@@ -105,9 +105,13 @@ _APPLIES = {
 
 
 def applying(config) -> ml_collections.ConfigDict:
-  """A copy of `config` without the fields this run does not read (a CRATE-MAE run
-  has no `model.encoder_sees`, a registered dataset no TFDS `data.name`, ...), for
-  what a run shows about itself; `config_lib.validate` still sees every field."""
+  """A copy of `config` without the fields this run does not read and that hold their
+  default (a CRATE-MAE run has no `model.encoder_sees`, a registered dataset no TFDS
+  `data.name`, ...), for what a run shows about itself; a field set to something
+  else stays visible (`config_lib.warn_unread_data_fields` names it), and
+  `config_lib.validate` still sees every field."""
+  from crate_mae_jax import config_lib  # pylint: disable=import-outside-toplevel
+  default = config_lib.default_config()
   out = ml_collections.ConfigDict(config.copy_and_resolve_references().to_dict())
   for (section, field), applies in _APPLIES.items():
     try:
@@ -115,9 +119,19 @@ def applying(config) -> ml_collections.ConfigDict:
     except (AttributeError, KeyError):  # a config without that section: nothing to drop
       continue
     holder = out if section is None else out.get(section)
-    if not keep and holder is not None and field in holder:
+    if keep or holder is None or field not in holder:
+      continue
+    base = default if section is None else default.get(section)
+    if base is None or field not in base or _same(holder[field], base[field]):
       del holder[field]
   return out
+
+
+def _same(a, b) -> bool:
+  """Equal as config values (a ConfigDict or tuple against its JSON form)."""
+  to = lambda v: v.to_dict() if hasattr(v, "to_dict") else (list(v) if isinstance(
+      v, tuple) else v)
+  return to(a) == to(b)
 
 
 def parameter_table(params) -> str:
