@@ -13,7 +13,7 @@ class Chip:
   ici_bandwidth: float   # bytes/s per chip, all links together
 
 
-# Numbers from the Cloud TPU system-architecture pages.
+# Numbers from the vendors' pages, each named beside its chip.
 CHIPS = {
     # cloud.google.com/tpu/docs/v4: 275 TFLOP/s, 32 GiB HBM2 at 1200 GB/s, ICI 2400 Gbps.
     "TPU v4": Chip(275e12, 32 * GiB, 1200e9, 300e9),
@@ -23,4 +23,8 @@ CHIPS = {
     "TPU v5": Chip(459e12, 95 * GiB, 2765e9, 600e9),
     # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s, 32 GiB HBM at 1640 GB/s, ICI 3584 Gbps.
     "TPU v6 lite": Chip(918e12, 32 * GiB, 1640e9, 448e9),
+    # nvidia.com H100 / H200 SXM datasheets: 989 TFLOP/s dense bf16, NVLink 900 GB/s;
+    # HBM3 80 GB at 3.35 TB/s, HBM3e 141 GB at 4.8 TB/s.
+    "NVIDIA H100 80GB HBM3": Chip(989e12, 80 * 10**9, 3.35e12, 900e9),
+    "NVIDIA H200": Chip(989e12, 141 * 10**9, 4.8e12, 900e9),
 }

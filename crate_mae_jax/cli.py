@@ -275,3 +275,32 @@ def tensorflow():
   if tf is None:  # not installed, or broken: raise its own ImportError here
     import tensorflow as tf  # pylint: disable=import-outside-toplevel,redefined-outer-name
   return tf
+
+
+def usage_error(prog: str, message) -> int:
+  """Prints `prog: error: message` on one line; returns exit code 2."""
+  print(f"{prog}: error: " + " ".join(str(message).split()), file=sys.stderr)
+  return 2
+
+
+def parse_tool_flags(prog: str, flag_values, argv, usage: str, module: str,
+                     required=()) -> int | None:
+  """Parses a tool's own absl flags from `argv` (without the program name; None:
+  the command line's): None when the tool should run, else its exit code (0 after
+  --help, 2 after one line naming the mistake)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  argv = sys.argv[1:] if argv is None else list(argv)
+  full = [sys.argv[0], *argv]
+  if wants_help(full):
+    print_help(full, flag_values, module=module, usage=usage)
+    return 0
+  try:
+    rest = flag_values([prog, *argv])
+  except flags.Error as e:
+    return usage_error(prog, e)
+  if len(rest) > 1:
+    return usage_error(prog, f"unexpected arguments {rest[1:]}")
+  for name in required:
+    if flag_values[name].value is None:
+      return usage_error(prog, f"--{name} is required")
+  return None

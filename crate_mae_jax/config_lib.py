@@ -14,10 +14,12 @@ import re
 from absl import logging
 import ml_collections
 
-from crate_mae_jax.data import datasets
 from crate_mae_jax import models
+from crate_mae_jax.data import datasets
+from crate_mae_jax.errors import ConfigError
+from crate_mae_jax.training import tasks
 
-TASKS = ("pretrain", "linear_probe", "finetune")
+TASKS = tuple(tasks.TASKS)
 _IMAGENET = datasets.get("imagenet2012")
 
 
@@ -37,10 +39,6 @@ def value_or_default(cfg, key: str):
     except (KeyError, AttributeError, TypeError):
       value = getattr(cfg, key, None)
   return _data_and_augment_defaults()[key] if value is None else value
-
-
-class ConfigError(ValueError):
-  """A config or argument mistake; the message names the field and the fix."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -234,7 +232,7 @@ def check_against_data(c: ml_collections.ConfigDict, source, local_batch: int | 
     logging.warning("config.batch_size=%d is %d images per process but the train split has "
                     "%d: every step repeats examples; a batch of at most %d avoids it",
                     c.batch_size, local_batch, examples, examples)
-  if c.task == "pretrain" or c.data.num_classes is None:
+  if not tasks.get(c.task).classifies or c.data.num_classes is None:
     return
   found = dataset_num_classes(source)
   if found is not None and c.data.num_classes < found:
@@ -345,16 +343,22 @@ def _check_mask_ratio(task: str, ratio: float, image_size: int, patch_size: int)
           "higher (MAE: 0.75)")
 
 
+def resolve_model(model) -> "models.ResolvedModel":
+  """The model config with every size filled in and checked: the one place a
+  model config is resolved (`validate`, and the tools that read a checkpoint's)."""
+  try:
+    return models.resolve(model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def validate(c: ml_collections.ConfigDict) -> dict:
   """Checks a config before any compile; returns the resolved model dict."""
   for name, value in _nonfinite_fields(c):
     _fail(name, f"{value!r} is not a finite number; give a finite value")
-  if c.task not in TASKS:
-    _fail("task", f"{c.task!r} is unknown; use one of {TASKS}")
-  try:
-    resolved = models.resolve(c.model)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  task = tasks.get(c.task)
+  resolved = resolve_model(c.model)
+  warn_unread_data_fields(c)
   d = c.data
   if d.source not in ("image_folder", "arrays"):
     try:
@@ -442,24 +446,14 @@ def validate(c: ml_collections.ConfigDict) -> dict:
       _fail(key, f"{c[key]!r} must be a positive integer")
   if c.nonfinite not in ("stop", "skip"):
     _fail("nonfinite", f"{c.nonfinite!r} is unknown; use 'stop' or 'skip'")
-  if c.task != "pretrain" and not c.init_from and c.task == "linear_probe":
-    _fail("init_from", "linear_probe needs init_from: a pre-training workdir or a "
-          "checkpoint written by crate_mae_jax.tools.convert_torch")
   if c.init_from and not c.init_from.startswith("gs://") and not os.path.exists(c.init_from):
     _fail("init_from", f"{c.init_from!r} does not exist")
-  if c.task != "pretrain":
-    pool = c.probe.pool if c.task == "linear_probe" else c.finetune.pool
-    if pool not in ("cls", "mean"):
-      _fail(f"{'probe' if c.task == 'linear_probe' else 'finetune'}.pool",
-            f"{pool!r} is unknown; use 'cls' or 'mean'")
   a = c.augment
   if not 0 <= a.label_smoothing < 1:
     _fail("augment.label_smoothing", f"{a.label_smoothing} must lie in [0, 1)")
   if a.mixup < 0 or a.cutmix < 0:
     _fail("augment.mixup", "mixup/cutmix alphas must be >= 0")
-  if c.task != "finetune" and (a.mixup or a.cutmix):
-    _fail("augment.mixup", f"mixup/cutmix apply to task='finetune' only, not "
-          f"{c.task!r}; set --config.augment.mixup=0 --config.augment.cutmix=0")
+  task.check(c)
   if c.eval.max_batches is not None and (not isinstance(c.eval.max_batches, int)
                                          or c.eval.max_batches < 1):
     _fail("eval.max_batches", f"{c.eval.max_batches!r} must be a positive integer (or unset)")

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from crate_mae_jax.errors import ConfigError
+
 # Mesh axes over which the batch is split (all that exist in the mesh).
 BATCH_AXES = ("data", "fsdp")
 # Logical names of activations (batch, tokens, width), and per head
@@ -40,6 +42,29 @@ def mesh_shape(shape_cfg, num_devices: int) -> tuple[tuple[str, ...], tuple[int,
                      f"{math.prod(sizes)} devices but {num_devices} are available; use -1 "
                      "for one axis to take the remaining devices")
   return names, tuple(sizes)
+
+
+def parse_mesh(text: str, num_devices: int | None = None) -> tuple[tuple[str, int], ...]:
+  """'data=8,fsdp=8' -> (('data', 8), ('fsdp', 8), ('tensor', 1)): unnamed axes get
+  size 1, except `data`, which takes the remaining devices (-1) when no axis does;
+  with `num_devices` the -1 is resolved and the product checked."""
+  sizes = {}
+  for part in filter(None, (t.strip() for t in text.split(","))):
+    name, _, size = part.partition("=")
+    if name not in ("data", "fsdp", "tensor") or not size.lstrip("-").isdigit():
+      raise ConfigError(f"--mesh={text!r}: use axis=size pairs of data, fsdp, tensor, "
+                        "e.g. --mesh=data=8,fsdp=8")
+    sizes[name] = int(size)
+  if "data" not in sizes and -1 not in sizes.values():
+    sizes["data"] = -1
+  shape = tuple((name, sizes.get(name, 1)) for name in ("data", "fsdp", "tensor"))
+  if num_devices is None:
+    return shape
+  try:
+    names, resolved = mesh_shape(shape, num_devices)
+  except ValueError as e:
+    raise ConfigError(f"--mesh={text!r}: {e}") from None
+  return tuple(zip(names, resolved))
 
 
 def create_mesh(shape_cfg, devices=None) -> Mesh:

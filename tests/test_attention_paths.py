@@ -47,6 +47,20 @@ def test_model_kernels_report_per_arch(monkeypatch):
     assert models.kernels(models.resolve(cfg), "gpu")["attention"] == expected
 
 
+def test_a_head_dim_the_kernel_does_not_take_gets_cudnn(monkeypatch):
+  """CRATE-MAE-Small's head_dim 48 is not one of the kernel's: 'auto' (and 'mssa')
+  give cuDNN there, not the XLA reference (BENCHMARKS.md: 1.8x slower)."""
+  monkeypatch.setattr(kernel_attention, "num_mesh_devices", lambda: 1)
+  resolve = kernel_attention.resolve_attention
+  assert resolve("auto", jnp.bfloat16, "gpu", True, head_dim=48) == "cudnn"
+  assert resolve("mssa", jnp.bfloat16, "gpu", True, head_dim=48) == "cudnn"
+  assert resolve("auto", jnp.bfloat16, "gpu", True, head_dim=64) == "mssa"
+  for variant, expected in (("small", "cudnn"), ("base", "mssa"), ("large", "mssa")):
+    cfg = models.model_config(variant, "crate_mae")
+    cfg.dtype = "bfloat16"
+    assert models.kernels(models.resolve(cfg), "gpu")["attention"] == expected, variant
+
+
 def test_mssa_path_matches_xla_in_the_model():
   """attention_impl='mssa' (the Pallas kernel, interpret mode on CPU) gives the
   CRATE-MAE loss and gradients of the XLA path."""
@@ -113,7 +127,9 @@ def test_pad_once_stack_is_exact(monkeypatch, arch, remat):
   (loss_ref, (out_ref, inter_ref)), grads_ref = run(variables["params"])
   monkeypatch.setattr(kernel_attention, "STACK_PADDED", {"xla": (16, 10.0)})
   (loss_pad, (out_pad, inter_pad)), grads_pad = run(variables["params"])
-  assert abs(float(loss_pad) - float(loss_ref)) < 1e-6 * abs(float(loss_ref))
+  # Padded shapes change the GEMMs' tiling and summation order (on a GPU the loss
+  # moves by ~4e-6 relative in float32): the loss is held to the outputs' 1e-5.
+  assert abs(float(loss_pad) - float(loss_ref)) < 1e-5 * abs(float(loss_ref))
   for key in ("latent", "pred"):
     assert out_pad[key].shape == out_ref[key].shape
     assert _rel(out_pad[key], out_ref[key]) < 1e-5
@@ -131,7 +147,7 @@ def test_pad_once_stack_is_exact(monkeypatch, arch, remat):
 
 def test_stack_padding_only_where_it_pays(monkeypatch):
   monkeypatch.setattr(kernel_attention, "resolve_attention",
-                      lambda impl, dtype, platform=None, shared_qkv=True: "cudnn")
+                      lambda impl, dtype, platform=None, shared_qkv=True, head_dim=None: "cudnn")
   x = jnp.zeros((2, 197, 8))
   padded, valid = kernel_attention.stack_padding(x, "auto", jnp.bfloat16)
   assert padded.shape == (2, 208, 8) and valid == 197

@@ -59,11 +59,12 @@ def test_flops_of_the_issue():
 
 
 def test_mesh_flag():
-  assert benchmark.parse_mesh("data=-1") == (("data", -1), ("fsdp", 1), ("tensor", 1))
-  assert benchmark.parse_mesh("data=2,fsdp=4") == (("data", 2), ("fsdp", 4), ("tensor", 1))
-  assert benchmark.parse_mesh("fsdp=2") == (("data", -1), ("fsdp", 2), ("tensor", 1))
-  with pytest.raises(SystemExit):
-    benchmark.parse_mesh("model=2")
+  from crate_mae_jax import config_lib, sharding
+  assert sharding.parse_mesh("data=-1") == (("data", -1), ("fsdp", 1), ("tensor", 1))
+  assert sharding.parse_mesh("data=2,fsdp=4") == (("data", 2), ("fsdp", 4), ("tensor", 1))
+  assert sharding.parse_mesh("fsdp=2") == (("data", -1), ("fsdp", 2), ("tensor", 1))
+  with pytest.raises(config_lib.ConfigError):
+    sharding.parse_mesh("model=2")
 
 
 @pytest.mark.slow

@@ -534,8 +534,8 @@ def test_failure_message_names_the_newest_step_across_both_folders(tmp_path):
   os.makedirs(os.path.join(workdir, "checkpoints", "10"))
   os.makedirs(os.path.join(workdir, "checkpoints", "40.orbax-checkpoint-tmp-1"))
   os.makedirs(os.path.join(workdir, "checkpoints_best", "30"))
-  code = ("import errno, sys; from crate_mae_jax import main; "
-          "print(main._failure_message(OSError(errno.ENOSPC, 'full'), sys.argv[1]))")
+  code = ("import errno, sys; from crate_mae_jax import errors; "
+          "print(errors.failure_message(OSError(errno.ENOSPC, 'full'), sys.argv[1]))")
   def line():
     return subprocess.run([sys.executable, "-c", code, workdir], capture_output=True,
                           text=True, check=True, timeout=120).stdout

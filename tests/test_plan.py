@@ -10,7 +10,7 @@ import re
 import pytest
 
 from crate_mae_jax.tools import plan
-from crate_mae_jax import recipes
+from crate_mae_jax import recipes, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def plans():
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other planners may run
   config = plan.for_tpu(small_config())
   devices = plan.topology_devices("v5e:2x2")
-  return {name: plan.plan_one(config, "v5e:2x2", devices, plan.parse_mesh(mesh, 4))
+  return {name: plan.plan_one(config, "v5e:2x2", devices, sharding.parse_mesh(mesh, 4))
           for name, mesh in (("data", "data=4"), ("fsdp", "fsdp=4"))}
 
 
@@ -82,8 +82,8 @@ def test_splash_attention_compiles_into_the_train_step_per_shard():
   config = plan.for_tpu(config)
   assert config.model.attention_impl == "splash"
   devices = plan.topology_devices("v5e:2x2")
-  data = plan.plan_one(config, "v5e:2x2", devices, plan.parse_mesh("data=4", 4))
-  tensor = plan.plan_one(config, "v5e:2x2", devices, plan.parse_mesh("data=2,tensor=2", 4))
+  data = plan.plan_one(config, "v5e:2x2", devices, sharding.parse_mesh("data=4", 4))
+  tensor = plan.plan_one(config, "v5e:2x2", devices, sharding.parse_mesh("data=2,tensor=2", 4))
   for p in (data, tensor):
     # Encoder and decoder layer: forward, dq and dkv kernels each.
     assert p.mosaic_kernels >= 6, p
@@ -113,11 +113,11 @@ def test_advice_names_the_smallest_change():
 
 
 def test_mesh_flags_and_candidates():
-  assert plan.parse_mesh("data=2,fsdp=4", 8) == (("data", 2), ("fsdp", 4), ("tensor", 1))
+  assert sharding.parse_mesh("data=2,fsdp=4", 8) == (("data", 2), ("fsdp", 4), ("tensor", 1))
   with pytest.raises(plan.ConfigError, match="--mesh"):
-    plan.parse_mesh("model=8", 8)
+    sharding.parse_mesh("model=8", 8)
   with pytest.raises(ValueError, match="needs 4 devices"):
-    plan.parse_mesh("data=4", 8)
+    sharding.parse_mesh("data=4", 8)
   shapes = plan.candidate_meshes(64, 4096)
   assert shapes[0] == (("data", 64), ("fsdp", 1), ("tensor", 1))
   assert (("data", 1), ("fsdp", 64), ("tensor", 1)) in shapes

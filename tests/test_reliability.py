@@ -152,33 +152,22 @@ def test_damaged_checkpoints_fall_back_and_are_named(cache, tmp_path):
 
 
 # ------------------------------------------------------------------ Ctrl-C, lost folders
-def test_ctrl_c_saves_and_exits_130(cache, tmp_path):
+@pytest.mark.parametrize("sig, code, said, hint", [
+    (signal.SIGINT, 130, "Ctrl-C", "interrupted (Ctrl-C) at step"),
+    (signal.SIGHUP, 129, "SIGHUP", "nohup")])
+def test_ctrl_c_and_hangup_save_the_current_step(cache, tmp_path, sig, code, said, hint):
+  """Ctrl-C (exit 130) and the terminal or ssh session closing (SIGHUP, exit 129,
+  the line naming nohup/setsid) save the current step and end with one line."""
   workdir = tmp_path / "run"
   run = Run(cache, workdir, ["--config.checkpoint_every_steps=1000"], FAULT_STEP_SECONDS=0.25)
   run.wait_for(lambda: run.last_step_logged() >= 3)
-  run.signal(signal.SIGINT)
-  assert run.finish() == 130, run.context()
+  run.signal(sig)
+  assert run.finish() == code, run.context()
   line = _one_error(run)
   results = _results(workdir)
   stopped = results["step"]
-  assert results["interrupted"] == "Ctrl-C" and 3 <= stopped < NUM_STEPS, results
-  assert f"interrupted (Ctrl-C) at step {stopped}" in line, line
-  assert _complete_steps(workdir) == [stopped]
-
-
-def test_sighup_saves_and_exits_129(cache, tmp_path):
-  """The terminal or ssh session closing (SIGHUP) saves the current step and ends
-  with one line naming nohup/setsid, exit 129 (128 + SIGHUP)."""
-  workdir = tmp_path / "run"
-  run = Run(cache, workdir, ["--config.checkpoint_every_steps=1000"], FAULT_STEP_SECONDS=0.25)
-  run.wait_for(lambda: run.last_step_logged() >= 3)
-  run.signal(signal.SIGHUP)
-  assert run.finish() == 129, run.context()
-  line = _one_error(run)
-  results = _results(workdir)
-  stopped = results["step"]
-  assert results["interrupted"].startswith("SIGHUP") and 3 <= stopped < NUM_STEPS, results
-  assert f"at step {stopped}" in line and "nohup" in line, line
+  assert results["interrupted"].startswith(said) and 3 <= stopped < NUM_STEPS, results
+  assert f"at step {stopped}" in line and hint in line, line
   assert _complete_steps(workdir) == [stopped]
   assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
 

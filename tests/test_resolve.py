@@ -75,7 +75,7 @@ def test_the_train_build_path_resolves_once(count_resolutions):
   cfg = tiny_train_config("pretrain", source="quickstart")
   resolved = config_lib.validate(cfg)
   source = input_pipeline.create(cfg.data, cfg.augment, task="pretrain", batch_size=8, seed=0)
-  model, _, init_kwargs = train.build_model(cfg, None, resolved)
+  model, _, init_kwargs = train.build_model(cfg, resolved)
   assert init_kwargs["mask_ratio"] == resolved["mask_ratio"]
   train.check_against_checkpoint(cfg, {"model": dict(resolved)}, "ckpt", resolved)
   evals = evaluators.from_config(cfg, evaluators.Context(config=cfg, model=model,

@@ -59,8 +59,13 @@ case "${1:-}" in
     T=400 bench --variant base --batch_size 256 --norm_impl flax,fused,tokamax \
       --json "$OUT/jax_base_norms.json" | tail -6
     ;;
+  gputests)
+    # The tests that only run on a GPU: attention paths and our MSSA kernel.
+    JAX_PLATFORMS=cuda timeout 400 python3 -m pytest tests/test_attention_paths.py \
+      tests/test_kernel_mssa.py -q -rs -p no:cacheprovider 2>&1 | tail -30
+    ;;
   table)
-    # In order of importance; each step has its own time limit.
+    # In order of importance; each step has its own time limit (table2: the rest).
     # The real loop: `main` with configs/base.py on in-memory data (device augmentation).
     python3 - <<'PY'
 import numpy as np
@@ -78,8 +83,11 @@ PY
       --config.checkpoint_every_steps=100000 --config.eval.max_batches=1 \
       > "$OUT/main_base.log" 2>&1; echo "main exit $?"
     grep -E "steps/s|error|Error" "$OUT/main_base.log" | tail -8
-    T=330 bench --arch crate_mae --variant tiny,small,large --batch_size 256 \
+    T=330 bench --arch crate_mae --variant tiny,small,base,large --batch_size 256 \
       --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_variants.json" | tail -6
+    ;;
+  table2)
+    # The rest of the table: ViT-MAE-Base and the remat policies of Base.
     bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     T=200 bench --variant base --remat_policy full,dots_with_no_batch_dims_saveable \
@@ -94,5 +102,5 @@ PY
     bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     ;;
-  *) echo "usage: $0 defaults|mssa|table|kernels|remat"; exit 2 ;;
+  *) echo "usage: $0 defaults|mssa|gputests|table|table2|kernels|remat"; exit 2 ;;
 esac

@@ -77,7 +77,8 @@ def check_labels(labels, what: str, num_classes: int | None = None) -> np.ndarra
                      "(relabel, e.g. np.unique(labels, return_inverse=True)[1])")
   if num_classes is not None and hi >= num_classes:
     raise ValueError(f"{what}: label {hi} but config.data.num_classes={num_classes} (labels "
-                     f"0..{num_classes - 1}); set it to {hi + 1} or leave it unset")
+                     f"0..{num_classes - 1}): the dataset has {hi + 1} classes; set "
+                     f"--config.data.num_classes={hi + 1} or leave it unset")
   if hi > np.iinfo(np.int32).max:
     raise ValueError(f"{what}: label {hi} is too large for a class index")
   return labels.astype(np.int32)

@@ -27,8 +27,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from crate_mae_jax import models, sharding
-from crate_mae_jax.config_lib import ConfigError
+from crate_mae_jax import config_lib, sharding
+from crate_mae_jax.errors import ConfigError
+from crate_mae_jax.training import tasks
 
 REGISTRY: dict[str, type] = {}
 RESERVED = ("type", "every_steps", "prefix")
@@ -50,7 +51,7 @@ class Context:
   augmentation), the mesh and the sharding of the evaluated variables."""
   config: ml_collections.ConfigDict
   model: nn.Module
-  resolved: Any = None  # models.resolve(config.model); resolved here when not given
+  resolved: Any = None  # the ResolvedModel of config_lib.validate(config)
   source: Any = None
   mesh: Any = None
   rules: tuple = ()
@@ -59,7 +60,7 @@ class Context:
 
   def __post_init__(self):
     if self.resolved is None:
-      self.resolved = models.resolve(self.config.model)
+      self.resolved = config_lib.resolve_model(self.config.model)
 
   @contextlib.contextmanager
   def scope(self):
@@ -95,16 +96,9 @@ def encoder_params(state):
   return params["encoder"]
 
 
-def default_evals(config) -> ml_collections.ConfigDict:
-  """The evaluations a run without `config.evals` makes (the historical set)."""
-  evals = ml_collections.ConfigDict()
-  if config.task == "pretrain":
-    evals.eval = dict(type="reconstruction")
-    if config.eval.diagnostics and config.model.arch == "crate_mae":
-      evals.diag = dict(type="diagnostics")
-  else:
-    evals.eval = dict(type="classification")
-  return evals
+def default_evals(config, model) -> ml_collections.ConfigDict:
+  """The evaluations a run without `config.evals` makes: its task's default."""
+  return ml_collections.ConfigDict(tasks.get(config.task).default_evals(config, model))
 
 
 @dataclasses.dataclass
@@ -125,8 +119,7 @@ def _spec_dict(spec) -> dict:
 def from_config(config, context: Context) -> list[Scheduled]:
   """The evaluators `config.evals` lists (or the task's default), built now, so
   that a bad entry fails before anything compiles."""
-  import crate_mae_jax.evaluators  # noqa: F401  (registers every kind)
-  evals = config.get("evals") or default_evals(config)
+  evals = config.get("evals") or default_evals(config, context.resolved)
   out = []
   for name, spec in evals.items():
     kwargs = _spec_dict(spec)

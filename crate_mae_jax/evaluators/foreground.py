@@ -10,6 +10,7 @@ import numpy as np
 from crate_mae_jax.analysis import foreground
 from crate_mae_jax.config_lib import ConfigError
 from crate_mae_jax.evaluators import common
+from crate_mae_jax.training import tasks
 
 
 @common.register("foreground")
@@ -21,7 +22,7 @@ class Evaluator:
       raise ConfigError(f"config.evals: 'foreground' needs images with a foreground mask "
                         f"(config.data.source in {foreground.MASK_SOURCES}), got "
                         f"{data.source!r}; remove it")
-    if context.config.task != "pretrain":
+    if tasks.get(context.config.task).classifies:
       raise ConfigError("config.evals: 'foreground' runs on pre-training (the masked "
                         f"autoencoder), not task={context.config.task!r}; remove it")
     self.context, self.num_images = context, int(num_images)

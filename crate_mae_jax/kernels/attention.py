@@ -38,7 +38,8 @@ STACK_PADDED = {"cudnn": (CUDNN_TOKEN_MULTIPLE, 0.10), "splash": (SPLASH_BLOCK, 
 
 
 def resolve_attention(implementation: str | None, dtype: Dtype,
-                      platform: str | None = None, shared_qkv: bool = True) -> str:
+                      platform: str | None = None, shared_qkv: bool = True,
+                      head_dim: int | None = None) -> str:
   """The attention kernel 'auto' (or None) stands for on this backend and dtype.
 
   `shared_qkv`: the layer's q, k and v are one tensor (CRATE's MSSA) — not
@@ -51,12 +52,15 @@ def resolve_attention(implementation: str | None, dtype: Dtype,
   path the golden fixtures are checked on. `platform` defaults to JAX's
   default backend; the pod planner passes 'tpu' when it compiles for a
   topology from a CPU host. 'mssa' asked for on attention with separate
-  q, k, v stands for what 'auto' picks there.
+  q, k, v, or with a `head_dim` the kernel does not take, stands for what
+  'auto' picks for separate q, k, v.
 
   On TPU the Pallas splash kernel ('splash') stays opt-in: XLA's compile-time
   estimates cannot time its kernels and no TPU has measured it yet
   (BENCHMARKS.md, "Pallas splash attention on TPU").
   """
+  if head_dim is not None and head_dim not in mssa.HEAD_DIMS:
+    shared_qkv = False  # not for our kernel: as for separate q, k, v
   if implementation == "mssa" and not shared_qkv:
     implementation = "auto"
   if implementation not in (None, "auto"):
@@ -81,14 +85,17 @@ def attention(q, k, v, scale: float, implementation: str,
   forms the logits with einsums and takes the softmax in float32, 'cudnn' is
   the fused GPU kernel, 'xla' is `jax.nn.dot_product_attention` on XLA,
   'splash' the Pallas TPU kernel (see `splash_attention`), 'mssa' our
-  kernel where q, k and v are one array (else what 'auto' picks).
+  kernel where q, k and v are one array of a shape it takes (else what 'auto'
+  picks for separate q, k, v: cuDNN on a GPU).
   `valid_length` (self-attention only): the tokens from that index on are
   padding, masked out as keys (every path supports it; the layer stacks pad
   only for cuDNN); their rows of the output are meaningless.
   """
   if implementation == "mssa":
-    if q is k and k is v:
+    if q is k and k is v and mssa.supported(q.shape, q.dtype, kernel_platform()):
       return mssa_self_attention(q, scale, valid_length)
+    # Separate q, k, v, or a shape the kernel does not take (head_dim 48 of Small):
+    # the strongest vendor path, not the XLA reference.
     implementation = resolve_attention("auto", q.dtype, kernel_platform(), shared_qkv=False)
   if implementation == "cudnn":
     return cudnn_attention(q, k, v, scale, valid_length)
@@ -246,7 +253,8 @@ def kernel_platform() -> str:
 
 
 def stack_padding(x: jax.Array, attention_impl: str | None, dtype: Dtype,
-                  shared_qkv: bool = True) -> tuple[jax.Array, int | None]:
+                  shared_qkv: bool = True,
+                  head_dim: int | None = None) -> tuple[jax.Array, int | None]:
   """Pads the tokens once for a whole stack of layers for a kernel that needs it.
 
   Padding and slicing in every layer costs a pass over the activations each
@@ -256,7 +264,7 @@ def stack_padding(x: jax.Array, attention_impl: str | None, dtype: Dtype,
   Returns the padded array and the number of real tokens (None: not padded).
   """
   padding = STACK_PADDED.get(resolve_attention(attention_impl, dtype,
-                                                shared_qkv=shared_qkv))
+                                                shared_qkv=shared_qkv, head_dim=head_dim))
   if padding is None:
     return x, None
   multiple, max_overhead = padding

@@ -86,18 +86,14 @@ _MASK = -0.7 * float(np.finfo(np.float32).max)
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Tile sizes and Triton settings (defaults: the fastest correct ones
-  measured on an H200, see `default_config`).
+  measured, see `default_config`).
 
   block_q: rows per forward program (its logits are block_q × all keys);
   block_m / block_n: rows per backward program / token chunk of its loop;
   delta_in_kernel: δ = rowsum(dO∘O) computed by each backward program for the
   chunks it reads (True) or by a small XLA pre-pass into a (B, H, T) array
-  (False). CAUTION: True gave WRONG gradients on an H200 (jax 0.11.2's
-  Triton) in 7 of the 10 settings tried with num_stages_bwd ≥ 2 — a few
-  elements off by up to 4 (vs 0.08 for XLA's bf16), differing between runs
-  of one setting, i.e. a race in the generated code (dO feeds two matrix
-  products and an elementwise product there); right in interpret mode. Kept
-  for investigation only;
+  (False). True races on the GPU (wrong, run-to-run different gradients;
+  BENCHMARKS.md, "Our MSSA kernel"): kept for investigation only;
   key_tail: the keys (and the backward's chunks) end in short power-of-two
   pieces (197 keys -> 128 + 64 + 16 in the forward, 3·64 + 16 in the backward)
   instead of padding to the next power of two (256);
@@ -117,9 +113,9 @@ class Config:
 
 
 def default_config(tokens: int, head_dim: int) -> Config:
-  """The settings measured fastest (and correct) on an H200 at CRATE-MAE-Base's
-  shape (BENCHMARKS.md, "Our MSSA kernel"); every shape gets them, as no other
-  shape was timed."""
+  """The settings measured fastest (and correct) at CRATE-MAE-Base's shape
+  (BENCHMARKS.md, "Our MSSA kernel"); every shape gets them, as no other shape
+  was timed."""
   del tokens, head_dim
   return Config()
 
@@ -271,17 +267,20 @@ def _bwd_kernel(*refs, scale, n_rows, valid, block_m, row0, out_rows, block_n,
     w_ref, o_ref, do_ref, lse_ref, dw_ref = refs
   else:
     w_ref, do_ref, lse_ref, delta_ref, dw_ref = refs
+  def load(first, size):
+    """(w, dO, lse, δ) of `size` rows from `first`."""
+    w = _load_rows(w_ref, first, size, n_rows)
+    do = _load_rows(do_ref, first, size, n_rows)
+    lse = _load_vec(lse_ref, first, size, n_rows)
+    if delta_in_kernel:
+      o = _load_rows(o_ref, first, size, n_rows)
+      return w, do, lse, jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=1)
+    return w, do, lse, _load_vec(delta_ref, first, size, n_rows)
+
   i = pl.program_id(0)
   start = row0 + i * block_m
   rows = start + jnp.arange(block_m)
-  w_i = _load_rows(w_ref, start, block_m, n_rows)
-  do_i = _load_rows(do_ref, start, block_m, n_rows)
-  lse_i = _load_vec(lse_ref, start, block_m, n_rows)
-  if delta_in_kernel:
-    o_i = _load_rows(o_ref, start, block_m, n_rows)
-    delta_i = jnp.sum(do_i.astype(jnp.float32) * o_i.astype(jnp.float32), axis=1)
-  else:
-    delta_i = _load_vec(delta_ref, start, block_m, n_rows)
+  w_i, do_i, lse_i, delta_i = load(start, block_m)
   c = scale * _LOG2E
   # Rows of this block as keys: masked past valid (only needed below T: rows
   # past T are zero and never stored).
@@ -289,14 +288,7 @@ def _bwd_kernel(*refs, scale, n_rows, valid, block_m, row0, out_rows, block_n,
 
   def chunk(cstart, size, carry):
     acc_s, acc_v = carry
-    w_j = _load_rows(w_ref, cstart, size, n_rows)
-    do_j = _load_rows(do_ref, cstart, size, n_rows)
-    lse_j = _load_vec(lse_ref, cstart, size, n_rows)
-    if delta_in_kernel:
-      o_j = _load_rows(o_ref, cstart, size, n_rows)
-      delta_j = jnp.sum(do_j.astype(jnp.float32) * o_j.astype(jnp.float32), axis=1)
-    else:
-      delta_j = _load_vec(delta_ref, cstart, size, n_rows)
+    w_j, do_j, lse_j, delta_j = load(cstart, size)
     s2 = _dot(w_i, w_j, trans_b=True) * c                          # (m, n)
     # Rows i as queries, chunk j as keys. Chunk rows past T are zero: their
     # p_row is finite and meets zero rows of w_j in the product below.

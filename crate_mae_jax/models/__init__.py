@@ -153,7 +153,8 @@ def kernels(resolved: dict, platform: str | None = None) -> dict[str, str]:
   dtype = DTYPES[resolved["dtype"]]
   shared_qkv = resolved["arch"] == "crate_mae"
   return {"attention": attention.resolve_attention(resolved["attention_impl"], dtype, platform,
-                                                   shared_qkv),
+                                                   shared_qkv,
+                                                   resolved["width"] // resolved["heads"]),
           "layernorm": layernorm.resolve_norm(resolved["norm_impl"], dtype, platform)}
 
 

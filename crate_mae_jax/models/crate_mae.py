@@ -8,13 +8,12 @@ does not exist here).
 """
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from crate_mae_jax.models import layers
 from crate_mae_jax.models.patches import masking_from_noise, masked_mse, num_patches, patchify
 
 
-class CrateEncoder(nn.Module):
+class CrateEncoder(layers.StackModule):
   """Patch embedding, cls token, optional mask tokens, CRATE layers, final norm.
 
   `__call__(images, mask=None)` returns all tokens after the final LayerNorm,
@@ -29,11 +28,6 @@ class CrateEncoder(nn.Module):
   ista_lambda: float = 0.5
   ista_fused: bool = True
   drop_path: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  attention_impl: str | None = None
-  norm_impl: str | None = None
-  remat_policy: str | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, mask: jax.Array | None = None,
@@ -41,7 +35,8 @@ class CrateEncoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.encoder_stem(self, images, self.patch_size, self.width, mask=mask, **kw)
     x = layers.constrain(x, layers.ACT)
-    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype)
+    x, valid = layers.stack_padding(x, self.attention_impl, self.dtype,
+                                    head_dim=self.width // self.heads)
     layer_cls = layers.remat_layer(layers.CrateEncoderLayer, self.remat_policy)
     for i in range(self.depth):
       x = layer_cls(self.heads, self.width // self.heads, self.ista_step,
@@ -53,23 +48,19 @@ class CrateEncoder(nn.Module):
     return layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", norm_impl=self.norm_impl, **kw)(x)
 
 
-class CrateDecoder(nn.Module):
+class CrateDecoder(layers.StackModule):
   """CRATE decoder layers, final norm and a linear pixel head; drops the cls token."""
   patch_size: int
   channels: int
   width: int
   depth: int
   heads: int
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  attention_impl: str | None = None
-  norm_impl: str | None = None
-  remat_policy: str | None = None
 
   @nn.compact
   def __call__(self, latent: jax.Array, train: bool = False) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x, valid = layers.stack_padding(latent, self.attention_impl, self.dtype)
+    x, valid = layers.stack_padding(latent, self.attention_impl, self.dtype,
+                                    head_dim=self.width // self.heads)
     layer_cls = layers.remat_layer(layers.CrateDecoderLayer, self.remat_policy)
     for i in range(self.depth):
       x = layer_cls(self.heads, self.width // self.heads,
@@ -85,7 +76,7 @@ class CrateDecoder(nn.Module):
     return pred[:, 1:, :]
 
 
-class CrateMAE(nn.Module):
+class CrateMAE(layers.StackModule):
   """The masked autoencoder. Randomness is explicit: the 'masking' PRNG stream,
   or a `noise` array (B, L) whose smallest entries mark the kept patches.
 
@@ -103,11 +94,6 @@ class CrateMAE(nn.Module):
   ista_lambda: float = 0.5
   ista_fused: bool = True
   norm_pix_loss: bool = False
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  attention_impl: str | None = None
-  norm_impl: str | None = None
-  remat_policy: str | None = None
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,

@@ -5,6 +5,7 @@ a table of rules in the config decide how it is sharded; outside a mesh the name
 cost nothing. Initialisers follow the official PyTorch code so training from
 scratch starts from the same distribution.
 """
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -78,6 +79,22 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 
+class LayerModule(nn.Module):
+  """The keyword-only fields every layer with attention takes: compute and
+  parameter dtypes and the attention and LayerNorm kernels."""
+  _: dataclasses.KW_ONLY
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+  norm_impl: str | None = None
+
+
+class StackModule(LayerModule):
+  """A stack of such layers (encoder, decoder, whole MAE): also its remat policy."""
+  _: dataclasses.KW_ONLY
+  remat_policy: str | None = None
+
+
 class DropPath(nn.Module):
   """Stochastic depth on a residual branch: drops it per sample in training."""
   rate: float
@@ -120,7 +137,7 @@ class MSSA(nn.Module):
         name="subspaces")(x)
     self.sow("intermediates", "subspace_proj", valid_rows(w, valid_length))
     w = constrain(w, ACT_HEADS)
-    impl = resolve_attention(self.attention_impl, self.dtype)
+    impl = resolve_attention(self.attention_impl, self.dtype, head_dim=self.head_dim)
     out = constrain(attention(w, w, w, self.head_dim**-0.5, impl, valid_length), ACT_HEADS)
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
@@ -162,7 +179,7 @@ class ISTA(nn.Module):
     return out
 
 
-class CrateEncoderLayer(nn.Module):
+class CrateEncoderLayer(LayerModule):
   """Compress, then sparsify: z½ = z + MSSA(LN z); z' = ISTA(LN z½)."""
   heads: int
   head_dim: int
@@ -170,10 +187,6 @@ class CrateEncoderLayer(nn.Module):
   ista_lambda: float = 0.5
   ista_fused: bool = True
   drop_path: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  norm_impl: str | None = None
 
   @nn.compact
   def __call__(self, z: jax.Array, deterministic: bool = True,
@@ -190,14 +203,10 @@ class CrateEncoderLayer(nn.Module):
     return constrain(z, ACT)
 
 
-class CrateDecoderLayer(nn.Module):
+class CrateDecoderLayer(LayerModule):
   """The encoder layer inverted: y = D_lin(LN x); x' = y − MSSA(LN y)."""
   heads: int
   head_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  norm_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
@@ -232,15 +241,11 @@ class MLP(nn.Module):
                     bias_init=partitioned(init.zeros, ("embed",)), name="fc2", **kw)(x)
 
 
-class ViTBlock(nn.Module):
+class ViTBlock(LayerModule):
   """Pre-norm transformer block of ViT / MAE (separate q, k, v and an MLP)."""
   heads: int
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  norm_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,

@@ -21,7 +21,7 @@ from crate_mae_jax.models.patches import masking_from_noise, masked_mse, patch_g
 ENCODER_SEES = ("visible", "all")
 
 
-class ViTEncoder(nn.Module):
+class ViTEncoder(layers.StackModule):
   """ViT encoder; `ids_keep` (B, K) selects the visible patches (MAE), or, with
   `mask_tokens`, `mask` (B, L; 1 = masked) swaps masked patch embeddings for a
   learned mask token and every token is kept."""
@@ -32,11 +32,6 @@ class ViTEncoder(nn.Module):
   mlp_ratio: float = 4.0
   mask_tokens: bool = False
   drop_path: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  attention_impl: str | None = None
-  norm_impl: str | None = None
-  remat_policy: str | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, ids_keep: jax.Array | None = None,
@@ -61,7 +56,7 @@ class ViTEncoder(nn.Module):
     return layers.layer_norm(layers.FINAL_NORM_EPS, name="norm", norm_impl=self.norm_impl, **kw)(x)
 
 
-class ViTDecoder(nn.Module):
+class ViTDecoder(layers.StackModule):
   """MAE decoder: embed, unshuffle with mask tokens, ViT blocks, pixel head; with
   `embed_latent=False` the latent (full sequence, decoder width) goes straight
   into the blocks."""
@@ -72,11 +67,6 @@ class ViTDecoder(nn.Module):
   heads: int
   mlp_ratio: float = 4.0
   embed_latent: bool = True
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  attention_impl: str | None = None
-  norm_impl: str | None = None
-  remat_policy: str | None = None
 
   @nn.compact
   def __call__(self, latent: jax.Array, ids_restore: jax.Array,
@@ -113,7 +103,7 @@ class ViTDecoder(nn.Module):
     return add_position(jnp.concatenate([x[:, :1], unshuffled], axis=1), grid)
 
 
-class ViTMAE(nn.Module):
+class ViTMAE(layers.StackModule):
   """MAE with a ViT encoder; same outputs as `CrateMAE`.
 
   `latent` holds the cls token and the visible tokens (B, 1+K, D), or every
@@ -130,11 +120,6 @@ class ViTMAE(nn.Module):
   mlp_ratio: float = 4.0
   encoder_sees: str = "visible"      # 'visible' (MAE) or 'all' (mask tokens, official mae_vit)
   norm_pix_loss: bool = False
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  attention_impl: str | None = None
-  norm_impl: str | None = None
-  remat_policy: str | None = None
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,

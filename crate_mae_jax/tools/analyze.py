@@ -66,7 +66,6 @@ def model_config_from(meta: dict, config=None):
 
 
 def _data_config(config, data_spec: str | None, meta: dict):
-  from crate_mae_jax import config_lib
   if config is None:
     config = config_lib.default_config()
     saved = meta.get("config")
@@ -166,8 +165,8 @@ def analyze(checkpoint: str, output: str, config=None, images: str | None = None
   def check(meta):  # before the params of the picked step are read
     cfg = model_config_from(meta, config)
     try:
-      resolved = models.resolve(cfg)
-    except ValueError as e:
+      resolved = config_lib.resolve_model(cfg)
+    except config_lib.ConfigError as e:
       raise AnalyzeError(str(e)) from None
     if resolved["arch"] != "crate_mae":
       raise AnalyzeError(f"{checkpoint!r} is a {resolved['arch']} checkpoint: white-box "

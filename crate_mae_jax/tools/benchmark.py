@@ -113,20 +113,6 @@ def forward_flops(r: dict, image_size: int, mask_ratio: float, batch_size: int =
 # ----------------------------------------------------------------------------- helpers
 
 
-def parse_mesh(text: str):
-  """'data=-1' / 'data=2,fsdp=4' -> the config's ((name, size), ...) with every
-  axis of the default rules present (missing axes get size 1)."""
-  sizes = {}
-  for part in filter(None, (t.strip() for t in text.split(","))):
-    name, _, size = part.partition("=")
-    if name not in ("data", "fsdp", "tensor") or not size:
-      raise SystemExit(f"--mesh: {part!r} is not NAME=SIZE with NAME in data/fsdp/tensor")
-    sizes[name] = int(size)
-  if "data" not in sizes and -1 not in sizes.values():
-    sizes["data"] = -1
-  return tuple((name, sizes.get(name, 1)) for name in ("data", "fsdp", "tensor"))
-
-
 def environment() -> dict:
   import jax
   import jaxlib
@@ -211,11 +197,12 @@ def _peak_bytes() -> float | None:
 
 
 def build(args):
-  """(compiled step, state, batch, resolved model, config, compile seconds)."""
+  """(compiled step, state, batch, resolved model, config, compile seconds, params,
+  FLOPs): the pre-training step `train` runs, built by the same `training.setup`."""
   import jax
   import numpy as np
   from crate_mae_jax import config_lib, models, sharding
-  from crate_mae_jax.training import optim, state_lib, steps
+  from crate_mae_jax.training import setup as setup_lib
 
   c = config_lib.default_config()
   c.model = models.model_config(args.variant, args.arch)
@@ -225,45 +212,32 @@ def build(args):
       else args.attention_impl
   c.model.norm_impl = "auto" if args.norm_impl in ("none", "default") else args.norm_impl
   c.model.remat_policy = None if args.remat_policy == "none" else args.remat_policy
-  for key in ("width", "depth", "heads", "patch_size"):
+  for key in ("width", "depth", "heads", "patch_size", "decoder_depth"):
     if getattr(args, key, None):
       c.model[key] = getattr(args, key)
-  if getattr(args, "decoder_depth", None):
-    c.model.decoder_depth = args.decoder_depth
   c.data.image_size = args.image_size
   c.batch_size = args.batch_size
-  c.mesh.shape = parse_mesh(args.mesh)
-  # Only the model and optimizer parts of the config matter here (no data).
-  resolved = models.resolve(c.model)
+  c.num_train_steps = 10_000  # the schedule's length; only its values depend on it
   try:
+    c.mesh.shape = sharding.parse_mesh(args.mesh)
+    resolved = config_lib.validate(c)
     config_lib.check_backend(c, jax.default_backend())
+    mesh = sharding.create_mesh(c.mesh.shape)
+    if args.batch_size % sharding.num_batch_shards(mesh):
+      raise config_lib.ConfigError(
+          f"--batch_size {args.batch_size} is not divisible by the "
+          f"{sharding.num_batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}")
   except config_lib.ConfigError as e:
-    raise SystemExit(f"--attention_impl {args.attention_impl}: {e}") from None
-  if args.image_size % resolved["patch_size"]:
-    raise SystemExit(f"--image_size {args.image_size} is not a multiple of the patch size "
-                     f"{resolved['patch_size']}")
-
-  model = models.build_mae(resolved)
-  tx, lr = optim.create(c, None, 10_000, 1_000)
-  mesh = sharding.create_mesh(c.mesh.shape)
-  rules = sharding.rules(c.mesh)
-  shards = sharding.num_batch_shards(mesh)
-  if args.batch_size % shards:
-    raise SystemExit(f"--batch_size {args.batch_size} is not divisible by the "
-                     f"{shards} batch shards of mesh {dict(mesh.shape)}")
-  init_x = np.zeros((shards, args.image_size, args.image_size, resolved["channels"]),
-                    np.float32)
-  state, shard = state_lib.init_state(model, tx, mesh, rules, (init_x,),
-                                      dict(mask_ratio=args.mask_ratio), jax.random.key(0))
-  step = state_lib.jit_train_step(
-      steps.make_pretrain_step(model, tx, args.mask_ratio, 1, schedule=lr), shard, mesh, rules)
+    raise SystemExit(f"error: {e}") from None
+  run = setup_lib.setup(c, resolved, mesh, num_train_examples=100 * args.batch_size)
+  state = run.init_state(jax.random.key(0))
   rng = np.random.default_rng(0)
   local = args.batch_size // jax.process_count()
   images = rng.standard_normal((local, args.image_size, args.image_size,
                                 resolved["channels"]), dtype=np.float32)
   batch = sharding.global_batch({"image": images}, mesh)
   t0 = time.perf_counter()
-  lowered = step.lower(state, batch)
+  lowered = run.train_step.lower(state, batch)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   return (compiled, state, batch, resolved, c, compile_s, models.count_params(state.params),
@@ -504,10 +478,10 @@ def micro(args) -> list[dict]:
   """Ceilings and attention variants at the model's shapes (fwd + bwd)."""
   import jax
   import jax.numpy as jnp
-  from crate_mae_jax import models
+  from crate_mae_jax import config_lib, models
   from crate_mae_jax.kernels import attention, layernorm
-  r = models.resolve(models.model_config(args.variant if args.variant != "all" else "base",
-                                         _split(args.arch)[0]))
+  r = config_lib.resolve_model(models.model_config(
+      args.variant if args.variant != "all" else "base", _split(args.arch)[0]))
   b = int(_split(args.batch_size)[0])
   n = (args.image_size // r["patch_size"]) ** 2 + 1
   d, h = r["width"], r["heads"]

@@ -173,8 +173,8 @@ def key_map(cfg) -> list[tuple[str | None, tuple[str, ...], object]]:
   `models_mae` (`mae_vit_*`, qkv with bias). The one mapping that `torch_to_flax`
   and `export_torch` both read; the fixed `pos_embed` tables and an unused
   `decoder_embed` are not in it (they hold nothing of ours)."""
-  from crate_mae_jax import models
-  r = models.resolve(cfg)
+  from crate_mae_jax import config_lib
+  r = config_lib.resolve_model(cfg)
   enc, dec = ("encoder",), ("decoder",)
   rows = [("cls_token", enc + ("cls_token",), "copy"),
           ("patch_embed.proj.weight", enc + ("patch_embed", "proj", "kernel"), "conv"),
@@ -216,8 +216,8 @@ def key_map(cfg) -> list[tuple[str | None, tuple[str, ...], object]]:
 def torch_shape(layout, shape: tuple, cfg) -> tuple:
   """The official tensor's shape for one of our parameters of `shape`."""
   if layout == "conv":
-    from crate_mae_jax import models
-    r = models.resolve(cfg)
+    from crate_mae_jax import config_lib
+    r = config_lib.resolve_model(cfg)
     return (shape[1], r["channels"], r["patch_size"], r["patch_size"])
   if layout == "flat":
     return (int(np.prod(shape)),)
@@ -264,8 +264,8 @@ def _set(tree, path, value):
 
 
 def _abstract(cfg):
-  from crate_mae_jax import models
-  r = models.resolve(cfg)
+  from crate_mae_jax import config_lib, models
+  r = config_lib.resolve_model(cfg)
   return models.abstract_params(r, image_size=r["patch_size"] * 2)
 
 
@@ -303,9 +303,9 @@ def check_state_dict(sd: Mapping[str, np.ndarray], cfg) -> None:
 
 def torch_to_flax(sd: Mapping[str, np.ndarray], cfg) -> dict:
   """Maps an official state dict onto the Flax parameter tree of `cfg` (`key_map`)."""
-  from crate_mae_jax import models
+  from crate_mae_jax import config_lib
   sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
-  r = models.resolve(cfg)
+  r = config_lib.resolve_model(cfg)
   check_state_dict(sd, r)
   abstract = _abstract(r)
   params: dict = {}
@@ -321,9 +321,9 @@ def torch_to_flax(sd: Mapping[str, np.ndarray], cfg) -> dict:
 def convert(checkpoint: str, output: str, heads: int | None = None, **overrides) -> str:
   """Reads an official `.pth`, writes an Orbax checkpoint; returns its path."""
   from crate_mae_jax.training import checkpoints
-  from crate_mae_jax import models
+  from crate_mae_jax import config_lib
   sd = load_torch_state_dict(checkpoint)
-  resolved = models.resolve(infer_model_config(sd, heads, **overrides))
+  resolved = config_lib.resolve_model(infer_model_config(sd, heads, **overrides))
   params = torch_to_flax(sd, resolved)
   meta = {"model": resolved, "task": "pretrain",
           "source": {"converted_from": checkpoint, "format": "official PyTorch CRATE-MAE"}}
@@ -345,35 +345,20 @@ def _flags():
   return fv
 
 
-def _usage_error(message: str) -> int:
-  print("convert_torch: error: " + " ".join(str(message).split()), file=sys.stderr)
-  return 2
-
-
 def main(argv=None) -> int:
   """`argv` without the program name (default: sys.argv[1:]); returns the exit code."""
-  from absl import flags
-  argv = sys.argv[1:] if argv is None else list(argv)
-  fv = _flags()
   from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
-  if cli.wants_help([sys.argv[0], *argv]):
-    cli.print_help([sys.argv[0], *argv], fv, module=__name__,
-                   usage="--checkpoint=FILE.pth --output=DIR [--FLAG=VALUE ...]")
-    return 0
-  try:
-    rest = fv(["convert_torch"] + argv)
-  except flags.Error as e:
-    return _usage_error(e)
-  if len(rest) > 1:
-    return _usage_error(f"unexpected arguments {rest[1:]}")
-  for name in ("checkpoint", "output"):
-    if fv[name].value is None:
-      return _usage_error(f"--{name} is required")
+  fv = _flags()
+  code = cli.parse_tool_flags("convert_torch", fv, argv, module=__name__,
+                              usage="--checkpoint=FILE.pth --output=DIR [--FLAG=VALUE ...]",
+                              required=("checkpoint", "output"))
+  if code is not None:
+    return code
   try:
     path = convert(fv.checkpoint, fv.output, fv.heads, ista_lambda=fv.ista_lambda,
                    ista_step=fv.ista_step, norm_pix_loss=fv.norm_pix_loss)
   except (ValueError, OSError) as e:  # ConversionError, CheckpointError, config errors
-    return _usage_error(e)
+    return cli.usage_error("convert_torch", e)
   print(f"wrote {path}")
   return 0
 

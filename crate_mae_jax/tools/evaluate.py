@@ -48,13 +48,15 @@ def default_kinds(config) -> list[str]:
 
 def random_params(config, resolved=None):
   """The parameters `train_and_evaluate` starts a pre-training run from;
-  `resolved`: `models.resolve(config.model)` when the caller has it."""
+  `resolved`: the config's ResolvedModel when the caller has it."""
   import optax
   from crate_mae_jax import sharding
   from crate_mae_jax.training import state_lib, train
   cfg = config.copy_and_resolve_references()
   cfg.task = "pretrain"
-  mae, init_inputs, init_kwargs = train.build_model(cfg, None, resolved)
+  from crate_mae_jax import config_lib
+  model = config_lib.resolve_model(cfg.model if resolved is None else resolved)
+  mae, init_inputs, init_kwargs = train.build_model(cfg, model)
   mesh = sharding.create_mesh(config.mesh.shape)
   state, _ = state_lib.init_state(mae, optax.identity(), mesh, sharding.rules(config.mesh),
                                   init_inputs, init_kwargs, jax.random.key(config.seed))
@@ -64,20 +66,22 @@ def random_params(config, resolved=None):
 def checkpoint_params(config, path: str, resolved=None):
   """(params, step) of the newest complete step (one being deleted by a live
   run's retention is passed over), checked against `config` before loading."""
+  from crate_mae_jax import config_lib
   from crate_mae_jax.training import checkpoints, train
   params, _, step = checkpoints.read(
-      path, check=lambda meta: train.check_against_checkpoint(config, meta, path, resolved))
+      path, check=lambda meta: train.check_against_checkpoint(
+          config, meta, path, resolved or config_lib.resolve_model(config.model)))
   return params, step
 
 
 def evaluate(config, params, kinds, *, max_train=None, max_test=None, k=20,
              resolved=None) -> dict:
   """{kind: results} of each evaluator on `params` (a MAE's or a classifier's)."""
-  from crate_mae_jax import evaluators, models
+  from crate_mae_jax import config_lib, evaluators, models
   from crate_mae_jax.data import input_pipeline
   cfg = config.copy_and_resolve_references()
   cfg.task = "pretrain"
-  resolved = models.resolve(cfg.model if resolved is None else resolved)
+  resolved = config_lib.resolve_model(cfg.model if resolved is None else resolved)
   source = input_pipeline.create(cfg.data, cfg.augment, task="pretrain", batch_size=256,
                                  seed=cfg.seed)
   context = evaluators.Context(config=cfg, model=models.build_mae(resolved), resolved=resolved,
@@ -142,8 +146,8 @@ def main(argv):
       raise ConfigError("--config is required (e.g. --config=configs/quickstart.py)")
     if bool(FLAGS.checkpoint) == bool(FLAGS.random_init):
       raise ConfigError("pass exactly one of --checkpoint=DIR and --random_init")
-    from crate_mae_jax import models
-    resolved = models.resolve(config.model)
+    from crate_mae_jax import config_lib
+    resolved = config_lib.resolve_model(config.model)
     if FLAGS.random_init:
       params, tag = random_params(config, resolved), "random_init"
     else:

@@ -99,9 +99,9 @@ def _order(sd: dict) -> dict:
 def flax_to_torch(params: dict, cfg, image_size: int) -> tuple[dict, list[str]]:
   """(official state dict of numpy arrays, notes on what was filled in) for the
   masked-autoencoder parameters `params` of `cfg`."""
-  from crate_mae_jax import models
+  from crate_mae_jax import config_lib
   from crate_mae_jax.models.pos_embed import sincos_2d
-  r = models.resolve(cfg)
+  r = config_lib.resolve_model(cfg)
   p = r["patch_size"]
   if image_size % p:
     raise ExportError(f"--image_size={image_size} is not a multiple of the patch size {p}")
@@ -176,7 +176,7 @@ def _image_size(meta: dict, image_size: int | None) -> int:
 def export(checkpoint: str, output: str, image_size: int | None = None,
            step: int | None = None) -> dict:
   """Writes `output` (.pth) and `output`.json; returns the JSON dict."""
-  from crate_mae_jax import models
+  from crate_mae_jax import config_lib, models
   from crate_mae_jax.tools.analyze import model_config_from, AnalyzeError
   from crate_mae_jax.training import checkpoints
   folder = os.path.dirname(os.path.abspath(output))
@@ -190,7 +190,7 @@ def export(checkpoint: str, output: str, image_size: int | None = None,
     cfg = model_config_from(meta)
   except AnalyzeError as e:
     raise ExportError(str(e)) from None
-  r = models.resolve(cfg)
+  r = config_lib.resolve_model(cfg)
   task = meta.get("task", "pretrain")
   params, _ = checkpoints.restore_params(root, step)
   import jax
@@ -241,35 +241,21 @@ def _flags():
   return fv
 
 
-def _usage_error(message: str) -> int:
-  print("export_torch: error: " + " ".join(str(message).split()), file=sys.stderr)
-  return 2
-
-
 def main(argv=None) -> int:
   """`argv` without the program name (default: sys.argv[1:]); returns the exit code."""
-  from absl import flags, logging
-  argv = sys.argv[1:] if argv is None else list(argv)
-  fv = _flags()
+  from absl import logging
   from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
-  if cli.wants_help([sys.argv[0], *argv]):
-    cli.print_help([sys.argv[0], *argv], fv, module=__name__,
-                   usage="--checkpoint=DIR --output=FILE.pth [--FLAG=VALUE ...]")
-    return 0
-  try:
-    rest = fv(["export_torch"] + argv)
-  except flags.Error as e:
-    return _usage_error(e)
-  if len(rest) > 1:
-    return _usage_error(f"unexpected arguments {rest[1:]}")
-  for name in ("checkpoint", "output"):
-    if fv[name].value is None:
-      return _usage_error(f"--{name} is required")
+  fv = _flags()
+  code = cli.parse_tool_flags("export_torch", fv, argv, module=__name__,
+                              usage="--checkpoint=DIR --output=FILE.pth [--FLAG=VALUE ...]",
+                              required=("checkpoint", "output"))
+  if code is not None:
+    return code
   logging.set_verbosity(logging.WARNING)  # Orbax logs every manager step at INFO
   try:
     info = export(fv.checkpoint, fv.output, fv.image_size, fv.step)
   except (ValueError, OSError) as e:  # ExportError, CheckpointError, config errors
-    return _usage_error(e)
+    return cli.usage_error("export_torch", e)
   dropped = f"; dropped {len(info['dropped'])} part(s), see the JSON" if info["dropped"] else ""
   print(f"wrote {fv.output} ({info['num_tensors']} tensors, {info['arch']}, "
         f"{info['task']}) and {fv.output}.json{dropped}")

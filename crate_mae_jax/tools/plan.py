@@ -24,40 +24,17 @@ import math
 import os
 import re
 import sys
-from typing import Any
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import ml_collections
 from ml_collections import config_flags
 
-from crate_mae_jax.data import augment_jax
 from crate_mae_jax import config_lib, models, sharding
-from crate_mae_jax.training import optim, state_lib, steps
-from crate_mae_jax.config_lib import ConfigError
+from crate_mae_jax.errors import ConfigError
+from crate_mae_jax.chips import CHIPS, GiB, Chip  # noqa: F401  (plan.Chip, plan.GiB: its API)
+from crate_mae_jax.training import setup as setup_lib, tasks
 
-GiB = 2**30
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  peak_flops: float      # dense bf16 FLOP/s
-  hbm_bytes: int
-  hbm_bandwidth: float   # bytes/s
-  ici_bandwidth: float   # bytes/s per chip, all links together
-
-
-# By `device.device_kind`; numbers from the Cloud TPU system-architecture pages.
-CHIPS = {
-    # cloud.google.com/tpu/docs/v4: 275 TFLOP/s, 32 GiB HBM2 at 1200 GB/s, ICI 2400 Gbps.
-    "TPU v4": Chip(275e12, 32 * GiB, 1200e9, 300e9),
-    # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s, 16 GiB HBM2 at 819 GB/s, ICI 1600 Gbps.
-    "TPU v5 lite": Chip(197e12, 16 * GiB, 819e9, 200e9),
-    # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s, 95 GiB HBM2e at 2765 GB/s, ICI 4800 Gbps.
-    "TPU v5": Chip(459e12, 95 * GiB, 2765e9, 600e9),
-    # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s, 32 GiB HBM at 1640 GB/s, ICI 3584 Gbps.
-    "TPU v6 lite": Chip(918e12, 32 * GiB, 1640e9, 448e9),
-}
 # Training on ImageNet-1k unless told otherwise (only the LR schedule uses it).
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 # What a chip's HBM may be planned up to: XLA and the runtime keep some for themselves.
@@ -82,22 +59,6 @@ def topology_devices(name: str):
                       "(install the TPU extra: pip install 'crate-mae-jax[tpu]')") from e
 
 
-def parse_mesh(text: str, num_devices: int | None) -> tuple[tuple[str, int], ...]:
-  """'data=8,fsdp=8' -> (('data', 8), ('fsdp', 8), ('tensor', 1)); checked
-  against the device count when one is given."""
-  sizes = {"data": 1, "fsdp": 1, "tensor": 1}
-  for part in filter(None, text.split(",")):
-    name, _, size = part.partition("=")
-    if name not in sizes or not size.lstrip("-").isdigit():
-      raise ConfigError(f"--mesh={text!r}: use axis=size pairs of data, fsdp, tensor, "
-                        "e.g. --mesh=data=8,fsdp=8")
-    sizes[name] = int(size)
-  shape = tuple(sizes.items())
-  if num_devices is not None:
-    sharding.mesh_shape(shape, num_devices)  # raises on a wrong product
-  return shape
-
-
 def candidate_meshes(num_devices: int, batch: int) -> list[tuple[tuple[str, int], ...]]:
   """Layouts worth compiling: pure data, pure FSDP, FSDP within groups of 8
   (a host's chips) and data × tensor 4; only those whose batch axes divide
@@ -117,7 +78,7 @@ def for_tpu(config: ml_collections.ConfigDict, resolved=None) -> ml_collections.
   """The config as it would run on a TPU: the attention and LayerNorm kernels
   resolved for the TPU backend (the planner's own backend is the CPU)."""
   config = ml_collections.ConfigDict(config.to_dict())
-  resolved = models.resolve(config.model if resolved is None else resolved)
+  resolved = config_lib.resolve_model(config.model if resolved is None else resolved)
   kernels = models.kernels(resolved, platform="tpu")
   config.model.attention_impl = kernels["attention"]
   config.model.norm_impl = kernels["layernorm"]
@@ -126,44 +87,14 @@ def for_tpu(config: ml_collections.ConfigDict, resolved=None) -> ml_collections.
 
 def lower_train_step(config, mesh, num_train_examples: int = IMAGENET_TRAIN_EXAMPLES,
                      resolved=None):
-  """The train step of `train.train_and_evaluate` for `config`, lowered on `mesh`
-  with abstract inputs: (lowered, abstract state, its shardings)."""
-  from crate_mae_jax.training import train  # TF-free at import; keeps this module light
-  resolved = models.resolve(config.model if resolved is None else resolved)
-  num_classes = None if config.task == "pretrain" else (config.data.num_classes or 1000)
-  model, init_inputs, init_kwargs = train.build_model(config, num_classes, resolved)
-  abstract_params = nn.meta.unbox(
-      state_lib.abstract_variables(model, init_inputs, init_kwargs)["params"])
-  total_steps, steps_per_epoch = train._num_steps(config, num_train_examples)
-  trainable = None
-  if config.task == "linear_probe":
-    trainable = {k: jax.tree_util.tree_map(lambda _: k != "encoder", v)
-                 for k, v in abstract_params.items()}
-  depth = resolved["depth"] if config.task == "finetune" else None
-  tx, schedule = optim.create(config, abstract_params, total_steps, steps_per_epoch,
-                              trainable=trainable, depth=depth)
-  rules = sharding.rules(config.mesh)
-  abstract, shard = state_lib.state_shardings(model, tx, mesh, rules, init_inputs,
-                                              init_kwargs)
-  # The tf.data pipeline (ImageNet) delivers augmented float32 images.
-  augment = augment_jax.identity_augment
-  if config.task == "pretrain":
-    step_fn = steps.make_pretrain_step(model, tx, resolved["mask_ratio"],
-                                       config.accum_steps, augment, schedule)
-    batch = {"image": (config.batch_size, *train._sample_shape(config, resolved)[1:])}
-  else:
-    step_fn = steps.make_classify_step(model, tx, num_classes, config.accum_steps,
-                                       config.augment.label_smoothing, None, augment,
-                                       schedule)
-    batch = {"image": (config.batch_size, *train._sample_shape(config, resolved)[1:]),
-             "label": (config.batch_size,)}
-  batch = {k: jax.ShapeDtypeStruct(s, jax.numpy.float32 if k == "image" else jax.numpy.int32,
-                                   sharding=sharding.batch_sharding(mesh, len(s)))
-           for k, s in batch.items()}
-  state = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
-  lowered = state_lib.jit_train_step(step_fn, shard, mesh, rules).lower(state, batch)
-  return lowered, abstract, shard
+  """The train step of `train.train_and_evaluate` for `config`, built by the same
+  `training.setup` and lowered on `mesh` with abstract inputs: (lowered, abstract
+  state, its shardings). The tf.data pipeline delivers augmented float32 images."""
+  model = config_lib.resolve_model(config.model if resolved is None else resolved)
+  num_classes = (config.data.num_classes or 1000) if tasks.get(config.task).classifies else None
+  run = setup_lib.setup(config, model, mesh, num_train_examples, num_classes)
+  lowered = run.train_step.lower(run.abstract_sharded_state(), run.abstract_batch(config))
+  return lowered, run.abstract_state, run.state_shardings
 
 
 def per_device_bytes(abstract, shard) -> int:
@@ -472,11 +403,11 @@ def plan(config, topology: str, mesh_text: str | None = None,
   JSON report with every plan and the recommended one."""
   resolved = config_lib.validate(config)
   if mesh_text:
-    parse_mesh(mesh_text, None)  # a typo fails before libtpu is loaded
+    sharding.parse_mesh(mesh_text)  # a typo fails before libtpu is loaded
   config = for_tpu(config, resolved)
-  resolved = models.resolve(config.model)  # with the TPU attention and LayerNorm kernels
+  resolved = config_lib.resolve_model(config.model)  # with the TPU attention and LayerNorm kernels
   devices = topology_devices(topology)
-  shapes = ([parse_mesh(mesh_text, len(devices))] if mesh_text else
+  shapes = ([sharding.parse_mesh(mesh_text, len(devices))] if mesh_text else
             candidate_meshes(len(devices), config.batch_size // config.accum_steps))
   if not shapes:
     raise ConfigError(f"config.batch_size={config.batch_size} splits over no mesh of "

@@ -23,6 +23,8 @@ from absl import logging
 import jax
 import ml_collections
 
+from crate_mae_jax.training import tasks
+
 PACKAGES = ("crate-mae-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
             "ml-collections", "clu", "numpy", "tensorflow", "tensorflow-cpu",
             "tensorflow-datasets", "tensorboardX", "torch", "tokamax")
@@ -85,23 +87,23 @@ _APPLIES = {
     ("model", "ista_step"): lambda c: c.model.arch == "crate_mae",
     ("model", "ista_lambda"): lambda c: c.model.arch == "crate_mae",
     ("model", "ista_fused"): lambda c: c.model.arch == "crate_mae",
-    ("model", "drop_path"): lambda c: c.task != "pretrain",
     ("data", "name"): lambda c: c.data.source == "tfds",
     ("data", "data_dir"): lambda c: c.data.source == "tfds",
     ("data", "manual_dir"): lambda c: c.data.source == "tfds",
     ("data", "path"): lambda c: c.data.source != "tfds",
-    ("augment", "randaugment_layers"): lambda c: c.task == "finetune",
-    ("augment", "randaugment_magnitude"): lambda c: c.task == "finetune",
-    ("augment", "mixup"): lambda c: c.task == "finetune",
-    ("augment", "cutmix"): lambda c: c.task == "finetune",
-    ("augment", "label_smoothing"): lambda c: c.task != "pretrain",
     ("optim", "b1"): lambda c: c.optim.name == "adamw",
     ("optim", "b2"): lambda c: c.optim.name == "adamw",
     ("optim", "momentum"): lambda c: c.optim.name in ("lars", "sgd"),
-    (None, "init_from"): lambda c: c.task != "pretrain",
-    (None, "probe"): lambda c: c.task == "linear_probe",
-    (None, "finetune"): lambda c: c.task == "finetune",
 }
+
+
+def _read_by_task(field: str):
+  return lambda c: field in tasks.get(c.task).reads
+
+
+# ... and the fields of the task table that only some tasks read.
+_APPLIES.update({(tuple(f.split(".")) if "." in f else (None, f)): _read_by_task(f)
+                 for f in tasks.TASK_FIELDS})
 
 
 def applying(config) -> ml_collections.ConfigDict:

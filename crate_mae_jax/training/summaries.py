@@ -153,7 +153,8 @@ def model_flops_per_step(config, resolved) -> float | None:
   """Model FLOPs of one pre-training step of the global batch: 3 × the analytic
   forward count of `tools/benchmark.py` (forward + backward); None for the other
   tasks (pass the step's `cost_analysis()` flops there)."""
-  if config.task != "pretrain":
+  from crate_mae_jax.training import tasks  # pylint: disable=import-outside-toplevel
+  if tasks.get(config.task).classifies:
     return None
   from crate_mae_jax.tools import benchmark  # pylint: disable=import-outside-toplevel
   return 3 * benchmark.forward_flops(resolved, config.data.image_size, resolved["mask_ratio"],

@@ -7,23 +7,19 @@ runs the jitted step until `num_train_steps`, logging, evaluating and saving as
 configured. SIGTERM saves a checkpoint at the current step and returns cleanly.
 """
 import json
-import math
 import os
 import signal
 import threading
-import time
-from typing import Any
 
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from crate_mae_jax.training import checkpoints, optim, state_lib, steps
 from crate_mae_jax import config_lib, evaluators, models, sharding
-from crate_mae_jax.config_lib import ConfigError
+from crate_mae_jax.errors import ConfigError
+from crate_mae_jax.training import checkpoints, setup as setup_lib, tasks
 
 
 PRIMARY_EVAL = "eval"   # the config.evals entry whose metrics pick the best checkpoint
@@ -80,44 +76,22 @@ class _Preemption:
       signal.signal(sig, previous)
 
 
-def _sample_shape(config, resolved):
-  size = config.data.image_size
-  return (1, size, size, resolved["channels"])
+def build_model(config, model, num_classes: int | None = None):
+  """(module, init inputs, init kwargs) of the config's task; `model`: the
+  ResolvedModel that `config_lib.validate(config)` returned."""
+  task = tasks.get(config.task)
+  x = jnp.zeros((1, *setup_lib.image_shape(config, model)), jnp.float32)
+  return task.build(config, model, num_classes), (x,), task.init_kwargs(model)
 
 
-def build_model(config, num_classes: int | None, resolved: dict | None = None):
-  """(module, init inputs, init kwargs) for the config's task; `resolved`:
-  `models.resolve(config.model)` when the caller has it."""
-  resolved = models.resolve(config.model if resolved is None else resolved)
-  x = jnp.zeros(_sample_shape(config, resolved), jnp.float32)
-  if config.task == "pretrain":
-    return models.build_mae(resolved), (x,), dict(mask_ratio=resolved["mask_ratio"])
-  if config.task == "linear_probe":
-    model = models.build_classifier(resolved, num_classes, pool=config.probe.pool,
-                                    head_norm=config.probe.head_norm, frozen=True)
-  else:
-    model = models.build_classifier(resolved, num_classes, pool=config.finetune.pool,
-                                    head_init_std=config.finetune.head_init_std)
-  return model, (x,), {}
-
-
-def check_against_checkpoint(config, meta: dict, path: str,
-                             resolved: dict | None = None) -> None:
+def check_against_checkpoint(config, meta: dict, path: str, model) -> None:
   """Refuses, before any compile, a checkpoint of another model size or arch."""
   saved = meta.get("model", {})
-  ours = models.resolve(config.model if resolved is None else resolved)
   for key in ("arch", "width", "depth", "heads", "patch_size", "channels", "encoder_sees"):
-    if key in saved and saved[key] != ours[key]:
+    if key in saved and key in model and saved[key] != model[key]:
       raise ConfigError(
-          f"config.model.{key}={ours[key]!r} but checkpoint {path!r} has {saved[key]!r}; "
+          f"config.model.{key}={model[key]!r} but checkpoint {path!r} has {saved[key]!r}; "
           f"set --config.model.{key}={saved[key]!r} (or pick the matching variant)")
-
-
-def _num_steps(config, num_examples: int) -> tuple[int, float]:
-  steps_per_epoch = num_examples / config.batch_size
-  if config.num_train_steps > 0:
-    return config.num_train_steps, steps_per_epoch
-  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch))), steps_per_epoch
 
 
 def _check_batch(config, mesh) -> int:
@@ -135,59 +109,22 @@ def _check_batch(config, mesh) -> int:
   return config.batch_size // jax.process_count()
 
 
-def _encoder_from(path: str, config, resolved) -> tuple[Any, dict]:
-  meta, _ = checkpoints.read_meta(path)
-  check_against_checkpoint(config, meta, path, resolved)
-  params, meta = checkpoints.restore_params(path)
+def _pretrained_encoder(config, model, task):
+  """The encoder parameters `config.init_from` gives the task (None: none)."""
+  if not (task.encoder_from_init and config.init_from):
+    return None
+  path = config.init_from
+  # One read: the step checked is the step loaded, also while a run writes `path`.
+  params, _, _ = checkpoints.read(
+      path, check=lambda meta: check_against_checkpoint(config, meta, path, model))
   if "encoder" not in params:
     raise ConfigError(f"config.init_from={path!r} holds no 'encoder' parameters")
-  return params["encoder"], meta
+  return params["encoder"]
 
 
-def _record_run(workdir, config, mesh, writer, params, is_chief, kernels) -> None:
-  """The workdir's record of this start (config, command, versions, devices), the
-  config as TensorBoard hparams, and a table of the parameters in the log."""
-  from crate_mae_jax.training import run_record
-  if is_chief:
-    run_record.record(workdir, config, mesh, kernels=kernels)
-    writer.write_hparams(run_record.hparams(config))
-  try:
-    from clu import parameter_overview
-  except ImportError:  # a host without clu: the record above still holds the config
-    return
-  parameter_overview.log_parameter_overview(params, include_stats="sharding",
-                                            jax_logging_process=0)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=None,
-                       hooks=None, resolved: dict | None = None) -> dict:
-  """Runs the configured task in `workdir`; returns the final metrics.
-
-  `writer` (a clu metric writer; default: TensorBoard + logging in `workdir`)
-  receives every scalar and image; `hooks` (callables of the step; default:
-  progress and profiling) run after every step. The evaluations are those of
-  `config.evals` (see `crate_mae_jax.evaluators`). `resolved` is what
-  `config_lib.validate(config)` returned, when the caller has validated already.
-  """
-  if resolved is None:
-    resolved = config_lib.validate(config)
-  config_lib.check_backend(config, jax.default_backend())
-  from crate_mae_jax.data import input_pipeline
-  from crate_mae_jax.training import summaries
-  is_chief = jax.process_index() == 0
-  mesh = sharding.create_mesh(config.mesh.shape)
-  rules = sharding.rules(config.mesh)
-  local_batch = _check_batch(config, mesh)
-  config_lib.check_batch_memory(config, resolved["channels"], local_batch)
-
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  latest = None
-  if os.path.isdir(ckpt_dir) or ckpt_dir.startswith("gs://"):
-    latest = checkpoints.latest_step(ckpt_dir)
-  encoder_params = None
-  if latest is None and config.task != "pretrain" and config.init_from:
-    encoder_params, _ = _encoder_from(config.init_from, config, resolved)
-
+def _open_source(config, local_batch: int):
+  """The data source of the run, its size checked against the batch."""
+  from crate_mae_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
   try:
     source = input_pipeline.create(config.data, config.augment, task=config.task,
                                    batch_size=local_batch, seed=config.seed,
@@ -199,145 +136,159 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
   if source.stats.get("skipped_bad_images"):
     logging.warning("Skipped %d bad images (logged above with their paths)",
                     source.stats["skipped_bad_images"])
-  num_classes = config.data.num_classes or source.num_classes
-  total_steps, steps_per_epoch = _num_steps(config, source.num_train_examples)
-  model, init_inputs, init_kwargs = build_model(config, num_classes, resolved)
+  return source
 
-  depth = resolved["depth"] if config.task == "finetune" else None
-  boxed = state_lib.abstract_variables(model, init_inputs, init_kwargs)
-  abstract_params = nn.meta.unbox(boxed["params"])
-  trainable = None
-  if config.task == "linear_probe":
-    trainable = {k: jax.tree_util.tree_map(lambda _: k != "encoder", v)
-                 for k, v in abstract_params.items()}
-  tx, lr_schedule = optim.create(config, abstract_params, total_steps, steps_per_epoch,
-                                 trainable=trainable, depth=depth)
-  if encoder_params is not None:
-    checkpoints.check_compatible(encoder_params, abstract_params["encoder"],
+
+def _restore_or_init(config, model, run, manager, latest, encoder, ckpt_dir):
+  """The newest intact checkpoint of the workdir, else a fresh state (with the
+  pre-trained encoder of `init_from` where the task takes one)."""
+  if latest is not None:
+    state, latest = manager.restore_newest(run.abstract_state, run.state_shardings,
+                                           optimizer=config.optim.name)
+    if state is not None:
+      logging.info("Resuming from %s/%d", ckpt_dir, latest)
+      return state
+    encoder = _pretrained_encoder(config, model, run.task)  # every step was damaged
+  if encoder is not None:
+    checkpoints.check_compatible(encoder, run.abstract_params["encoder"],
                                  where=config.init_from)
+  override = None if encoder is None else (lambda params: {**params, "encoder": encoder})
+  return run.init_state(jax.random.key(config.seed), params_override=override)
 
-  def override(params):
-    if encoder_params is None:
-      return params
-    return {**params, "encoder": encoder_params}
 
-  abstract, shard = state_lib.state_shardings(model, tx, mesh, rules, init_inputs, init_kwargs)
+class _BestCheckpoint:
+  """`checkpoints_best/`: the state whose primary evaluation is the best so far
+  (by the task's metric, or `config.best_metric`); opened at the first eval so a
+  resumed run keeps its best unless beaten."""
+
+  def __init__(self, config, workdir: str, task):
+    self.enabled = config.keep_best
+    self.folder = os.path.join(workdir, "checkpoints_best")
+    self.metric = config.best_metric or task.best_metric
+    self.mode = task.best_mode
+    self.manager, self.value = None, None
+
+  def offer(self, state, meta: dict, results: dict) -> None:
+    if not self.enabled:
+      return
+    if self.manager is None:
+      self.manager = checkpoints.TrainCheckpoints(self.folder, best_metric=self.metric,
+                                                  best_mode=self.mode)
+      self.value = self.manager.best_value()
+    value = results.get(self.metric)
+    if value is None or (self.value is not None and not (
+        value < self.value if self.mode == "min" else value > self.value)):
+      return
+    self.value = value
+    self.manager.save(state, {**meta, "best": {self.metric: value}},
+                      metrics={self.metric: value})
+
+  def close(self) -> None:
+    if self.manager is not None:
+      self.manager.close()
+
+
+def _evaluate(entry, state, results: dict, writer=None, step: int = 0) -> dict:
+  """Runs one scheduled evaluator; its scalars join `results` (the primary one's
+  unprefixed)."""
+  out = entry.evaluator.run(state)
+  if writer is not None:
+    evaluators.write(writer, step, entry.prefix, out)
+  scalars = evaluators.scalars_only(out)
+  if entry.name == PRIMARY_EVAL:
+    return {**results, **scalars}
+  return {**results, **{f"{entry.prefix}{k}": v for k, v in scalars.items()}}
+
+
+def _stop_if_nonfinite(config, state, manager, ckpt_dir) -> None:
+  if config.nonfinite == "stop" and int(jax.device_get(state.nonfinite_count)):
+    bad = int(jax.device_get(state.first_nonfinite_step))
+    manager.wait()  # the last good checkpoint may still be in flight
+    raise TrainingStopped(
+        f"non-finite loss, gradient or updated state at step {bad}; training stopped, "
+        f"the last good checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to "
+        "skip such updates, or lower config.optim.base_lr)")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=None,
+                       hooks=None, resolved=None) -> dict:
+  """Runs the configured task in `workdir`; returns the final metrics.
+
+  `writer` (a clu metric writer; default: TensorBoard + logging in `workdir`)
+  receives every scalar and image; `hooks` (callables of the step; default:
+  progress and profiling) run after every step. The evaluations are those of
+  `config.evals` (see `crate_mae_jax.evaluators`). `resolved`: what
+  `config_lib.validate(config)` returned, when the caller has validated already.
+  """
+  model = config_lib.validate(config) if resolved is None else resolved
+  config_lib.check_backend(config, jax.default_backend())
+  from crate_mae_jax.training import run_record, summaries  # pylint: disable=import-outside-toplevel
+  task = tasks.get(config.task)
+  is_chief = jax.process_index() == 0
+  mesh = sharding.create_mesh(config.mesh.shape)
+  local_batch = _check_batch(config, mesh)
+  config_lib.check_batch_memory(config, model["channels"], local_batch)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  latest = (checkpoints.latest_step(ckpt_dir)
+            if os.path.isdir(ckpt_dir) or ckpt_dir.startswith("gs://") else None)
+  encoder = _pretrained_encoder(config, model, task) if latest is None else None
+  source = _open_source(config, local_batch)
+  num_classes = config.data.num_classes or source.num_classes
+  run = setup_lib.setup(config, model, mesh, source.num_train_examples, num_classes,
+                        source.device_augment)
   manager = checkpoints.TrainCheckpoints(ckpt_dir, keep=config.keep_checkpoints,
                                          asynchronous=config.checkpoint_async)
-  state = None
-  if latest is not None:
-    state, latest = manager.restore_newest(abstract, shard, optimizer=config.optim.name)
-  if state is not None:
-    logging.info("Resuming from %s/%d", ckpt_dir, latest)
-  else:
-    if encoder_params is None and config.task != "pretrain" and config.init_from:
-      # Every step of the workdir was damaged: start over from init_from.
-      encoder_params, _ = _encoder_from(config.init_from, config, resolved)
-      checkpoints.check_compatible(encoder_params, abstract_params["encoder"],
-                                   where=config.init_from)
-    state, _ = state_lib.init_state(model, tx, mesh, rules, init_inputs, init_kwargs,
-                                    jax.random.key(config.seed), params_override=override)
-  start_step = int(jax.device_get(state.step))
-
-  mix = None
-  if config.task == "finetune" and (config.augment.mixup or config.augment.cutmix):
-    from crate_mae_jax.data import augment_jax
-    mix = lambda k, x, y: augment_jax.mixup_cutmix(k, x, y, config.augment.mixup,
-                                                   config.augment.cutmix)
-  if config.task == "pretrain":
-    step_fn = steps.make_pretrain_step(model, tx, resolved["mask_ratio"], config.accum_steps,
-                                       source.device_augment, lr_schedule)
-    best_mode = "min"
-  else:
-    step_fn = steps.make_classify_step(model, tx, num_classes, config.accum_steps,
-                                       config.augment.label_smoothing, mix,
-                                       source.device_augment, lr_schedule)
-    best_mode = "max"
-  best_metric = config.best_metric or ("loss" if config.task == "pretrain" else "top1")
-  train_step = state_lib.jit_train_step(step_fn, shard, mesh, rules)
-  variables_shard = (shard.params if config.task == "pretrain" else
-                     ({"params": shard.params, "batch_stats": shard.batch_stats}
-                      if state.batch_stats else {"params": shard.params}))
+  state = _restore_or_init(config, model, run, manager, latest, encoder, ckpt_dir)
+  start_step, total_steps = int(jax.device_get(state.step)), run.total_steps
   evals = evaluators.from_config(config, evaluators.Context(
-      config=config, model=model, resolved=resolved, source=source, mesh=mesh, rules=rules,
-      variables_sharding=variables_shard, num_classes=num_classes))
-
-  if writer is None:
-    writer = summaries.create_writer(workdir, is_chief)
-  _record_run(workdir, config, mesh, writer, state.params, is_chief, models.kernels(resolved))
+      config=config, model=run.module, resolved=model, source=source, mesh=mesh,
+      rules=run.rules, variables_sharding=run.variables_sharding(bool(state.batch_stats)),
+      num_classes=num_classes))
+  writer = writer or summaries.create_writer(workdir, is_chief)
+  kernels = models.kernels(model)
+  run_record.record_start(workdir, config, mesh, writer, state.params, is_chief, kernels)
   if hooks is None:
-    hooks = summaries.progress_hooks(total_steps, writer, workdir, is_chief,
-                                     config.profile_steps,
-                                     every_secs=10.0 if total_steps < 5000 else 60.0)
-  meta = {"model": resolved, "task": config.task, "config": config.to_json_best_effort(),
-          "num_classes": num_classes if config.task != "pretrain" else None,
-          "data_position": "step"}
-  best_manager, best_value = None, None
-  results: dict = {}
+    hooks = summaries.progress_hooks(
+        total_steps, writer, workdir, is_chief, config.profile_steps,
+        every_secs=10.0 if total_steps < 5000 else 60.0,
+        flops_per_step=summaries.model_flops_per_step(config, model),
+        global_batch=config.batch_size)
+  meta = {"model": model, "task": config.task, "config": config.to_json_best_effort(),
+          "num_classes": num_classes if task.classifies else None, "data_position": "step"}
+  best = _BestCheckpoint(config, workdir, task)
   logging.info("%s: %d steps (%.1f per epoch), global batch %d on %d devices, mesh %s, "
-               "kernels %s", config.task, total_steps, steps_per_epoch, config.batch_size,
-               jax.device_count(), dict(mesh.shape), models.kernels(resolved))
-
-  def maybe_stop(state):
-    if config.nonfinite == "stop" and int(jax.device_get(state.nonfinite_count)):
-      bad = int(jax.device_get(state.first_nonfinite_step))
-      manager.wait()  # the last good checkpoint may still be in flight
-      raise TrainingStopped(
-          f"non-finite loss, gradient or updated state at step {bad}; training stopped, "
-          f"the last good checkpoint in {ckpt_dir} is kept (set config.nonfinite='skip' to "
-          "skip such updates, or lower config.optim.base_lr)")
-
+               "kernels %s", config.task, total_steps, run.steps_per_epoch, config.batch_size,
+               jax.device_count(), dict(mesh.shape), kernels)
   if start_step < total_steps:
     logging.info("Compiling the %s train step for %d %s device(s) (this can take minutes on "
                  "CPU; the compilation cache makes restarts faster) ...", config.task,
                  jax.device_count(), jax.default_backend())
   train_iter = source.train_batches(start_step)
-  pending: list = []
-  step = start_step
+  results, pending, step = {}, [], start_step
   with _Preemption(manager.manager) as preemption:
     while step < total_steps:
-      batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch)
+      state, metrics = run.train_step(state, sharding.global_batch(next(train_iter), mesh))
       step += 1
       pending.append(metrics)
       for hook in hooks:
         hook(step)
       last = step == total_steps
       if step % config.log_every_steps == 0 or last:
-        fetched = jax.device_get(pending)
-        pending = []
+        fetched, pending = jax.device_get(pending), []
         scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         scalars["train/nonfinite_count"] = float(jax.device_get(state.nonfinite_count))
         writer.write_scalars(step, scalars)
-        maybe_stop(state)
+        _stop_if_nonfinite(config, state, manager, ckpt_dir)
       due = [e for e in evals if e.due(step, last)]
       if due:
-        maybe_stop(state)
+        _stop_if_nonfinite(config, state, manager, ckpt_dir)
       for entry in due:
-        out = entry.evaluator.run(state)
-        evaluators.write(writer, step, entry.prefix, out)
-        scalars = evaluators.scalars_only(out)
+        results = _evaluate(entry, state, results, writer, step)
         if entry.name == PRIMARY_EVAL:
-          results = {**results, **scalars}
-        else:
-          results.update({f"{entry.prefix}{k}": v for k, v in scalars.items()})
-        if entry.name != PRIMARY_EVAL:
-          continue
-        if config.keep_best and best_manager is None:  # opened at the first eval
-          best_manager = checkpoints.TrainCheckpoints(
-              os.path.join(workdir, "checkpoints_best"), best_metric=best_metric,
-              best_mode=best_mode)
-          best_value = best_manager.best_value()  # a resumed run keeps its best unless beaten
-        value = results.get(best_metric)
-        improved = value is not None and (best_value is None or (
-            value < best_value if best_mode == "min" else value > best_value))
-        if config.keep_best and improved:
-          best_value = value
-          best_manager.save(state, {**meta, "best": {best_metric: value}},
-                            metrics={best_metric: value})
+          best.offer(state, meta, results)
       preempted = preemption.check(step)
       if step % config.checkpoint_every_steps == 0 or last or preempted:
-        maybe_stop(state)
+        _stop_if_nonfinite(config, state, manager, ckpt_dir)
         manager.save(state, meta)
       if preempted:
         logging.warning("Pre-empted at step %d: checkpoint saved", step)
@@ -347,17 +298,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
     # (deterministic in seed and batch index) so it reports what the first run did.
     logging.info("Step %d of %d already done: evaluating the final checkpoint", step,
                  total_steps)
-    for entry in evals:
-      if not entry.due(step, True):
-        continue
-      scalars = evaluators.scalars_only(entry.evaluator.run(state))
-      if entry.name == PRIMARY_EVAL:
-        results = {**results, **scalars}
-      else:
-        results.update({f"{entry.prefix}{k}": v for k, v in scalars.items()})
+    for entry in (e for e in evals if e.due(step, True)):
+      results = _evaluate(entry, state, results)
   manager.close()
-  if best_manager is not None:
-    best_manager.close()
+  best.close()
   writer.flush()
   results = {k: float(v) for k, v in results.items()}
   if preemption.interrupted:
