@@ -304,3 +304,26 @@ def parse_tool_flags(prog: str, flag_values, argv, usage: str, module: str,
     if flag_values[name].value is None:
       return usage_error(prog, f"--{name} is required")
   return None
+
+
+def run_tool(prog: str, flag_values, argv, body, *, usage: str, module: str,
+             required=()) -> int:
+  """A tool's main: parses its flags (see `parse_tool_flags`), then `body(flags)`;
+  a ValueError or OSError (bad input, a checkpoint or config error) becomes one
+  line `prog: error: ...` and exit code 2."""
+  code = parse_tool_flags(prog, flag_values, argv, usage=usage, module=module,
+                          required=required)
+  if code is not None:
+    return code
+  try:
+    return body(flag_values)
+  except (ValueError, OSError) as e:
+    return usage_error(prog, e)
+
+
+def exit_process(code: int) -> None:
+  """Ends the process with `code` at once, even where a failed Orbax save left its
+  (non-daemon) writer threads behind."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access

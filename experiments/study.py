@@ -63,7 +63,7 @@ PIXEL_FLOOR_EPOCHS = 30
 LEARNING_RATE = "train/learning_rate"   # the name the train steps log the lr under
 TINY = dict(width=32, depth=2, heads=2, batch_size=64)
 CONFIG_FILE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     "configs", "fashion_mnist.py")
 
 FLAGS = flags.FLAGS

@@ -118,9 +118,10 @@ def test_train_loop_runs_listed_evaluators_through_the_given_writer(tmp_path):
 
 def test_default_evals_and_bad_entries():
   cfg = _tiny_quickstart()
-  assert sorted(common.default_evals(cfg, models.resolve(cfg.model))) == ["diag", "eval"]
+  assert sorted(common.default_evals(cfg, models.resolve(cfg.model))) == [
+      "diag", "eval", "foreground"]   # the quick-start images give object masks
   cfg.model.arch = "vit_mae"
-  assert sorted(common.default_evals(cfg, models.resolve(cfg.model))) == ["eval"]
+  assert sorted(common.default_evals(cfg, models.resolve(cfg.model))) == ["eval", "foreground"]
   cfg = _tiny_quickstart()
   ctx = common.Context(config=cfg, model=None)
   cfg.evals = ml_collections.ConfigDict({"x": dict(type="nope")})

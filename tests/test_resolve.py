@@ -80,7 +80,7 @@ def test_the_train_build_path_resolves_once(count_resolutions):
   train.check_against_checkpoint(cfg, {"model": dict(resolved)}, "ckpt", resolved)
   evals = evaluators.from_config(cfg, evaluators.Context(config=cfg, model=model,
                                                          resolved=resolved, source=source))
-  assert {e.name for e in evals} == {"eval", "diag"}
+  assert {e.name for e in evals} == {"eval", "diag", "foreground"}
   assert len(count_resolutions) == 1
 
 

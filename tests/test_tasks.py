@@ -67,7 +67,9 @@ def test_the_planner_and_the_benchmark_build_through_setup(monkeypatch):
   cfg = tiny_train_config("pretrain", source="quickstart")
   mesh = sharding.create_mesh(cfg.mesh.shape)
   plan.lower_train_step(cfg, mesh, num_train_examples=64)
-  args = benchmark.parse_args(["--variant=tiny", "--image_size=32", "--dtype=float32"])
+  args = benchmark.parse_args(["--variant=tiny", "--width=32", "--depth=1", "--heads=2",
+                               "--decoder_depth=1", "--patch_size=8", "--image_size=16",
+                               "--dtype=float32"])
   args.batch_size = 2  # one combination of the sweep, as `benchmark.sweep` hands it over
   compiled, state, batch, *_ = benchmark.build(args)
   assert np.isfinite(float(compiled(state, batch)[1]["loss"]))

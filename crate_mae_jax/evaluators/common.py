@@ -9,10 +9,10 @@ entry's name and '/', unless set). The train loop runs every entry at its
 `every_steps` (default `config.eval_every_steps`) and at the last step; the
 same evaluators run on any checkpoint through `crate_mae_jax.tools.evaluate`.
 
-With `config.evals` empty the task's default is used: 'eval' (the masked loss
-and reconstruction figure when pre-training, top-1/top-5 when classifying) and
-'diag' (coding rate and sparsity per layer) for a CRATE-MAE pre-training run
-with `config.eval.diagnostics`.
+With `config.evals` empty the task's default is used (`training/tasks.py`):
+'eval' (the masked loss and reconstruction figure when pre-training, top-1/top-5
+when classifying), and with `config.eval.diagnostics` 'diag' (coding rate and
+sparsity per layer, CRATE-MAE) and 'foreground' (images with object masks).
 
 A new evaluator: a module in this package with a class decorated
 `@common.register('kind')`, `__init__(self, context, **kwargs)` and

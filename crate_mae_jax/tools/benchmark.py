@@ -221,14 +221,17 @@ def build(args):
   try:
     c.mesh.shape = sharding.parse_mesh(args.mesh)
     resolved = config_lib.validate(c)
-    config_lib.check_backend(c, jax.default_backend())
+    try:
+      config_lib.check_backend(c, jax.default_backend())
+    except config_lib.ConfigError as e:  # name the flag the benchmark was given
+      raise config_lib.ConfigError(f"--attention_impl {args.attention_impl}: {e}") from None
     mesh = sharding.create_mesh(c.mesh.shape)
     if args.batch_size % sharding.num_batch_shards(mesh):
       raise config_lib.ConfigError(
           f"--batch_size {args.batch_size} is not divisible by the "
           f"{sharding.num_batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}")
   except config_lib.ConfigError as e:
-    raise SystemExit(f"error: {e}") from None
+    raise SystemExit(str(e)) from None
   run = setup_lib.setup(c, resolved, mesh, num_train_examples=100 * args.batch_size)
   state = run.init_state(jax.random.key(0))
   rng = np.random.default_rng(0)

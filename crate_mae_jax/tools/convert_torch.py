@@ -25,9 +25,7 @@ export (`export_torch`) reads the same table backwards.
 Errors (a state dict that does not fit, an unreadable file, a bad --heads) end
 the CLI with exit code 2 and one line on stderr naming every offending key.
 """
-import os
 import re
-import sys
 from typing import Mapping
 
 import numpy as np
@@ -348,28 +346,21 @@ def _flags():
 def main(argv=None) -> int:
   """`argv` without the program name (default: sys.argv[1:]); returns the exit code."""
   from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
-  fv = _flags()
-  code = cli.parse_tool_flags("convert_torch", fv, argv, module=__name__,
-                              usage="--checkpoint=FILE.pth --output=DIR [--FLAG=VALUE ...]",
-                              required=("checkpoint", "output"))
-  if code is not None:
-    return code
-  try:
+
+  def body(fv):
     path = convert(fv.checkpoint, fv.output, fv.heads, ista_lambda=fv.ista_lambda,
                    ista_step=fv.ista_step, norm_pix_loss=fv.norm_pix_loss)
-  except (ValueError, OSError) as e:  # ConversionError, CheckpointError, config errors
-    return cli.usage_error("convert_torch", e)
-  print(f"wrote {path}")
-  return 0
+    print(f"wrote {path}")
+    return 0
+  return cli.run_tool("convert_torch", _flags(), argv, body, module=__name__,
+                      usage="--checkpoint=FILE.pth --output=DIR [--FLAG=VALUE ...]",
+                      required=("checkpoint", "output"))
 
 
 def run() -> None:
-  """Process entry point: ends the process even if a failed Orbax save left
-  its (non-daemon) writer threads behind."""
-  code = main()
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(code)  # pylint: disable=protected-access
+  """Process entry point."""
+  from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.exit_process(main())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ with exit code 2 and one line on stderr.
 """
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -245,31 +244,25 @@ def main(argv=None) -> int:
   """`argv` without the program name (default: sys.argv[1:]); returns the exit code."""
   from absl import logging
   from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
-  fv = _flags()
-  code = cli.parse_tool_flags("export_torch", fv, argv, module=__name__,
-                              usage="--checkpoint=DIR --output=FILE.pth [--FLAG=VALUE ...]",
-                              required=("checkpoint", "output"))
-  if code is not None:
-    return code
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every manager step at INFO
-  try:
+
+  def body(fv):
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every manager step at INFO
     info = export(fv.checkpoint, fv.output, fv.image_size, fv.step)
-  except (ValueError, OSError) as e:  # ExportError, CheckpointError, config errors
-    return cli.usage_error("export_torch", e)
-  dropped = f"; dropped {len(info['dropped'])} part(s), see the JSON" if info["dropped"] else ""
-  print(f"wrote {fv.output} ({info['num_tensors']} tensors, {info['arch']}, "
-        f"{info['task']}) and {fv.output}.json{dropped}")
-  return 0
+    dropped = (f"; dropped {len(info['dropped'])} part(s), see the JSON" if info["dropped"]
+               else "")
+    print(f"wrote {fv.output} ({info['num_tensors']} tensors, {info['arch']}, "
+          f"{info['task']}) and {fv.output}.json{dropped}")
+    return 0
+  return cli.run_tool("export_torch", _flags(), argv, body, module=__name__,
+                      usage="--checkpoint=DIR --output=FILE.pth [--FLAG=VALUE ...]",
+                      required=("checkpoint", "output"))
 
 
 def run() -> None:
   """Process entry point."""
   from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
   cli.quiet_startup()
-  code = main()
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(code)  # pylint: disable=protected-access
+  cli.exit_process(main())
 
 
 if __name__ == "__main__":

@@ -27,7 +27,13 @@ from crate_mae_jax.evaluators import features, reconstruction
 
 KNN_K = 20   # neighbours of the k-NN readout
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "workdirs/quickstart", "Where checkpoints and logs go.")
+
+
+def _define_flags() -> None:
+  """The command line's one flag, defined when the tool runs (not on import, so the
+  summary functions below can be imported beside other tools' flags)."""
+  if "workdir" not in FLAGS:
+    flags.DEFINE_string("workdir", "workdirs/quickstart", "Where checkpoints and logs go.")
 
 
 def _arrays(cfg, split: str):
@@ -210,6 +216,7 @@ def main(argv):
 def run():
   """Console-script entry point."""
   cli.quiet_startup()
+  _define_flags()
   if cli.wants_help(sys.argv):
     cli.print_help(sys.argv, FLAGS, module=__name__, usage="[--workdir=DIR]")
     sys.exit(0)

@@ -14,6 +14,8 @@ from crate_mae_jax import models
 from crate_mae_jax.errors import ConfigError
 from crate_mae_jax.training import steps
 
+FOREGROUND_IMAGES = 256   # eval images the default foreground score averages over
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -70,9 +72,15 @@ def _check_probe(config):
 
 
 def _pretrain_evals(config, model):
+  """The masked loss and figure; with `config.eval.diagnostics` also the white-box
+  measures (CRATE-MAE) and, where the images give an object mask, the attention
+  maps' foreground score (both archs)."""
+  from crate_mae_jax.analysis import foreground  # pylint: disable=import-outside-toplevel
   evals = {"eval": {"type": "reconstruction"}}
   if config.eval.diagnostics and model["arch"] == "crate_mae":
     evals["diag"] = {"type": "diagnostics"}
+  if config.eval.diagnostics and foreground.gives_masks(config.data):
+    evals["foreground"] = {"type": "foreground", "num_images": FOREGROUND_IMAGES}
   return evals
 
 
