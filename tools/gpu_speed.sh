@@ -9,11 +9,16 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl tokamax==0.0.12 einshape qwix pydantic pydantic-core \
 #       annotated-types typing-inspection typeguard==2.13.3 immutabledict tensorboardx typing_extensions
+#     # the official module's imports, for the export's strict-load test (carry .whl_timm too):
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl_timm timm einops huggingface_hub safetensors pyyaml tqdm
 # Then, through the device tool (carry .official and .whl):
 #     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), profile
-#     bash tools/gpu_speed.sh table      # `main` on in-memory data, tiny/small/large, ViT-MAE-Base, remat
+#     bash tools/gpu_speed.sh table      # `main` on in-memory data, then tiny/small/base/large
 #     bash tools/gpu_speed.sh remat      # remat policies of Base, ViT-MAE-Base
 #     bash tools/gpu_speed.sh mssa       # our MSSA kernel in the step vs the default and PyTorch
+#     bash tools/gpu_speed.sh gputests   # the GPU-only tests: attention paths, the MSSA kernel
+#     bash tools/gpu_speed.sh table2     # the rest of the table: ViT-MAE-Base, remat of Base
 #     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
 #                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
