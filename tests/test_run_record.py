@@ -117,7 +117,17 @@ class _Scalars:
     self.written.append((step, dict(scalars)))
 
 
-def test_progress_line_has_eta_in_seconds_throughput_and_the_run_rate(caplog):
+@pytest.fixture
+def absl_info():
+  """absl at INFO for the test (another test in the same process may have lowered it)."""
+  from absl import logging as absl_logging
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  yield
+  absl_logging.set_verbosity(level)
+
+
+def test_progress_line_has_eta_in_seconds_throughput_and_the_run_rate(caplog, absl_info):
   """Per-device img/s, TFLOP/s and MFU (a chip of the planner's table); the last line
   gives the whole run's rate, not the last interval's."""
   import logging
@@ -143,7 +153,7 @@ def test_progress_line_has_eta_in_seconds_throughput_and_the_run_rate(caplog):
       in lines[-1], lines
 
 
-def test_unknown_chip_has_no_mfu_and_says_so_once(caplog):
+def test_unknown_chip_has_no_mfu_and_says_so_once(caplog, absl_info):
   import logging
   clock = iter([0.0, 10.0, 20.0]).__next__
   progress = summaries.Progress(50, _Scalars(), every_secs=5.0, flops_per_step=1e9,

@@ -249,7 +249,8 @@ def to_torch(layout, value: np.ndarray, shape: tuple) -> np.ndarray:
   return value.reshape(shape)
 
 
-def _get(tree, path):
+def get_path(tree, path):
+  """tree[path[0]][path[1]]...: one parameter of a nested dict by its key path."""
   for key in path:
     tree = tree[key]
   return tree
@@ -270,7 +271,7 @@ def _abstract(cfg):
 def _expected_shapes(cfg) -> dict[str, tuple]:
   """Official state-dict names and shapes for a model config."""
   abstract = _abstract(cfg)
-  return {name: torch_shape(layout, tuple(_get(abstract, path).shape), cfg)
+  return {name: torch_shape(layout, tuple(get_path(abstract, path).shape), cfg)
           for name, path, layout in key_map(cfg) if name is not None}
 
 
@@ -308,7 +309,7 @@ def torch_to_flax(sd: Mapping[str, np.ndarray], cfg) -> dict:
   abstract = _abstract(r)
   params: dict = {}
   for name, path, layout in key_map(r):
-    shape = tuple(_get(abstract, path).shape)
+    shape = tuple(get_path(abstract, path).shape)
     _set(params, path, np.ascontiguousarray(
         to_flax(layout, None if name is None else sd[name], shape), np.float32))
   from crate_mae_jax.training.checkpoints import check_compatible

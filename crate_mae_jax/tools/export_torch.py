@@ -106,7 +106,7 @@ def flax_to_torch(params: dict, cfg, image_size: int) -> tuple[dict, list[str]]:
     raise ExportError(f"--image_size={image_size} is not a multiple of the patch size {p}")
   sd, filled = {}, []
   for name, path, layout in convert_torch.key_map(r):
-    value = np.asarray(convert_torch._get(params, path), np.float32)  # pylint: disable=protected-access
+    value = np.asarray(convert_torch.get_path(params, path), np.float32)
     if name is None:  # one-head CRATE attention: the official one has no projection
       if not np.array_equal(value, convert_torch.to_flax(layout, None, value.shape)):
         raise ExportError(f"{'/'.join(path)} is not the identity: a one-head CRATE-MAE "
@@ -242,11 +242,9 @@ def _flags():
 
 def main(argv=None) -> int:
   """`argv` without the program name (default: sys.argv[1:]); returns the exit code."""
-  from absl import logging
   from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
 
   def body(fv):
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every manager step at INFO
     info = export(fv.checkpoint, fv.output, fv.image_size, fv.step)
     dropped = (f"; dropped {len(info['dropped'])} part(s), see the JSON" if info["dropped"]
                else "")
@@ -260,8 +258,10 @@ def main(argv=None) -> int:
 
 def run() -> None:
   """Process entry point."""
+  from absl import logging
   from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
   cli.quiet_startup()
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every manager step at INFO
   cli.exit_process(main())
 
 
