@@ -30,6 +30,23 @@ def official_tiny_pth():
   return FIXTURES / "crate_mae_official_tiny.pth"
 
 
+# The quick start at a tiny size, run as `python -c TINY_QUICKSTART_SCRIPT WORKDIR`.
+TINY_QUICKSTART_SCRIPT = """
+import sys
+from crate_mae_jax import recipes
+from crate_mae_jax.tools import quickstart
+full = recipes.quickstart
+def tiny(task="pretrain"):
+  c = full(task)
+  c.model.update(width=32, depth=1, decoder_depth=1, heads=2)
+  c.update(num_train_steps=3, batch_size=16, log_every_steps=3, checkpoint_every_steps=3)
+  return c
+recipes.quickstart = tiny
+sys.argv = ["quickstart", "--workdir=" + sys.argv[1]]
+quickstart.run()
+"""
+
+
 def tiny_train_config(task: str = "pretrain", source: str = "tfds", **overrides):
   """A seconds-sized config: 32 px (28 for Fashion-MNIST), patch 4, width 32."""
   from crate_mae_jax import recipes

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from conftest import TINY_QUICKSTART_SCRIPT
 from crate_mae_jax.tools import quickstart
 
 
@@ -82,28 +83,12 @@ def test_every_printed_number_is_in_summary_json():
   assert printed and not [n for n in printed if n not in known], printed
 
 
-_TINY = """
-import sys
-from crate_mae_jax import recipes
-from crate_mae_jax.tools import quickstart
-full = recipes.quickstart
-def tiny(task="pretrain"):
-  c = full(task)
-  c.model.update(width=32, depth=1, decoder_depth=1, heads=2)
-  c.update(num_train_steps=3, batch_size=16, log_every_steps=3, checkpoint_every_steps=3)
-  return c
-recipes.quickstart = tiny
-sys.argv = ["quickstart", "--workdir=" + sys.argv[1]]
-quickstart.run()
-"""
-
-
 @pytest.mark.slow
 def test_quickstart_writes_what_it_prints(tmp_path):
   """The quick start at a tiny size: summary.json holds every number on the console."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
-  proc = subprocess.run([sys.executable, "-c", _TINY, str(tmp_path)], env=env,
+  proc = subprocess.run([sys.executable, "-c", TINY_QUICKSTART_SCRIPT, str(tmp_path)], env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.load(open(tmp_path / "summary.json"))

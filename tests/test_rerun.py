@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import tiny_train_config
+from conftest import TINY_QUICKSTART_SCRIPT, tiny_train_config
 from crate_mae_jax.training import train
 
 
@@ -32,22 +32,6 @@ def test_rerun_of_finished_probe_reports_the_same_top1(tmp_path):
   assert 0.0 <= results["top1"] <= 1.0
 
 
-_TINY_QUICKSTART = """
-import sys
-from crate_mae_jax import recipes
-from crate_mae_jax.tools import quickstart
-full = recipes.quickstart
-def tiny(task="pretrain"):
-  c = full(task)
-  c.model.update(width=32, depth=1, decoder_depth=1, heads=2)
-  c.update(num_train_steps=3, batch_size=16, log_every_steps=3, checkpoint_every_steps=3)
-  return c
-recipes.quickstart = tiny
-sys.argv = ["quickstart", "--workdir=" + sys.argv[1]]
-quickstart.run()
-"""
-
-
 @pytest.mark.slow
 def test_quickstart_twice_prints_the_same_summary(tmp_path):
   """The quick start (at a tiny size) run twice in the same workdir: the second run
@@ -58,7 +42,7 @@ def test_quickstart_twice_prints_the_same_summary(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
 
   def summary():
-    proc = subprocess.run([sys.executable, "-c", _TINY_QUICKSTART, str(tmp_path)], env=env,
+    proc = subprocess.run([sys.executable, "-c", TINY_QUICKSTART_SCRIPT, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
