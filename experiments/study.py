@@ -278,8 +278,8 @@ def initial_params(cfg):
   import optax
   from crate_mae_jax import sharding
   from crate_mae_jax import config_lib
-  from crate_mae_jax.training import state_lib, train
-  model, init_inputs, init_kwargs = train.build_model(cfg, config_lib.resolve_model(cfg.model))
+  from crate_mae_jax.training import setup as setup_lib, state_lib
+  model, init_inputs, init_kwargs = setup_lib.build_model(cfg, config_lib.resolve_model(cfg.model))
   mesh = sharding.create_mesh(cfg.mesh.shape)
   state, _ = state_lib.init_state(model, optax.identity(), mesh, sharding.rules(cfg.mesh),
                                   init_inputs, init_kwargs, jax.random.key(cfg.seed))

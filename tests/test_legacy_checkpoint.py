@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_train_config
 from crate_mae_jax import config_lib
-from crate_mae_jax.training import checkpoints, state_lib, train
+from crate_mae_jax.training import checkpoints, setup as setup_lib, state_lib, train
 
 LEGACY = pathlib.Path(__file__).parent / "fixtures" / "checkpoint_548c67d"
 
@@ -36,7 +36,7 @@ def test_a_legacy_checkpoint_matches_todays_model(task):
   cfg = legacy_config(task, init_from=str(LEGACY / "pretrain") if task != "pretrain" else "")
   model = config_lib.resolve_model(cfg.model)
   train.check_against_checkpoint(cfg, meta, path, model)
-  module, inputs, kwargs = train.build_model(cfg, model, 10)
+  module, inputs, kwargs = setup_lib.build_model(cfg, model, 10)
   abstract = nn.meta.unbox(state_lib.abstract_variables(module, inputs, kwargs)["params"])
   checkpoints.check_compatible(params, abstract, where=path)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))

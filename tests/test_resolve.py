@@ -7,7 +7,7 @@ import pytest
 
 from conftest import tiny_train_config
 from crate_mae_jax import config_lib, models
-from crate_mae_jax.training import train
+from crate_mae_jax.training import setup as setup_lib, train
 
 
 def _tiny_model(arch="crate_mae"):
@@ -75,7 +75,7 @@ def test_the_train_build_path_resolves_once(count_resolutions):
   cfg = tiny_train_config("pretrain", source="quickstart")
   resolved = config_lib.validate(cfg)
   source = input_pipeline.create(cfg.data, cfg.augment, task="pretrain", batch_size=8, seed=0)
-  model, _, init_kwargs = train.build_model(cfg, resolved)
+  model, _, init_kwargs = setup_lib.build_model(cfg, resolved)
   assert init_kwargs["mask_ratio"] == resolved["mask_ratio"]
   train.check_against_checkpoint(cfg, {"model": dict(resolved)}, "ckpt", resolved)
   evals = evaluators.from_config(cfg, evaluators.Context(config=cfg, model=model,

@@ -51,12 +51,12 @@ def random_params(config, resolved=None):
   `resolved`: the config's ResolvedModel when the caller has it."""
   import optax
   from crate_mae_jax import sharding
-  from crate_mae_jax.training import state_lib, train
+  from crate_mae_jax.training import setup as setup_lib, state_lib
   cfg = config.copy_and_resolve_references()
   cfg.task = "pretrain"
   from crate_mae_jax import config_lib
   model = config_lib.resolve_model(cfg.model if resolved is None else resolved)
-  mae, init_inputs, init_kwargs = train.build_model(cfg, model)
+  mae, init_inputs, init_kwargs = setup_lib.build_model(cfg, model)
   mesh = sharding.create_mesh(config.mesh.shape)
   state, _ = state_lib.init_state(mae, optax.identity(), mesh, sharding.rules(config.mesh),
                                   init_inputs, init_kwargs, jax.random.key(config.seed))
@@ -146,7 +146,6 @@ def main(argv):
       raise ConfigError("--config is required (e.g. --config=configs/quickstart.py)")
     if bool(FLAGS.checkpoint) == bool(FLAGS.random_init):
       raise ConfigError("pass exactly one of --checkpoint=DIR and --random_init")
-    from crate_mae_jax import config_lib
     resolved = config_lib.resolve_model(config.model)
     if FLAGS.random_init:
       params, tag = random_params(config, resolved), "random_init"

@@ -84,15 +84,21 @@ class RunSetup:
         self.abstract_state, self.state_shardings)
 
 
+def build_model(config, model, num_classes: int | None = None):
+  """(module, init inputs, init kwargs) of the config's task; `model`: the
+  ResolvedModel that `config_lib.validate(config)` returned."""
+  task = tasks.get(config.task)
+  x = jnp.zeros((1, *image_shape(config, model)), jnp.float32)
+  return task.build(config, model, num_classes), (x,), task.init_kwargs(model)
+
+
 def setup(config, model, mesh, num_train_examples: int, num_classes: int | None = None,
           device_augment: Callable = identity_augment) -> RunSetup:
   """The run `config` describes on `mesh` (`model`: the ResolvedModel of
   `config_lib.validate(config)`; `device_augment`: the data source's on-device
   augmentation)."""
   task = tasks.get(config.task)
-  module = task.build(config, model, num_classes)
-  init_inputs = (jnp.zeros((1, *image_shape(config, model)), jnp.float32),)
-  init_kwargs = task.init_kwargs(model)
+  module, init_inputs, init_kwargs = build_model(config, model, num_classes)
   abstract_params = nn.meta.unbox(
       state_lib.abstract_variables(module, init_inputs, init_kwargs)["params"])
   total_steps, steps_per_epoch = num_steps(config, num_train_examples)

@@ -13,7 +13,6 @@ import threading
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -74,14 +73,6 @@ class _Preemption:
   def __exit__(self, *exc):
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
-
-
-def build_model(config, model, num_classes: int | None = None):
-  """(module, init inputs, init kwargs) of the config's task; `model`: the
-  ResolvedModel that `config_lib.validate(config)` returned."""
-  task = tasks.get(config.task)
-  x = jnp.zeros((1, *setup_lib.image_shape(config, model)), jnp.float32)
-  return task.build(config, model, num_classes), (x,), task.init_kwargs(model)
 
 
 def check_against_checkpoint(config, meta: dict, path: str, model) -> None:
