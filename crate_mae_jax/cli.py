@@ -321,6 +321,18 @@ def run_tool(prog: str, flag_values, argv, body, *, usage: str, module: str,
     return usage_error(prog, e)
 
 
+def run_absl_app(main, flag_values, *, module: str, usage: str, quiet: bool = True) -> None:
+  """A console script's entry: quiet imports (unless `quiet` is False), `--help`
+  printing the module's own flags and exiting 0, else `absl.app.run(main)`."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  if quiet:
+    quiet_startup()
+  if wants_help(sys.argv):
+    print_help(sys.argv, flag_values, module=module, usage=usage)
+    sys.exit(0)
+  app.run(main)
+
+
 def exit_process(code: int) -> None:
   """Ends the process with `code` at once, even where a failed Orbax save left its
   (non-daemon) writer threads behind."""

@@ -136,15 +136,17 @@ class Evaluation:
   def layerwise(self, cfg, params) -> dict:
     """{'knn': {'cls/layer_00': acc, ..., 'mean/best': acc}, 'linear_probe': {...}}."""
     from crate_mae_jax.evaluators import common, features, knn, linear_probe
-    data = features.SplitFeatures(cfg, arrays=self.arrays)
-    train, test = data.features(common.encoder_params(params))
+    data = features.SplitFeatures(cfg.data, arrays=self.arrays)
+    encode_fn = features.make_extract_fn(features.feature_encoder(cfg.model))
+    train, test = data.features(encode_fn, common.encoder_params(params))
+    names = features.layer_names(len(train[features.POOLS[0]]) - 1)
     out = {}
     for kind, fit in (("knn", knn.knn_accuracy),
                       ("linear_probe", lambda *a: linear_probe.ridge_probe_accuracy(*a)[0])):
       acc = {pool: [fit(train[pool][i], data.train_y, test[pool][i], data.test_y,
-                        data.num_classes) for i in range(len(data.names))]
+                        data.num_classes) for i in range(len(names))]
              for pool in features.POOLS}
-      out[kind] = features.per_layer_scalars(acc, data.names)
+      out[kind] = features.per_layer_scalars(acc, names)
     return out
 
   def white_box(self, cfg, params) -> dict:

@@ -14,7 +14,7 @@ from conftest import tiny_train_config
 from crate_mae_jax import models
 from crate_mae_jax.training import train
 from crate_mae_jax.config_lib import ConfigError
-from crate_mae_jax.evaluators import common, features, knn, linear_probe
+from crate_mae_jax.evaluators import common, features, knn, linear_probe, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = 5
@@ -96,6 +96,11 @@ def _tiny_quickstart(task="pretrain"):
   return cfg
 
 
+def _with_evals(cfg, **evals):
+  cfg.evals = ml_collections.ConfigDict(evals)
+  return cfg
+
+
 def test_train_loop_runs_listed_evaluators_through_the_given_writer(tmp_path):
   cfg = _tiny_quickstart()
   cfg.evals = ml_collections.ConfigDict(dict(
@@ -123,13 +128,21 @@ def test_default_evals_and_bad_entries():
   cfg.model.arch = "vit_mae"
   assert sorted(common.default_evals(cfg, models.resolve(cfg.model))) == ["eval", "foreground"]
   cfg = _tiny_quickstart()
-  ctx = common.Context(config=cfg, model=None)
+  resolved = models.resolve(cfg.model)
+  fns = predict.predict_fns(models.build_mae(cfg.model), resolved, classifies=False)
   cfg.evals = ml_collections.ConfigDict({"x": dict(type="nope")})
   with pytest.raises(ConfigError, match=r"config.evals.x.type='nope' is unknown"):
-    common.from_config(cfg, ctx)
+    common.from_config(cfg, resolved, fns)
   cfg.evals = ml_collections.ConfigDict({"knn": dict(type="knn", bogus=1)})
   with pytest.raises(ConfigError, match=r"config.evals.knn: .*bogus"):
-    common.from_config(cfg, ctx)
+    common.from_config(cfg, resolved, fns)
+  cfg.evals = ml_collections.ConfigDict({"acc": dict(type="classification")})
+  with pytest.raises(ConfigError, match=r"config.evals.acc: 'classification' reads the model "
+                     r"function 'classify', which task='pretrain'"):
+    common.from_config(cfg, resolved, fns)
+  cfg.evals = ml_collections.ConfigDict({"knn": dict(type="knn", pred="masked")})
+  built = common.from_config(cfg, resolved, fns)   # `pred` picks another function
+  assert built[0].evaluator.encode_fn is fns["masked"]
 
 
 def test_diagnostics_evaluator_drops_decoder_sparsity_and_adds_masked(tmp_path):
@@ -140,8 +153,11 @@ def test_diagnostics_evaluator_drops_decoder_sparsity_and_adds_masked(tmp_path):
   model = models.build_mae(cfg.model)
   params = model.init({"params": jax.random.key(0), "masking": jax.random.key(1)},
                       np.zeros((1, 28, 28, 1), np.float32), mask_ratio=0.75)["params"]
-  out = diagnostics.Evaluator(common.Context(config=cfg, model=model, source=source)).run(
-      {"params": params})
+  (sched,) = common.from_config(
+      _with_evals(cfg, diag=dict(type="diagnostics")), models.resolve(cfg.model),
+      predict.predict_fns(model, models.resolve(cfg.model), classifies=False), source=source)
+  assert isinstance(sched.evaluator, diagnostics.Evaluator)
+  out = sched.evaluator.run({"params": params})
   assert "encoder/coding_rate/layer_01" in out and "mask_0.75/encoder/sparsity/layer_00" in out
   assert "decoder/coding_rate/layer_00" in out
   assert not any("decoder/sparsity" in k for k in out)

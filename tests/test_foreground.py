@@ -5,6 +5,7 @@ import itertools
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -119,20 +120,30 @@ def test_vit_attention_reproduces_the_block_output():
 
 def test_evaluator_scores_both_archs_and_refuses_sources_without_masks():
   from crate_mae_jax.data import input_pipeline
-  from crate_mae_jax.evaluators import common
-  from crate_mae_jax.evaluators import foreground as fg_eval
+  from crate_mae_jax.evaluators import common, predict
+  evals = ml_collections.ConfigDict({"fg": dict(type="foreground", num_images=16)})
   for arch in ("crate_mae", "vit_mae"):
     cfg, model, params = _tiny(arch)
+    cfg.evals = evals
+    resolved = models.resolve(cfg.model)
+    fns = predict.predict_fns(model, resolved, classifies=False)
     source = input_pipeline.create(cfg.data, cfg.augment, task="pretrain", batch_size=8, seed=0)
-    ctx = common.Context(config=cfg, model=model, source=source)
-    out = fg_eval.Evaluator(ctx, num_images=16).run({"params": params})
+    (sched,) = common.from_config(cfg, resolved, fns, source=source)
+    out = sched.evaluator.run({"params": params})
     assert 0 < out["chance/mass"] < 1 and 0 < out["chance/iou"] < 1
     for key in ("mass/layer_01/head_1", "iou/layer_00/mean"):
       assert 0.0 <= out[key] <= 1.0
   cfg.data.source = "tfds"
   cfg.data.name = "cifar10"
   with pytest.raises(ConfigError, match="'foreground' needs images with a foreground mask"):
-    fg_eval.Evaluator(common.Context(config=cfg, model=model))
+    common.from_config(cfg, resolved, fns)
+  cfg = tiny_train_config("linear_probe", source="quickstart")
+  cfg.evals = evals
+  resolved = models.resolve(cfg.model)
+  classifier_fns = predict.predict_fns(models.build_classifier(cfg.model, 10), resolved,
+                                       classifies=True)
+  with pytest.raises(ConfigError, match="'foreground' reads the model function 'attention'"):
+    common.from_config(cfg, resolved, classifier_fns)
 
 
 def test_analyze_adds_the_foreground_score_for_fashion_mnist_images(tmp_path):

@@ -2,8 +2,10 @@
 tokamax's Triton kernel (GPU only, checked by the GPU benchmark's micro rows).
 Here: the choice 'auto' makes, the config checks, configs naming the removed
 'fused' kernel, and the message when tokamax is missing."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from crate_mae_jax import models
@@ -68,6 +70,38 @@ def test_tokamax_missing_names_the_fix():
   module = layernorm.layer_norm(1e-5, jnp.float32, jnp.float32, "n", "tokamax")
   with pytest.raises(ImportError, match=r"norm_impl='tokamax' needs the tokamax package"):
     module.init(jax.random.key(0), jnp.ones((2, 8)))
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _check_against_flax(impl, dtype, tol, shape):
+  """`impl`'s LayerNorm against flax's: outputs and gradients (params, input),
+  with perturbed scale and bias so their gradients are not trivially shaped."""
+  x = (jax.random.normal(jax.random.key(0), shape) * 2.5 + 0.7).astype(dtype)
+  cot = jax.random.normal(jax.random.key(3), x.shape, jnp.float32)
+  ref = layernorm.layer_norm(1e-5, dtype, jnp.float32, "n", "flax")
+  new = layernorm.layer_norm(1e-5, dtype, jnp.float32, "n", impl)
+  assert isinstance(ref, nn.LayerNorm) and isinstance(new, layernorm.KernelLayerNorm)
+  params = ref.init(jax.random.key(1), x)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.3 * jax.random.normal(k, l.shape, l.dtype)
+                                     for l, k in zip(leaves, keys)])
+
+  def loss(module):
+    return lambda p, x: (module.apply(p, x).astype(jnp.float32) * cot).sum()
+
+  y_ref, y_new = ref.apply(params, x), new.apply(params, x)
+  assert y_new.dtype == y_ref.dtype == dtype
+  assert _rel(y_new, y_ref) < tol
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  g_new = jax.grad(loss(new), argnums=(0, 1))(params, x)
+  assert g_new[1].dtype == x.dtype
+  for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+    assert _rel(a, b) < tol, (a.shape, _rel(a, b))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not layernorm.tokamax_available(),

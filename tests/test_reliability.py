@@ -234,7 +234,6 @@ def test_image_folder_symlink_loop_reads_each_image_once(tmp_path):
 def test_float_arrays_in_0_1_are_scaled_not_blackened():
   from crate_mae_jax.data import data_arrays
   x = np.linspace(0.0, 1.0, 16 * 4 * 4, dtype=np.float32).reshape(16, 4, 4, 1)
-  y = np.arange(16) % 2
   u8 = data_arrays.to_uint8(x, "train images")
   assert u8.dtype == np.uint8 and u8.max() == 255 and u8.min() == 0
   np.testing.assert_array_equal(u8, np.round(x * 255).astype(np.uint8))

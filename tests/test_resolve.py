@@ -78,8 +78,9 @@ def test_the_train_build_path_resolves_once(count_resolutions):
   model, _, init_kwargs = setup_lib.build_model(cfg, resolved)
   assert init_kwargs["mask_ratio"] == resolved["mask_ratio"]
   train.check_against_checkpoint(cfg, {"model": dict(resolved)}, "ckpt", resolved)
-  evals = evaluators.from_config(cfg, evaluators.Context(config=cfg, model=model,
-                                                         resolved=resolved, source=source))
+  evals = evaluators.from_config(cfg, resolved,
+                                 evaluators.predict_fns(model, resolved, classifies=False),
+                                 source=source)
   assert {e.name for e in evals} == {"eval", "diag", "foreground"}
   assert len(count_resolutions) == 1
 

@@ -177,16 +177,15 @@ def to_json(summary: Mapping[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- model
 
 
-def foreground_scores(model, params, images, foreground, batch_size: int = 500
+def foreground_scores(attention_fn, images, foreground, batch_size: int = 500
                       ) -> dict[str, Any]:
-  """`summarise` of the cls attention of every encoder layer and head of `model`
-  (CRATE-MAE or ViT-MAE) on normalised `images` (N, H, W, C), with the object
-  patches `foreground` (N, gh, gw), in batches of `batch_size`."""
-  from crate_mae_jax.analysis import diagnostics
+  """`summarise` of the cls attention maps `attention_fn(images)` gives (every
+  encoder layer and head: `diagnostics.cls_attention_layers` of a CRATE-MAE or
+  ViT-MAE and its parameters) on normalised `images` (N, H, W, C), with the
+  object patches `foreground` (N, gh, gw), in batches of `batch_size`."""
   images, foreground = np.asarray(images), np.asarray(foreground, bool)
   parts = []
   for start in range(0, len(images), batch_size):
-    attention = diagnostics.cls_attention_layers(model, params,
-                                                 images[start:start + batch_size])
+    attention = attention_fn(images[start:start + batch_size])
     parts.append(per_image_scores(attention, foreground[start:start + batch_size]))
   return summarise(concat_scores(parts))

@@ -4,9 +4,7 @@ from typing import Callable
 
 from absl import logging
 import jax
-
-from crate_mae_jax import sharding
-from crate_mae_jax.training import state_lib
+import jax.numpy as jnp
 
 
 class BatchProgress:
@@ -25,26 +23,29 @@ class BatchProgress:
       self._last = now
 
 
-def jit_step(context, step_fn):
-  if context.mesh is None:
-    return jax.jit(step_fn)
-  return state_lib.jit_eval_step(step_fn, context.variables_sharding, context.mesh,
-                                 context.rules)
+def inputs(source, batch: dict):
+  """The model inputs of an eval batch: its images through the eval-time device
+  augmentation (normalisation, no randomness)."""
+  return source.device_augment(jax.random.key(0), batch["image"], False)
 
 
-def averaged(context, step, variables, max_batches) -> dict:
-  """Sums {'loss_sum', 'count', others} over the eval batches; returns the means
-  ('loss', others) and 'examples'."""
+def padding_mask(batch: dict, size: int):
+  """1 for real examples, 0 for the padding of a last partial batch."""
+  return batch.get("mask", jnp.ones((size,)))
+
+
+def averaged(step, variables, source, max_batches) -> dict:
+  """Sums a jitted step(variables, batch, index) -> {'loss_sum', 'count', others}
+  over the eval batches of `source`; returns the means ('loss', others) and
+  'examples'."""
   totals: dict[str, float] = {}
-  total = context.source.num_eval_batches
+  total = source.num_eval_batches
   if max_batches is not None:
     total = min(total, max_batches)
   progress = BatchProgress(total)
-  for i, batch in enumerate(context.source.eval_batches()):
+  for i, batch in enumerate(source.eval_batches()):
     if max_batches is not None and i >= max_batches:
       break
-    if context.mesh is not None:
-      batch = sharding.global_batch(batch, context.mesh)
     out = jax.device_get(step(variables, batch, i))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)

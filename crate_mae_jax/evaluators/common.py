@@ -1,38 +1,36 @@
-"""Evaluators built from `config.evals`, one module per kind, one interface.
+"""Evaluators built from `config.evals`, one module per kind, as big_vision's are.
 
-    config.evals = {name: {type, every_steps, prefix, **kwargs}}
+    config.evals = {name: {type, every_steps, prefix, pred, **options}}
 
-Each entry becomes `REGISTRY[type](context, **kwargs)`; its `run(state)` takes
-the train state and returns a flat dict of scalars (float) and images (uint8
-arrays, (H, W, C) or (1, H, W, C)), written as `prefix + key` (prefix: the
-entry's name and '/', unless set). The train loop runs every entry at its
-`every_steps` (default `config.eval_every_steps`) and at the last step; the
-same evaluators run on any checkpoint through `crate_mae_jax.tools.evaluate`.
+Each entry becomes `REGISTRY[type](predict_fn, **options)`: `predict_fn` is the
+model function the evaluator reads (`predict.predict_fns`; the class's `PREDICT`,
+or the entry's `pred`), options are the entry's own. An option the entry leaves
+out but the evaluator's `__init__` names takes the run's value
+(`run_options`: num_images, max_batches, seed, mask_ratio, patch_size, ...),
+and the run's services are passed to those that name them: `source` (the eval
+split), `jit` (jits a (variables, batch, index) step on the mesh) and `scope`
+(the mesh for the model's sharding hints). `run(state)` returns a flat dict of
+scalars and images (uint8 (H, W, C) or (1, H, W, C)), written as `prefix + key`
+(prefix: the entry's name and '/', unless set). The train loop runs every entry
+at its `every_steps` (default `config.eval_every_steps`) and at the last step;
+`crate_mae_jax.tools.evaluate` runs the same ones on a checkpoint.
 
-With `config.evals` empty the task's default is used (`training/tasks.py`):
-'eval' (the masked loss and reconstruction figure when pre-training, top-1/top-5
-when classifying), and with `config.eval.diagnostics` 'diag' (coding rate and
-sparsity per layer, CRATE-MAE) and 'foreground' (images with object masks).
-
-A new evaluator: a module in this package with a class decorated
-`@common.register('kind')`, `__init__(self, context, **kwargs)` and
-`run(self, state) -> dict`; import it in `evaluators/__init__.py`.
+With `config.evals` empty the task's default is used (`training/tasks.py`).
 """
 import contextlib
 import dataclasses
+import inspect
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from crate_mae_jax import config_lib, sharding
 from crate_mae_jax.errors import ConfigError
 from crate_mae_jax.training import tasks
 
 REGISTRY: dict[str, type] = {}
-RESERVED = ("type", "every_steps", "prefix")
+RESERVED = ("type", "every_steps", "prefix", "pred")
 
 
 def register(kind: str) -> Callable[[type], type]:
@@ -44,32 +42,13 @@ def register(kind: str) -> Callable[[type], type]:
   return wrap
 
 
-@dataclasses.dataclass
-class Context:
-  """What an evaluator may use: the run's config, the module the task trains,
-  its resolved model config, the data source (eval split and its device
-  augmentation), the mesh and the sharding of the evaluated variables."""
-  config: ml_collections.ConfigDict
-  model: nn.Module
-  resolved: Any = None  # the ResolvedModel of config_lib.validate(config)
-  source: Any = None
-  mesh: Any = None
-  rules: tuple = ()
-  variables_sharding: Any = None
-  num_classes: int | None = None
-
-  def __post_init__(self):
-    if self.resolved is None:
-      self.resolved = config_lib.resolve_model(self.config.model)
-
-  @contextlib.contextmanager
-  def scope(self):
-    """The mesh and logical axis rules the model's sharding hints need."""
-    if self.mesh is None:
-      yield
-      return
-    with sharding.activate(self.mesh, self.rules):
-      yield
+def run_options(config, model) -> dict:
+  """The run's value of each option an evaluator may leave to the run (`model`:
+  the resolved model config)."""
+  return {"num_images": config.eval.num_images, "max_batches": config.eval.max_batches,
+          "seed": config.seed, "mask_ratio": model["mask_ratio"],
+          "patch_size": model["patch_size"], "norm_pix_loss": model["norm_pix_loss"],
+          "mean": config.data.mean, "std": config.data.std, "data": config.data}
 
 
 def params_of(state):
@@ -116,10 +95,29 @@ def _spec_dict(spec) -> dict:
   return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
 
 
-def from_config(config, context: Context) -> list[Scheduled]:
+def accepted_options(cls) -> set[str]:
+  """The keyword names `cls(...)` takes, through the `**options` its `__init__`
+  hands to a base class."""
+  names: set[str] = set()
+  for klass in cls.__mro__:
+    if "__init__" not in vars(klass):
+      continue
+    params = inspect.signature(klass.__init__).parameters.values()
+    names |= {p.name for p in params if p.kind is p.KEYWORD_ONLY or
+              p.kind is p.POSITIONAL_OR_KEYWORD}
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+      break
+  return names
+
+
+def from_config(config, model, predict_fns: dict[str, Callable], *, source=None,
+                jit: Callable = jax.jit, scope=contextlib.nullcontext) -> list[Scheduled]:
   """The evaluators `config.evals` lists (or the task's default), built now, so
-  that a bad entry fails before anything compiles."""
-  evals = config.get("evals") or default_evals(config, context.resolved)
+  that a bad entry fails before anything compiles. `model`: the resolved model
+  config; `predict_fns`: what `predict.predict_fns` gives for the trained module."""
+  evals = config.get("evals") or default_evals(config, model)
+  services = {"source": source, "jit": jit, "scope": scope}
+  defaults = run_options(config, model)
   out = []
   for name, spec in evals.items():
     kwargs = _spec_dict(spec)
@@ -132,8 +130,18 @@ def from_config(config, context: Context) -> list[Scheduled]:
       raise ConfigError(f"config.evals.{name}.every_steps={every!r} must be a positive integer")
     prefix = kwargs.pop("prefix", None)
     prefix = f"{name}/" if prefix is None else prefix
+    cls = REGISTRY[kind]
+    pred = kwargs.pop("pred", None) or cls.PREDICT
+    if pred not in predict_fns:
+      raise ConfigError(f"config.evals.{name}: {kind!r} reads the model function {pred!r}, "
+                        f"which task={config.task!r} with arch={model['arch']!r} does not "
+                        f"give (it gives {tuple(sorted(predict_fns))}); remove the entry")
+    accepted = accepted_options(cls)
+    for option, value in {**defaults, **services}.items():
+      if option in accepted and option not in kwargs:
+        kwargs[option] = value
     try:
-      evaluator = REGISTRY[kind](context, **kwargs)
+      evaluator = cls(predict_fns[pred], **kwargs)
     except TypeError as e:
       raise ConfigError(f"config.evals.{name}: {e}; see crate_mae_jax/evaluators/{kind}.py "
                         "for its options") from None

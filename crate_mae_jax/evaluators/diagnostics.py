@@ -7,12 +7,10 @@ Measured on the first `num_images` eval images, twice: with every patch visible
 the training ratio (e.g. 'mask_0.75/...'). The decoder's "sparsity" (its dictionary output, dense by
 construction) is left out: it measures nothing.
 """
-import jax
 import jax.numpy as jnp
 
 from crate_mae_jax.analysis import diagnostics
-from crate_mae_jax.config_lib import ConfigError
-from crate_mae_jax.evaluators import common
+from crate_mae_jax.evaluators import batches, common
 
 UNINFORMATIVE = ("decoder/sparsity",)
 
@@ -29,31 +27,24 @@ def layer_scalars(measures: dict, tag: str = "") -> dict:
 
 @common.register("diagnostics")
 class Evaluator:
+  """Coding rate and sparsity per layer at each of `mask_ratios` (default: 0 and
+  the training `mask_ratio`) on the first `num_images` eval images."""
+  PREDICT = "measures"
 
-  def __init__(self, context: common.Context, *, num_images: int | None = None,
+  def __init__(self, predict_fn, *, source, num_images: int, mask_ratio: float,
                mask_ratios: tuple | None = None):
-    config = context.config
-    resolved = context.resolved
-    if resolved["arch"] != "crate_mae":
-      raise ConfigError(f"config.evals: 'diagnostics' needs config.model.arch='crate_mae' "
-                        f"(got {resolved['arch']!r}: no subspaces or sparse codes); remove it")
-    self.context = context
-    self.model = context.model
-    self.num_images = config.eval.num_images if num_images is None else int(num_images)
-    self.mask_ratios = tuple(mask_ratios if mask_ratios is not None
-                             else (0.0, resolved["mask_ratio"]))
+    self.predict_fn, self.source, self.num_images = predict_fn, source, int(num_images)
+    self.mask_ratios = tuple(mask_ratios if mask_ratios is not None else (0.0, mask_ratio))
 
   def images(self):
-    source = self.context.source
-    batch = next(iter(source.eval_batches()))
-    return source.device_augment(jax.random.key(0),
-                                 jnp.asarray(batch["image"][: self.num_images]), False)
+    batch = next(iter(self.source.eval_batches()))
+    return batches.inputs(self.source, {"image": jnp.asarray(batch["image"][: self.num_images])})
 
   def run(self, state) -> dict:
     params = common.params_of(state)
     images = self.images()
     out = {}
     for ratio in self.mask_ratios:
-      measures = diagnostics.layerwise_measures(self.model, params, images, mask_ratio=ratio)
+      measures = self.predict_fn(params, images, mask_ratio=ratio)
       out.update(layer_scalars(measures, "" if ratio == 0 else f"mask_{ratio:g}/"))
     return out

@@ -70,33 +70,30 @@ def extract(extract_fn, params, images: np.ndarray, batch_size: int = 256) -> di
 
 
 class SplitFeatures:
-  """Train and test images (normalised, un-augmented) of a config, loaded once;
-  `features(params)` extracts the per-layer features of both."""
+  """Train and test images (normalised, un-augmented) of a data config, loaded
+  once (or given as `arrays` ((train_x, train_y), (test_x, test_y)));
+  `features(encode_fn, params)` extracts the per-layer features of both."""
 
-  def __init__(self, config, *, max_train: int | None = None, max_test: int | None = None,
-               batch_size: int = 256, arrays=None, resolved=None):
-    from crate_mae_jax.data import input_pipeline
+  def __init__(self, data, *, seed: int = 0, max_train: int | None = None,
+               max_test: int | None = None, batch_size: int = 256, arrays=None):
+    from crate_mae_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
     if arrays is None:
-      limit = [m for m in (max_train, config.data.max_examples) if m]
+      limit = [m for m in (max_train, data.max_examples) if m]
       train_x, train_y, classes = input_pipeline.split_arrays(
-          config.data, config.data.train_split, max_examples=min(limit) if limit else None,
-          seed=config.seed)
+          data, data.train_split, max_examples=min(limit) if limit else None, seed=seed)
       test_x, test_y, _ = input_pipeline.split_arrays(
-          config.data, config.data.eval_split, max_examples=max_test, seed=config.seed)
+          data, data.eval_split, max_examples=max_test, seed=seed)
     else:
       (train_x, train_y), (test_x, test_y) = arrays
       classes = int(max(train_y.max(), test_y.max())) + 1
     self.train_x, self.train_y = train_x, np.asarray(train_y, np.int32)
     self.test_x, self.test_y = test_x, np.asarray(test_y, np.int32)
-    self.num_classes = int(config.data.num_classes or classes)
-    self.encoder = feature_encoder(config.model if resolved is None else resolved)
-    self.names = layer_names(self.encoder.depth)
+    self.num_classes = int(data.num_classes or classes)
     self.batch_size = batch_size
-    self._extract = make_extract_fn(self.encoder)
 
-  def features(self, encoder_params) -> tuple[dict, dict]:
-    return (extract(self._extract, encoder_params, self.train_x, self.batch_size),
-            extract(self._extract, encoder_params, self.test_x, self.batch_size))
+  def features(self, encode_fn, encoder_params) -> tuple[dict, dict]:
+    return (extract(encode_fn, encoder_params, self.train_x, self.batch_size),
+            extract(encode_fn, encoder_params, self.test_x, self.batch_size))
 
 
 def per_layer_scalars(accuracies: dict, names: list[str]) -> dict:
@@ -118,23 +115,25 @@ def best_layer(scalars: dict) -> tuple[float, str]:
 
 class LayerReadout:
   """Base of the evaluators that read every encoder layer out with a classifier on
-  frozen features: features are extracted once per `run` (train and test split,
-  each pool), and `score(train_features, test_features) -> top-1` is applied to
-  every layer. Returns {'<pool>/layer_NN', '<pool>/final', '<pool>/best'}."""
+  frozen features: the 'encode' function's features are extracted once per `run`
+  (train and test split, each pool), and `score(train_features, test_features)
+  -> top-1` is applied to every layer. Returns {'<pool>/layer_NN', '<pool>/final',
+  '<pool>/best'}."""
+  PREDICT = "encode"
 
-  def __init__(self, context, *, max_train: int | None = 10_000,
+  def __init__(self, predict_fn, *, data, seed: int = 0, max_train: int | None = 10_000,
                max_test: int | None = None, pools: tuple = POOLS, batch_size: int = 256,
-               data=None):
-    self.pools = tuple(pools)
-    self.data = data or SplitFeatures(context.config, max_train=max_train,
-                                      max_test=max_test, batch_size=batch_size,
-                                      resolved=context.resolved)
+               arrays=None):
+    self.encode_fn, self.pools = predict_fn, tuple(pools)
+    self.data = SplitFeatures(data, seed=seed, max_train=max_train, max_test=max_test,
+                              batch_size=batch_size, arrays=arrays)
 
   def score(self, train_features, test_features) -> float:
     raise NotImplementedError
 
   def run(self, state) -> dict:
-    train, test = self.data.features(common.encoder_params(state))
-    acc = {pool: [self.score(train[pool][i], test[pool][i])
-                  for i in range(len(self.data.names))] for pool in self.pools}
-    return per_layer_scalars(acc, self.data.names)
+    train, test = self.data.features(self.encode_fn, common.encoder_params(state))
+    names = layer_names(len(train[POOLS[0]]) - 1)
+    acc = {pool: [self.score(train[pool][i], test[pool][i]) for i in range(len(names))]
+           for pool in self.pools}
+    return per_layer_scalars(acc, names)

@@ -46,9 +46,8 @@ def knn_accuracy(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray,
 class Evaluator(features.LayerReadout):
   """{'<pool>/layer_NN', '<pool>/final', '<pool>/best'}: k-NN top-1 per layer."""
 
-  def __init__(self, context: common.Context, *, k: int = 20, temperature: float = 0.07,
-               **readout):
-    super().__init__(context, **readout)
+  def __init__(self, predict_fn, *, k: int = 20, temperature: float = 0.07, **readout):
+    super().__init__(predict_fn, **readout)
     self.k, self.temperature = int(k), float(temperature)
 
   def score(self, train_features, test_features) -> float:

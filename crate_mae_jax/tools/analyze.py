@@ -235,7 +235,8 @@ def analyze(checkpoint: str, output: str, config=None, images: str | None = None
   if not images and foreground.gives_masks(data_config.data):   # Fashion-MNIST: exact masks
     try:
       result["foreground"] = foreground.to_json(foreground.foreground_scores(
-          model, params, batch, foreground.object_patches(batch, mean, std, p)))
+          lambda x: diagnostics.cls_attention_layers(model, params, x), batch,
+          foreground.object_patches(batch, mean, std, p)))
     except ValueError as e:   # no image with a partial object among the few analysed
       result["foreground"] = {"skipped": str(e)}
   with open(os.path.join(output, "measures.json"), "w") as f:
@@ -301,15 +302,10 @@ def main(argv) -> int:
 
 def run():
   """Console-script entry point."""
-  from absl import app
   from crate_mae_jax import cli
   cli.quiet_startup()
-  flag_values = _define_flags()
-  if cli.wants_help(sys.argv):
-    cli.print_help(sys.argv, flag_values, module=__name__,
+  cli.run_absl_app(main, _define_flags(), module=__name__,
                    usage="--checkpoint=DIR --output=DIR [--FLAG=VALUE ...]")
-    sys.exit(0)
-  app.run(main)
 
 
 if __name__ == "__main__":

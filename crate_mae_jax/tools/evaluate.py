@@ -84,9 +84,7 @@ def evaluate(config, params, kinds, *, max_train=None, max_test=None, k=20,
   resolved = config_lib.resolve_model(cfg.model if resolved is None else resolved)
   source = input_pipeline.create(cfg.data, cfg.augment, task="pretrain", batch_size=256,
                                  seed=cfg.seed)
-  context = evaluators.Context(config=cfg, model=models.build_mae(resolved), resolved=resolved,
-                               source=source,
-                               num_classes=cfg.data.num_classes or source.num_classes)
+  fns = evaluators.predict_fns(models.build_mae(resolved), resolved, classifies=False)
   options = {"knn": dict(k=k, max_train=max_train, max_test=max_test),
              "linear_probe": dict(max_train=max_train, max_test=max_test)}
   out = {}
@@ -96,7 +94,7 @@ def evaluate(config, params, kinds, *, max_train=None, max_test=None, k=20,
       continue
     spec = ml_collections.ConfigDict({kind: dict(type=kind, **options.get(kind, {}))})
     cfg.evals = spec
-    (entry,) = evaluators.from_config(cfg, context)
+    (entry,) = evaluators.from_config(cfg, resolved, fns, source=source)
     out[kind] = evaluators.scalars_only(entry.evaluator.run({"params": params}))
   return out
 
@@ -176,12 +174,8 @@ def main(argv):
 def run():
   """Console-script entry point (crate-mae-eval)."""
   from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
-  cli.quiet_startup()
-  if cli.wants_help(sys.argv):
-    cli.print_help(sys.argv, FLAGS, module=__name__,
+  cli.run_absl_app(main, FLAGS, module=__name__,
                    usage="--config=CONFIG (--checkpoint=DIR | --random_init) [--FLAG=VALUE ...]")
-    sys.exit(0)
-  app.run(main)
 
 
 if __name__ == "__main__":

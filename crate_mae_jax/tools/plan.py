@@ -25,7 +25,7 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import flags
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -501,11 +501,8 @@ def main(argv):
 def run():
   """Console script `crate-mae-plan`."""
   from crate_mae_jax import cli  # pylint: disable=import-outside-toplevel
-  if cli.wants_help(sys.argv):
-    cli.print_help(sys.argv, FLAGS, module=__name__,
+  cli.run_absl_app(main, FLAGS, module=__name__, quiet=False,
                    usage="--config=CONFIG --topology=TOPOLOGY [--mesh=...] [--json=OUT.json]")
-    sys.exit(0)
-  app.run(main)
 
 
 if __name__ == "__main__":

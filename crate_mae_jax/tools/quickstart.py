@@ -14,10 +14,9 @@ a trivial predictor.
 """
 import json
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import numpy as np
 
@@ -217,10 +216,7 @@ def run():
   """Console-script entry point."""
   cli.quiet_startup()
   _define_flags()
-  if cli.wants_help(sys.argv):
-    cli.print_help(sys.argv, FLAGS, module=__name__, usage="[--workdir=DIR]")
-    sys.exit(0)
-  app.run(main)
+  cli.run_absl_app(main, FLAGS, module=__name__, usage="[--workdir=DIR]")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,16 @@ class RunSetup:
       return {"params": shard.params, "batch_stats": shard.batch_stats}
     return {"params": shard.params}
 
+  def eval_jit(self, has_batch_stats: bool) -> Callable:
+    """What evaluators jit their step(variables, batch, index) with: the
+    variables sharded as the state, the batch assembled, the mesh active."""
+    shard = self.variables_sharding(has_batch_stats)
+    return lambda step: state_lib.jit_eval_step(step, shard, self.mesh, self.rules)
+
+  def scope(self):
+    """The mesh and logical axis rules the model's sharding hints need."""
+    return sharding.activate(self.mesh, self.rules)
+
   def abstract_batch(self, config) -> dict:
     """The global batch as sharded ShapeDtypeStructs (for lowering without data)."""
     shapes = {"image": ((config.batch_size, *image_shape(config, self.model)), jnp.float32)}

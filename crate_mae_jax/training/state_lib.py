@@ -104,10 +104,13 @@ def _lower(jitted, mesh, logical_rules, *args):
 
 
 def jit_eval_step(step_fn: Callable, variables_sharding, mesh: Mesh, logical_rules) -> Callable:
+  """step_fn(variables, batch, index) jitted on the mesh: the process-local batch
+  is assembled into the global one, the outputs come back replicated."""
   jitted = jax.jit(step_fn, in_shardings=(variables_sharding, None, None),
                    out_shardings=sharding.replicated(mesh))
 
   def run(variables, batch, index):
     with sharding.activate(mesh, logical_rules):
-      return jitted(variables, batch, jnp.asarray(index, jnp.int32))
+      return jitted(variables, sharding.global_batch(batch, mesh),
+                    jnp.asarray(index, jnp.int32))
   return run

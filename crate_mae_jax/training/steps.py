@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import optax
 
 from crate_mae_jax.data.augment_jax import identity_augment
-from crate_mae_jax.models.patches import masked_mean, patchify, per_patch_mse
 from crate_mae_jax.training.state_lib import TrainState, new_state  # pylint: disable=unused-import
 
 
@@ -133,44 +132,4 @@ def make_classify_step(model: nn.Module, tx, num_classes: int, accum_steps: int 
     lr = schedule(state.step) if schedule is not None else 0.0
     state, extra = _apply(state, tx, grads, loss, aux["batch_stats"] or None)
     return state, {"loss": loss, "accuracy": aux["accuracy"], "learning_rate": lr, **extra}
-  return step
-
-
-def _eval_images(batch: dict, device_augment: Callable) -> jax.Array:
-  return device_augment(jax.random.key(0), batch["image"], False)
-
-
-def make_pretrain_eval_step(model: nn.Module, mask_ratio: float, seed: int = 0,
-                            device_augment: Callable = identity_augment):
-  """Masked loss on an eval batch with a fixed masking key: repeatable numbers."""
-
-  def step(params, batch: dict, index: jax.Array):
-    key = jax.random.fold_in(jax.random.key(seed), index)
-    images = _eval_images(batch, device_augment)
-    out = model.apply({"params": params}, images, mask_ratio=mask_ratio,
-                      rngs={"masking": key})
-    per_image = _per_image_loss(out, images, model)
-    mask = batch.get("mask", jnp.ones(per_image.shape))
-    return {"loss_sum": (per_image * mask).sum(), "count": mask.sum()}
-  return step
-
-
-def _per_image_loss(out, images, model):
-  per_patch = per_patch_mse(out["pred"], patchify(images, model.patch_size),
-                            model.norm_pix_loss)
-  return masked_mean(per_patch, out["mask"], axis=-1)
-
-
-def make_classify_eval_step(model: nn.Module, device_augment: Callable = identity_augment):
-  def step(variables, batch: dict, index):
-    del index
-    logits = model.apply(variables, _eval_images(batch, device_augment), train=False)
-    mask = batch.get("mask", jnp.ones(logits.shape[:1]))
-    labels = batch["label"]
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return {"loss_sum": (loss * mask).sum(),
-            "top1": ((jnp.argmax(logits, -1) == labels) * mask).sum(),
-            "top5": ((top5 == labels[:, None]).any(-1) * mask).sum(),
-            "count": mask.sum()}
   return step

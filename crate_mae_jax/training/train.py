@@ -231,10 +231,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
                                          asynchronous=config.checkpoint_async)
   state = _restore_or_init(config, model, run, manager, latest, encoder, ckpt_dir)
   start_step, total_steps = int(jax.device_get(state.step)), run.total_steps
-  evals = evaluators.from_config(config, evaluators.Context(
-      config=config, model=run.module, resolved=model, source=source, mesh=mesh,
-      rules=run.rules, variables_sharding=run.variables_sharding(bool(state.batch_stats)),
-      num_classes=num_classes))
+  evals = evaluators.from_config(
+      config, model, evaluators.predict_fns(run.module, model, task.classifies),
+      source=source, jit=run.eval_jit(bool(state.batch_stats)), scope=run.scope)
   writer = writer or summaries.create_writer(workdir, is_chief)
   kernels = models.kernels(model)
   run_record.record_start(workdir, config, mesh, writer, state.params, is_chief, kernels)
