@@ -29,11 +29,14 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from crate_mae_jax.training import state_lib
+
 PARAMS, TRAIN_STATE, META = "params", "train_state", "meta"
 MANIFEST = "manifest.sha256.json"
 # A file the run puts in its checkpoint folder: gone means the folder was
 # deleted, even when a re-created folder gets the old inode number back.
 FOLDER_MARKER = ".train_checkpoints"
+_ALL_FINITE = jax.jit(state_lib.all_finite)
 
 
 def _redacted_meta(meta: dict) -> dict:
@@ -173,16 +176,6 @@ def _handlers():
           META: ocp.JsonCheckpointHandler()}
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  leaves = [x for x in jax.tree_util.tree_leaves(tree)
-            if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
-  if not leaves:
-    return jax.numpy.asarray(True)
-  return jax.numpy.all(jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(x))
-                                        for x in leaves]))
-
-
 class NonFiniteStateError(RuntimeError):
   """A state about to be saved holds NaN/inf parameters or optimizer state."""
 
@@ -248,7 +241,7 @@ class TrainCheckpoints:
           "or unmounted?); training stopped; restore it and rerun to resume, or rerun to "
           "start from scratch")
     params, rest = _split_state(state)
-    if not bool(jax.device_get(_all_finite((params, rest["opt_state"])))):
+    if not bool(jax.device_get(_ALL_FINITE((params, rest["opt_state"])))):
       raise NonFiniteStateError(
           f"step {int(jax.device_get(state.step))}: parameters or optimizer state are not "
           "finite; nothing was saved")

@@ -16,6 +16,14 @@ from jax.sharding import Mesh
 from crate_mae_jax import sharding
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every floating leaf of `tree` is finite (a scalar bool array)."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array               # int32 (), optimizer updates done

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from crate_mae_jax.data.augment_jax import identity_augment
-from crate_mae_jax.training.state_lib import TrainState, new_state  # pylint: disable=unused-import
+from crate_mae_jax.training.state_lib import TrainState, all_finite, new_state  # pylint: disable=unused-import
 
 
 def step_keys(state: TrainState, n: int):
@@ -21,20 +21,13 @@ def step_keys(state: TrainState, n: int):
   return jax.random.split(key, n)
 
 
-def _all_finite(tree) -> jax.Array:
-  leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  if not leaves:
-    return jnp.asarray(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def _apply(state: TrainState, tx, grads, loss, batch_stats=None) -> tuple[TrainState, dict]:
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # The updated state too: a NaN/inf learning rate or an overflowing optimizer
   # moment turns finite gradients into non-finite parameters.
-  finite = (jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
-            & _all_finite(opt_state))
+  finite = (jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
+            & all_finite(opt_state))
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_stats = state.batch_stats if batch_stats is None else keep(batch_stats, state.batch_stats)
   state = state.replace(
