@@ -20,6 +20,7 @@
 #     bash tools/gpu_speed.sh gputests   # the GPU-only tests: attention paths, the MSSA kernel
 #     bash tools/gpu_speed.sh table2     # the rest of the table: ViT-MAE-Base, remat of Base
 #     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
+#     bash tools/gpu_speed.sh layernorm  # our LayerNorm kernel: GPU tests, micro sweep, whole step
 #                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
 set -uo pipefail
@@ -61,8 +62,17 @@ case "${1:-}" in
     # Each candidate at CRATE-MAE-Base's shapes (fwd + bwd, gradient error against
     # the first), then the whole train step with each LayerNorm path.
     bench --micro --variant base --batch_size 256 --json "$OUT/micro_base.json" | grep -v "^{" | tail -3
-    T=400 bench --variant base --batch_size 256 --norm_impl flax,fused,tokamax \
+    T=400 bench --variant base --batch_size 256 --norm_impl flax,tokamax,pallas \
       --json "$OUT/jax_base_norms.json" | tail -6
+    ;;
+  layernorm)
+    # Our LayerNorm kernel (plain and with the residual add fused): its GPU tests, the
+    # micro sweep against flax and tokamax, then the whole Base step with each LayerNorm.
+    JAX_PLATFORMS=cuda timeout 240 python3 -m pytest tests/test_kernel_layernorm.py \
+      tests/test_attention_paths.py -k "gpu or pad_once" -q -rs -p no:cacheprovider 2>&1 | tail -8
+    timeout 200 python3 tools/bench_layernorm_kernel.py --json "$OUT/bench_ln.json" 2>&1 | grep -v "^ "
+    T=420 bench --variant base --batch_size 256 --norm_impl tokamax,pallas,flax \
+      --json "$OUT/jax_base_norms.json" | tail -5
     ;;
   gputests)
     # The tests that only run on a GPU: attention paths and our MSSA kernel.
@@ -107,5 +117,5 @@ PY
     bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     ;;
-  *) echo "usage: $0 defaults|mssa|gputests|table|table2|kernels|remat"; exit 2 ;;
+  *) echo "usage: $0 defaults|mssa|gputests|table|table2|kernels|layernorm|remat"; exit 2 ;;
 esac

@@ -1,6 +1,8 @@
-"""LayerNorm kernels: flax's `nn.LayerNorm` (the reference) and tokamax's Triton
-LayerNorm (GPU), behind one `layer_norm` builder with the same parameters, so a
-checkpoint does not depend on the kernel that wrote it."""
+"""LayerNorm kernels: flax's `nn.LayerNorm` (the reference), tokamax's Triton
+LayerNorm (GPU) and ours (`layernorm_pallas`: Pallas Triton, GPU, the residual add
+fused in), behind one `layer_norm` builder with the same parameters, so a
+checkpoint does not depend on the kernel that wrote it. `add_and_norm` is the
+residual add followed by a LayerNorm: one kernel where the chosen one fuses it."""
 import importlib.util
 import warnings
 from typing import Any
@@ -8,6 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from crate_mae_jax.kernels import layernorm_pallas
 
 Dtype = Any
 init = jax.nn.initializers
@@ -18,7 +22,7 @@ def partitioned_init(initializer, names):
 
 
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)
-NORM_IMPLS = ("auto", "flax", "tokamax")
+NORM_IMPLS = ("auto", "flax", "tokamax", "pallas")
 # Every LayerNorm kernel declares these, so checkpoints do not depend on the kernel.
 NORM_SCALE_INIT = partitioned_init(init.ones, ("norm",))
 NORM_BIAS_INIT = partitioned_init(init.zeros, ("norm",))
@@ -82,26 +86,51 @@ def tokamax_layer_norm(x, scale, bias, eps: float, dtype: Dtype) -> jax.Array:
 class KernelLayerNorm(nn.Module):
   """LayerNorm with `nn.LayerNorm`'s parameters ('scale', 'bias', same names,
   shapes and logical axes) through another kernel, so checkpoints do not depend
-  on the choice."""
+  on the choice. Given `residual`, ours returns (x + sign·residual, its norm)
+  from one kernel."""
   epsilon: float
   implementation: str
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  @property
+  def fuses_residual(self) -> bool:
+    return self.implementation == "pallas"
+
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, residual: jax.Array | None = None, sign: int = 1):
     d = x.shape[-1]
     scale = self.param("scale", NORM_SCALE_INIT, (d,), self.param_dtype)
     bias = self.param("bias", NORM_BIAS_INIT, (d,), self.param_dtype)
+    devices = num_mesh_devices()
+    if devices > 1:
+      warnings.warn(f"model.norm_impl={self.implementation!r} on {devices} devices: XLA "
+                    "does not partition a Triton kernel, so every device runs it on the "
+                    "whole batch; set model.norm_impl='auto' (flax there)", stacklevel=2)
+    if self.implementation == "pallas":
+      if residual is None:
+        return layernorm_pallas.layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+      dtype = jnp.result_type(x, residual)    # the dtype the separate add gives
+      s, y = layernorm_pallas.add_layer_norm(x.astype(dtype), residual.astype(dtype), scale,
+                                             bias, self.epsilon, sign)
+      return s, y.astype(self.dtype)
+    if residual is not None:
+      raise ValueError(f"the {self.implementation!r} LayerNorm does not fuse a residual")
     if self.implementation == "tokamax":
-      devices = num_mesh_devices()
-      if devices > 1:
-        warnings.warn(f"model.norm_impl='tokamax' on {devices} devices: XLA does not "
-                      "partition its Triton kernel, so every device runs it on the whole "
-                      "batch; set model.norm_impl='auto' (flax there)", stacklevel=2)
       return tokamax_layer_norm(x, scale, bias, self.epsilon, self.dtype)
     raise ValueError(f"LayerNorm implementation {self.implementation!r} is unknown; "
                      f"use one of {NORM_IMPLS}")
+
+
+def add_and_norm(norm: nn.Module, x: jax.Array, residual: jax.Array, sign: int = 1,
+                 constrain=lambda t: t):
+  """(s, norm(s)) with s = x + sign·residual: one kernel where `norm` fuses the
+  add (ours), else the add, `constrain(s)` (a sharding hint), then `norm`."""
+  if isinstance(norm, KernelLayerNorm) and norm.fuses_residual:
+    s, y = norm(x, residual, sign)
+    return constrain(s), y
+  s = constrain(x + residual if sign > 0 else x - residual)
+  return s, norm(s)
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str,

@@ -61,7 +61,8 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
                                          # q=k=v kernel, GPU), "splash" (TPU)
       norm_impl="auto",                  # "auto" (tokamax's Triton kernel on GPU in
                                          # bf16/fp16 if installed, else flax), "flax",
-                                         # "tokamax"
+                                         # "tokamax", "pallas" (ours: Pallas Triton, GPU,
+                                         # the residual add fused in)
       remat_policy=placeholder(str),     # None, "full" or a jax.checkpoint_policies name
   ))
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from crate_mae_jax.models.patches import patch_grid, patchify
 from crate_mae_jax.models.pos_embed import sincos_2d
 from crate_mae_jax.kernels.attention import attention, resolve_attention, stack_padding
-from crate_mae_jax.kernels.layernorm import layer_norm
+from crate_mae_jax.kernels.layernorm import add_and_norm, layer_norm
 from crate_mae_jax.sharding import ACT, ACT_HEADS, mesh_spec
 
 Dtype = Any
@@ -195,9 +195,9 @@ class CrateEncoderLayer(LayerModule):
     h = layer_norm(BLOCK_NORM_EPS, name="norm_mssa", norm_impl=self.norm_impl, **kw)(z)
     h = MSSA(self.heads, self.head_dim, attention_impl=self.attention_impl,
              name="mssa", **kw)(h, valid_length)
-    z = z + DropPath(self.drop_path)(h, deterministic)
-    z = constrain(z, ACT)
-    h = layer_norm(BLOCK_NORM_EPS, name="norm_ista", norm_impl=self.norm_impl, **kw)(z)
+    norm = layer_norm(BLOCK_NORM_EPS, name="norm_ista", norm_impl=self.norm_impl, **kw)
+    z, h = add_and_norm(norm, z, DropPath(self.drop_path)(h, deterministic),
+                        constrain=lambda t: constrain(t, ACT))
     z = ISTA(self.ista_step, self.ista_lambda, self.ista_fused, name="ista",
              **kw)(h, valid_length)
     return constrain(z, ACT)
@@ -272,8 +272,9 @@ class ViTBlock(LayerModule):
         kernel_init=kernel_shaped(xavier(), ("heads", "head_dim", "embed"),
                                   (self.heads, head_dim, width)),
         bias_init=partitioned(init.zeros, ("embed",)), name="out", **kw)(h)
-    x = constrain(x + DropPath(self.drop_path)(h, deterministic), ACT)
-    h = layer_norm(FINAL_NORM_EPS, name="norm_mlp", norm_impl=self.norm_impl, **kw)(x)
+    norm = layer_norm(FINAL_NORM_EPS, name="norm_mlp", norm_impl=self.norm_impl, **kw)
+    x, h = add_and_norm(norm, x, DropPath(self.drop_path)(h, deterministic),
+                        constrain=lambda t: constrain(t, ACT))
     h = MLP(int(width * self.mlp_ratio), name="mlp", **kw)(h)
     return constrain(x + DropPath(self.drop_path)(h, deterministic), ACT)
 
