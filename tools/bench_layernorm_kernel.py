@@ -167,8 +167,8 @@ def main():
 
   run("flax (XLA)", "plain", flax_ln)
   run("tokamax", "plain", tokamax_ln)
-  for block_rows in (1, 2, 4, 8, 16):
-    for warps in (2, 4, 8):
+  for block_rows in (2, 4, 8, 16):
+    for warps in (4, 8):
       cfg = lnp.Config(block_rows=block_rows, num_warps_fwd=warps, num_warps_bwd=warps)
       run(f"ours rows {block_rows} warps {warps}", "plain", ours_ln(cfg), cfg)
   ours = [r_ for r_ in rows if r_["name"].startswith("ours") and r_["err_dx"] < 1e-2]
@@ -179,7 +179,7 @@ def main():
   if best:
     bcfg = configs[best["name"]]
     run(f"ours fused, best plain tiling {best['config']}", "add", ours_add(bcfg), bcfg)
-    for warps in (2, 4, 8):
+    for warps in (4, 8):
       for block_rows in (bcfg.block_rows // 2, bcfg.block_rows * 2):
         if block_rows >= 1:
           cfg = lnp.Config(block_rows=block_rows, num_warps_fwd=warps, num_warps_bwd=warps)

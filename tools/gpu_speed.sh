@@ -68,11 +68,13 @@ case "${1:-}" in
   layernorm)
     # Our LayerNorm kernel (plain and with the residual add fused): its GPU tests, the
     # micro sweep against flax and tokamax, then the whole Base step with each LayerNorm.
-    JAX_PLATFORMS=cuda timeout 240 python3 -m pytest tests/test_kernel_layernorm.py \
+    JAX_PLATFORMS=cuda timeout 150 python3 -m pytest tests/test_kernel_layernorm.py \
       tests/test_attention_paths.py -k "gpu or pad_once" -q -rs -p no:cacheprovider 2>&1 | tail -8
-    timeout 200 python3 tools/bench_layernorm_kernel.py --json "$OUT/bench_ln.json" 2>&1 | grep -v "^ "
-    T=420 bench --variant base --batch_size 256 --norm_impl tokamax,pallas,flax \
+    timeout 150 python3 tools/bench_layernorm_kernel.py --json "$OUT/bench_ln.json" 2>&1 | grep -v "^ "
+    T=200 bench --variant base --batch_size 256 --norm_impl tokamax,pallas \
       --json "$OUT/jax_base_norms.json" | tail -5
+    T=90 bench --variant base --batch_size 256 --norm_impl pallas --profile /tmp/prof \
+      --json "$OUT/jax_base_pallas_profile.json" | tail -40
     ;;
   gputests)
     # The tests that only run on a GPU: attention paths and our MSSA kernel.
