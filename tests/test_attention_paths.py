@@ -129,10 +129,11 @@ def test_pad_once_stack_is_exact(monkeypatch, arch, remat):
   (loss_pad, (out_pad, inter_pad)), grads_pad = run(variables["params"])
   # Padded shapes change the GEMMs' tiling and summation order (on a GPU the loss
   # moves by ~4e-6 relative in float32): the loss is held to the outputs' 1e-5.
-  assert abs(float(loss_pad) - float(loss_ref)) < 1e-5 * abs(float(loss_ref))
+  assert abs(float(loss_pad) - float(loss_ref)) < 1e-5 * abs(float(loss_ref)), (
+      float(loss_pad), float(loss_ref))
   for key in ("latent", "pred"):
     assert out_pad[key].shape == out_ref[key].shape
-    assert _rel(out_pad[key], out_ref[key]) < 1e-5
+    assert _rel(out_pad[key], out_ref[key]) < 1e-5, (key, _rel(out_pad[key], out_ref[key]))
   flat_ref = jax.tree_util.tree_leaves_with_path(grads_ref)
   flat_pad = dict(jax.tree_util.tree_leaves_with_path(grads_pad))
   for path, g in flat_ref:
@@ -142,7 +143,7 @@ def test_pad_once_stack_is_exact(monkeypatch, arch, remat):
   for a, b in zip(jax.tree_util.tree_leaves(inter_ref.get("intermediates", {})),
                   jax.tree_util.tree_leaves(inter_pad.get("intermediates", {}))):
     assert a.shape == b.shape
-    assert _rel(b, a) < 1e-5
+    assert _rel(b, a) < 1e-5, _rel(b, a)
 
 
 def test_stack_padding_only_where_it_pays(monkeypatch):

@@ -1,5 +1,5 @@
-"""LayerNorm kernels: 'flax' is `nn.LayerNorm` (the reference); 'tokamax' is
-tokamax's Triton kernel (GPU only, checked by the GPU benchmark's micro rows).
+"""LayerNorm kernels: 'flax' is `nn.LayerNorm` (the reference); 'pallas' is ours
+(tests/test_kernel_layernorm.py); 'tokamax' is tokamax's Triton kernel (GPU only).
 Here: the choice 'auto' makes, the config checks, configs naming the removed
 'fused' kernel, and the message when tokamax is missing."""
 import flax.linen as nn
@@ -22,8 +22,8 @@ def test_removed_fused_kernel_reads_as_flax():
 
 
 @pytest.mark.parametrize("platform,dtype,installed,expected", [
-    ("gpu", jnp.bfloat16, True, "tokamax"), ("gpu", jnp.float16, True, "tokamax"),
-    ("gpu", jnp.bfloat16, False, "flax"), ("gpu", jnp.float32, True, "flax"),
+    ("gpu", jnp.bfloat16, True, "pallas"), ("gpu", jnp.float16, True, "pallas"),
+    ("gpu", jnp.bfloat16, False, "pallas"), ("gpu", jnp.float32, True, "flax"),
     ("tpu", jnp.bfloat16, True, "flax"), ("cpu", jnp.float32, True, "flax")])
 def test_auto_norm_choice(monkeypatch, platform, dtype, installed, expected):
   monkeypatch.setattr(layernorm, "tokamax_available", lambda: installed)
@@ -35,13 +35,13 @@ def test_auto_norm_choice(monkeypatch, platform, dtype, installed, expected):
 
 
 def test_auto_norm_is_flax_on_several_devices(monkeypatch):
-  """XLA cannot partition tokamax's Triton call: on a mesh of more than one
+  """XLA cannot partition a Triton call: on a mesh of more than one
   device 'auto' keeps flax's LayerNorm."""
   monkeypatch.setattr(layernorm, "tokamax_available", lambda: True)
   monkeypatch.setattr(layernorm, "num_mesh_devices", lambda: 2)
   assert layernorm.resolve_norm("auto", jnp.bfloat16, "gpu") == "flax"
   monkeypatch.setattr(layernorm, "num_mesh_devices", lambda: 1)
-  assert layernorm.resolve_norm("auto", jnp.bfloat16, "gpu") == "tokamax"
+  assert layernorm.resolve_norm("auto", jnp.bfloat16, "gpu") == "pallas"
 
 
 def test_num_mesh_devices_reads_the_mesh():

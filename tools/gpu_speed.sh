@@ -21,6 +21,7 @@
 #     bash tools/gpu_speed.sh table2     # the rest of the table: ViT-MAE-Base, remat of Base
 #     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
 #     bash tools/gpu_speed.sh layernorm  # our LayerNorm kernel: GPU tests, micro sweep, whole step
+#     bash tools/gpu_speed.sh side       # the kernels' GPU tests, then the defaults beside PyTorch
 #                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
 set -uo pipefail
@@ -76,6 +77,16 @@ case "${1:-}" in
     T=90 bench --variant base --batch_size 256 --norm_impl pallas --profile /tmp/prof \
       --json "$OUT/jax_base_pallas_profile.json" | tail -40
     ;;
+  side)
+    # The GPU-only kernel tests (failures in full), then what a user gets by default
+    # beside the official code (+SDPA) under torch.compile, in one call.
+    JAX_PLATFORMS=cuda timeout 150 python3 -m pytest tests/test_kernel_layernorm.py \
+      tests/test_attention_paths.py -k "gpu or pad_once" -q -rs --tb=line -p no:cacheprovider \
+      2>&1 | grep -E "passed|failed|Error|assert" | head -20
+    bench --variant base --batch_size 256 --json "$OUT/jax_base_default.json" | tail -3
+    T=300 timeout 300 python3 tools/bench_official_torch.py --official_dir .official \
+      --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
+    ;;
   gputests)
     # The tests that only run on a GPU: attention paths and our MSSA kernel.
     JAX_PLATFORMS=cuda timeout 400 python3 -m pytest tests/test_attention_paths.py \
@@ -119,5 +130,5 @@ PY
     bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     ;;
-  *) echo "usage: $0 defaults|mssa|gputests|table|table2|kernels|layernorm|remat"; exit 2 ;;
+  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat"; exit 2 ;;
 esac

@@ -36,20 +36,20 @@ def resolve_norm(implementation: str | None, dtype: Dtype,
                  platform: str | None = None) -> str:
   """The LayerNorm path 'auto' (or None) stands for on this backend and dtype.
 
-  tokamax's Triton LayerNorm on one NVIDIA GPU in bf16/fp16 when the package
-  is installed (`pip install 'crate-mae-jax[gpu]'`; faster in the whole step,
-  BENCHMARKS.md "kernel choices"). Not on a mesh of several devices: XLA cannot
-  partition the Triton call and would gather the activations to run it whole.
-  Otherwise flax's `nn.LayerNorm`: TPUs, CPUs, float32 (the path the golden
-  fixtures are checked on) and GPUs without tokamax. The choice is logged and
+  Ours ('pallas', the residual add fused in) on one NVIDIA GPU in bf16/fp16:
+  faster in the whole step than tokamax's and flax's (BENCHMARKS.md, "LayerNorm
+  kernels"). Not on a mesh of several devices: XLA cannot partition a Triton
+  call and would gather the activations to run it whole. Otherwise flax's
+  `nn.LayerNorm`: TPUs, CPUs, float32 (the path the golden fixtures are
+  checked on). tokamax stays an explicit choice. The choice is logged and
   written to the workdir's run.json.
   """
   if implementation not in (None, "auto"):
     return implementation
   platform = platform or jax.default_backend()
   if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in HALF_DTYPES
-      and tokamax_available() and num_mesh_devices() == 1):
-    return "tokamax"
+      and num_mesh_devices() == 1):
+    return "pallas"
   return "flax"
 
 

@@ -59,10 +59,9 @@ def model_config(variant: str = "base", arch: str = "crate_mae") -> ml_collectio
                                          # cuDNN for ViT-MAE; else XLA),
                                          # "explicit", "xla", "cudnn", "mssa" (our
                                          # q=k=v kernel, GPU), "splash" (TPU)
-      norm_impl="auto",                  # "auto" (tokamax's Triton kernel on GPU in
-                                         # bf16/fp16 if installed, else flax), "flax",
-                                         # "tokamax", "pallas" (ours: Pallas Triton, GPU,
-                                         # the residual add fused in)
+      norm_impl="auto",                  # "auto" (ours, "pallas", on one GPU in bf16/fp16:
+                                         # Pallas Triton, the residual add fused in; else
+                                         # flax), "flax", "tokamax", "pallas"
       remat_policy=placeholder(str),     # None, "full" or a jax.checkpoint_policies name
   ))
 

@@ -718,11 +718,12 @@ flags.DEFINE_string("batch_size", "256", "global batch (comma list allowed)", fl
 flags.DEFINE_integer("image_size", 224, "image side in pixels", flag_values=FLAGS)
 flags.DEFINE_string("dtype", "bfloat16", "compute dtype: float32, bfloat16 (comma list allowed)", flag_values=FLAGS)
 flags.DEFINE_string("attention_impl", "auto",
-                    "auto (the training default: cuDNN on GPU in bf16/fp16, else XLA), "
+                    "auto (the training default: on one GPU in bf16/fp16 our mssa kernel for CRATE-MAE, "
+                    "cuDNN for ViT-MAE; else XLA), "
                     "xla, cudnn, mssa (our q=k=v kernel, GPU), splash (TPU), explicit (comma list allowed)",
                     flag_values=FLAGS)
 flags.DEFINE_string("norm_impl", "auto",
-                    "LayerNorm kernel: auto (the training default), flax, fused, tokamax "
+                    "LayerNorm kernel: auto (the training default), flax, tokamax, pallas (ours) "
                     "(comma list allowed)", flag_values=FLAGS)
 flags.DEFINE_string("remat_policy", "none",
                     "none, full or a jax.checkpoint_policies name (comma list allowed)", flag_values=FLAGS)
