@@ -127,23 +127,26 @@ def test_pad_once_stack_is_exact(monkeypatch, arch, remat):
   (loss_ref, (out_ref, inter_ref)), grads_ref = run(variables["params"])
   monkeypatch.setattr(kernel_attention, "STACK_PADDED", {"xla": (16, 10.0)})
   (loss_pad, (out_pad, inter_pad)), grads_pad = run(variables["params"])
-  # Padded shapes change the GEMMs' tiling and summation order (on a GPU the loss
-  # moves by ~4e-6 relative in float32): the loss is held to the outputs' 1e-5.
-  assert abs(float(loss_pad) - float(loss_ref)) < 1e-5 * abs(float(loss_ref)), (
+  # Padded shapes change the GEMMs' tiling and summation order: exact to float32
+  # rounding on a CPU; on a GPU cuBLAS picks other algorithms for them (outputs
+  # moved by up to 1.3e-4 relative on an H200): there the tolerances are the GPU's
+  # rounding; the exactness check is the CPU's.
+  out_tol, grad_tol = (1e-5, 1e-4) if jax.default_backend() == "cpu" else (1e-3, 1e-2)
+  assert abs(float(loss_pad) - float(loss_ref)) < out_tol * abs(float(loss_ref)), (
       float(loss_pad), float(loss_ref))
   for key in ("latent", "pred"):
     assert out_pad[key].shape == out_ref[key].shape
-    assert _rel(out_pad[key], out_ref[key]) < 1e-5, (key, _rel(out_pad[key], out_ref[key]))
+    assert _rel(out_pad[key], out_ref[key]) < out_tol, (key, _rel(out_pad[key], out_ref[key]))
   flat_ref = jax.tree_util.tree_leaves_with_path(grads_ref)
   flat_pad = dict(jax.tree_util.tree_leaves_with_path(grads_pad))
   for path, g in flat_ref:
     assert np.all(np.isfinite(np.asarray(flat_pad[path])))
-    assert _rel(flat_pad[path], g) < 1e-4, jax.tree_util.keystr(path)
+    assert _rel(flat_pad[path], g) < grad_tol, (jax.tree_util.keystr(path), _rel(flat_pad[path], g))
   # Sown diagnostics see the real tokens only.
   for a, b in zip(jax.tree_util.tree_leaves(inter_ref.get("intermediates", {})),
                   jax.tree_util.tree_leaves(inter_pad.get("intermediates", {}))):
     assert a.shape == b.shape
-    assert _rel(b, a) < 1e-5, _rel(b, a)
+    assert _rel(b, a) < out_tol, _rel(b, a)
 
 
 def test_stack_padding_only_where_it_pays(monkeypatch):
