@@ -111,12 +111,122 @@ def attention(q, k, v, scale: float, implementation: str,
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
   if implementation in ("xla", "auto", None):
+    if jnp.dtype(q.dtype) in HALF_DTYPES and kernel_platform() == "tpu":
+      return xla_half_attention(q, k, v, scale, valid_length)
     # Key lengths only: padded query rows then stay finite (an all-masked
     # row could turn into NaN and poison the weight gradients).
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla",
                                         key_value_seq_lengths=lengths)
   raise ValueError(f"attention implementation {implementation!r} is unknown; "
                    f"use one of {ATTENTION_IMPLS}")
+
+
+# Logits as the TPU half-precision XLA path stores them between its two passes
+# over them (see `xla_half_attention`).
+TPU_LOGITS_DTYPE = jnp.float32
+
+
+def xla_half_attention(q, k, v, scale: float, valid_length: int | None = None,
+                       logits_dtype: Dtype | None = None) -> jax.Array:
+  """`jax.nn.dot_product_attention`'s function for bf16/fp16 on TPU, with the
+  backward pass written out: what XLA keeps for it is the half-precision
+  probabilities (and q, k, v), not the float32 exponentials that
+  differentiating the float32 softmax keeps (twice P's bytes, per layer).
+
+  Forward: logits q kᵀ accumulated in float32 (stored as `logits_dtype`,
+  default TPU_LOGITS_DTYPE), scaled and soft-maxed in float32, P rounded to
+  q's dtype, out = P v: the same rounding points as XLA's reference path.
+  Backward from P in half precision (as the fused GPU kernels do): dP = dO vᵀ
+  in float32, dS = P (dP − rowsum(dO ∘ O)) scale, dq = dS k, dk = dSᵀ q,
+  dv = Pᵀ dO; for CRATE's q = k = v (one array `w`, MSSA) dw is their sum.
+  Only the TPU path in bf16/fp16 uses it; float32 keeps XLA's reference.
+  `valid_length`: keys from that index on are masked out (every path's contract).
+  """
+  logits_dtype = jnp.dtype(TPU_LOGITS_DTYPE if logits_dtype is None else logits_dtype)
+  if valid_length is not None and valid_length >= k.shape[1]:
+    valid_length = None
+  if q is k and k is v:
+    return _shared_attention(q, scale, valid_length, logits_dtype)
+  return _separate_attention(q, k, v, scale, valid_length, logits_dtype)
+
+
+def _probabilities(q, k, scale, valid_length, logits_dtype):
+  """softmax(q kᵀ · scale) over the keys, in q's dtype (float32 inside)."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype)
+  logits = logits.astype(jnp.float32) * scale
+  if valid_length is not None:
+    logits = jnp.where(jnp.arange(k.shape[1]) < valid_length, logits, -jnp.inf)
+  logits = logits - jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.exp(logits)
+  return (e / jnp.sum(e, axis=-1, keepdims=True)).astype(q.dtype)
+
+
+def _logits_grad(p, out, dout, v, scale):
+  """dS = P (dP − rowsum(dO ∘ O)) · scale, with dP = dO vᵀ, in p's dtype.
+
+  rowsum(P ∘ dP) = dO · (P v) = rowsum(dO ∘ O) (as flash attention's backward):
+  a reduction over (tokens, heads, head_dim) arrays, so dS is formed in the
+  same pass as dP instead of after a reduction over dP.
+  """
+  dp = jnp.einsum("bqhd,bkhd->bhqk", dout, v, preferred_element_type=jnp.float32)
+  delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
+  ds = p.astype(jnp.float32) * (dp - delta[..., None]) * scale
+  return ds.astype(p.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _separate_attention(q, k, v, scale, valid_length, logits_dtype):
+  p = _probabilities(q, k, scale, valid_length, logits_dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def _separate_fwd(q, k, v, scale, valid_length, logits_dtype):
+  p = _probabilities(q, k, scale, valid_length, logits_dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", p, v)
+  return out, (q, k, v, p, out)
+
+
+def _separate_bwd(scale, valid_length, logits_dtype, res, dout):
+  del valid_length, logits_dtype  # masked keys have P = 0, so dS = 0 there
+  q, k, v, p, out = res
+  dout = dout.astype(p.dtype)
+  ds = _logits_grad(p, out, dout, v, scale)
+  dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k)
+  dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q)
+  dv = jnp.einsum("bhqk,bqhd->bkhd", p, dout)
+  return dq, dk, dv
+
+
+_separate_attention.defvjp(_separate_fwd, _separate_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _shared_attention(w, scale, valid_length, logits_dtype):
+  p = _probabilities(w, w, scale, valid_length, logits_dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", p, w)
+
+
+def _shared_fwd(w, scale, valid_length, logits_dtype):
+  p = _probabilities(w, w, scale, valid_length, logits_dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", p, w)
+  return out, (w, p, out)
+
+
+def _shared_bwd(scale, valid_length, logits_dtype, res, dout):
+  del valid_length, logits_dtype
+  w, p, out = res
+  dout = dout.astype(p.dtype)
+  ds = _logits_grad(p, out, dout, w, scale)
+  # dw = dS w + dSᵀ w + Pᵀ dO; the transposed products contract over the
+  # query axis in the matmul itself (forming dS + dSᵀ would copy a transpose).
+  f32 = dict(preferred_element_type=jnp.float32)
+  dw = (jnp.einsum("bhqk,bkhd->bqhd", ds, w, **f32)
+        + jnp.einsum("bhqk,bqhd->bkhd", ds, w, **f32)
+        + jnp.einsum("bhqk,bqhd->bkhd", p, dout, **f32))
+  return (dw.astype(w.dtype),)
+
+
+_shared_attention.defvjp(_shared_fwd, _shared_bwd)
 
 
 def mssa_self_attention(w, scale: float, valid_length: int | None = None) -> jax.Array:
