@@ -121,108 +121,106 @@ def attention(q, k, v, scale: float, implementation: str,
                    f"use one of {ATTENTION_IMPLS}")
 
 
-# Logits as the TPU half-precision XLA path stores them between its two passes
-# over them (see `xla_half_attention`).
-TPU_LOGITS_DTYPE = jnp.float32
-
-
-def xla_half_attention(q, k, v, scale: float, valid_length: int | None = None,
-                       logits_dtype: Dtype | None = None) -> jax.Array:
+def xla_half_attention(q, k, v, scale: float, valid_length: int | None = None) -> jax.Array:
   """`jax.nn.dot_product_attention`'s function for bf16/fp16 on TPU, with the
-  backward pass written out: what XLA keeps for it is the half-precision
-  probabilities (and q, k, v), not the float32 exponentials that
-  differentiating the float32 softmax keeps (twice P's bytes, per layer).
+  backward pass written out, so that XLA stores less per layer.
 
-  Forward: logits q kᵀ accumulated in float32 (stored as `logits_dtype`,
-  default TPU_LOGITS_DTYPE), scaled and soft-maxed in float32, P rounded to
-  q's dtype, out = P v: the same rounding points as XLA's reference path.
-  Backward from P in half precision (as the fused GPU kernels do): dP = dO vᵀ
-  in float32, dS = P (dP − rowsum(dO ∘ O)) scale, dq = dS k, dk = dSᵀ q,
-  dv = Pᵀ dO; for CRATE's q = k = v (one array `w`, MSSA) dw is their sum.
+  Forward: logits q kᵀ accumulated and soft-maxed in float32 (as XLA's
+  reference path), but the (batch, heads, tokens, tokens) array XLA writes
+  between its two passes over them is E = exp(logits − max) in q's dtype, not
+  in float32 (which it then reads again to form P = E / sum in q's dtype), and
+  out = (E v) / sum: the normalisation is applied to the (tokens, head_dim)
+  rows of the output (float32) instead of to E, which also takes the place of P
+  as what the backward pass keeps (with the row sums, and q, k, v and out):
+  half the bytes of the float32 exponentials that differentiating the float32
+  softmax keeps, and no P.
+
+  Backward from E in half precision (P = E / sum, as the fused GPU kernels
+  recompute P): dP = dO vᵀ in float32, dS = P (dP − rowsum(dO ∘ O)) scale
+  (flash attention's identity rowsum(P ∘ dP) = rowsum(dO ∘ O)), dq = dS k,
+  dk = dSᵀ q, dv = Eᵀ (dO / sum); for CRATE's q = k = v (one array `w`, MSSA)
+  dw is their sum, each transposed product contracting over the query axis in
+  the matmul itself (dS + dSᵀ formed first would copy a transpose).
   Only the TPU path in bf16/fp16 uses it; float32 keeps XLA's reference.
   `valid_length`: keys from that index on are masked out (every path's contract).
   """
-  logits_dtype = jnp.dtype(TPU_LOGITS_DTYPE if logits_dtype is None else logits_dtype)
   if valid_length is not None and valid_length >= k.shape[1]:
     valid_length = None
   if q is k and k is v:
-    return _shared_attention(q, scale, valid_length, logits_dtype)
-  return _separate_attention(q, k, v, scale, valid_length, logits_dtype)
+    return _shared_attention(q, scale, valid_length)
+  return _separate_attention(q, k, v, scale, valid_length)
 
 
-def _probabilities(q, k, scale, valid_length, logits_dtype):
-  """softmax(q kᵀ · scale) over the keys, in q's dtype (float32 inside)."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype)
-  logits = logits.astype(jnp.float32) * scale
+_F32 = dict(preferred_element_type=jnp.float32)
+
+
+def _forward(q, k, v, scale, valid_length):
+  """(out, E, 1 / rowsum E): E = exp(q kᵀ · scale − max) in q's dtype."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, **_F32) * scale
   if valid_length is not None:
     logits = jnp.where(jnp.arange(k.shape[1]) < valid_length, logits, -jnp.inf)
-  logits = logits - jnp.max(logits, axis=-1, keepdims=True)
-  e = jnp.exp(logits)
-  return (e / jnp.sum(e, axis=-1, keepdims=True)).astype(q.dtype)
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  inv = 1.0 / jnp.sum(e, axis=-1)                        # (b, h, q), float32
+  e = e.astype(q.dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", e, v, **_F32) * _rows(inv)
+  return out.astype(q.dtype), e, inv
 
 
-def _logits_grad(p, out, dout, v, scale):
-  """dS = P (dP − rowsum(dO ∘ O)) · scale, with dP = dO vᵀ, in p's dtype.
+def _rows(inv):
+  """(b, h, q) row factors broadcast over (b, q, h, d)."""
+  return jnp.swapaxes(inv, 1, 2)[..., None]
 
-  rowsum(P ∘ dP) = dO · (P v) = rowsum(dO ∘ O) (as flash attention's backward):
-  a reduction over (tokens, heads, head_dim) arrays, so dS is formed in the
-  same pass as dP instead of after a reduction over dP.
-  """
-  dp = jnp.einsum("bqhd,bkhd->bhqk", dout, v, preferred_element_type=jnp.float32)
+
+def _logits_grad(e, inv, out, dout, v, scale):
+  """dS = P (dP − rowsum(dO ∘ O)) · scale, P = E / sum, dP = dO vᵀ; in e's dtype."""
+  dp = jnp.einsum("bqhd,bkhd->bhqk", dout, v, **_F32)
   delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
-  ds = p.astype(jnp.float32) * (dp - delta[..., None]) * scale
-  return ds.astype(p.dtype)
+  p = e.astype(jnp.float32) * inv[..., None]
+  return (p * (dp - delta[..., None]) * scale).astype(e.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _separate_attention(q, k, v, scale, valid_length, logits_dtype):
-  p = _probabilities(q, k, scale, valid_length, logits_dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _separate_attention(q, k, v, scale, valid_length):
+  return _forward(q, k, v, scale, valid_length)[0]
 
 
-def _separate_fwd(q, k, v, scale, valid_length, logits_dtype):
-  p = _probabilities(q, k, scale, valid_length, logits_dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", p, v)
-  return out, (q, k, v, p, out)
+def _separate_fwd(q, k, v, scale, valid_length):
+  out, e, inv = _forward(q, k, v, scale, valid_length)
+  return out, (q, k, v, e, inv, out)
 
 
-def _separate_bwd(scale, valid_length, logits_dtype, res, dout):
-  del valid_length, logits_dtype  # masked keys have P = 0, so dS = 0 there
-  q, k, v, p, out = res
-  dout = dout.astype(p.dtype)
-  ds = _logits_grad(p, out, dout, v, scale)
+def _separate_bwd(scale, valid_length, res, dout):
+  del valid_length  # masked keys have E = 0, so dS = 0 there
+  q, k, v, e, inv, out = res
+  dout = dout.astype(q.dtype)
+  ds = _logits_grad(e, inv, out, dout, v, scale)
   dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k)
   dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q)
-  dv = jnp.einsum("bhqk,bqhd->bkhd", p, dout)
+  dv = jnp.einsum("bhqk,bqhd->bkhd", e, (dout * _rows(inv)).astype(q.dtype))
   return dq, dk, dv
 
 
 _separate_attention.defvjp(_separate_fwd, _separate_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _shared_attention(w, scale, valid_length, logits_dtype):
-  p = _probabilities(w, w, scale, valid_length, logits_dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", p, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _shared_attention(w, scale, valid_length):
+  return _forward(w, w, w, scale, valid_length)[0]
 
 
-def _shared_fwd(w, scale, valid_length, logits_dtype):
-  p = _probabilities(w, w, scale, valid_length, logits_dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", p, w)
-  return out, (w, p, out)
+def _shared_fwd(w, scale, valid_length):
+  out, e, inv = _forward(w, w, w, scale, valid_length)
+  return out, (w, e, inv, out)
 
 
-def _shared_bwd(scale, valid_length, logits_dtype, res, dout):
-  del valid_length, logits_dtype
-  w, p, out = res
-  dout = dout.astype(p.dtype)
-  ds = _logits_grad(p, out, dout, w, scale)
-  # dw = dS w + dSᵀ w + Pᵀ dO; the transposed products contract over the
-  # query axis in the matmul itself (forming dS + dSᵀ would copy a transpose).
-  f32 = dict(preferred_element_type=jnp.float32)
-  dw = (jnp.einsum("bhqk,bkhd->bqhd", ds, w, **f32)
-        + jnp.einsum("bhqk,bqhd->bkhd", ds, w, **f32)
-        + jnp.einsum("bhqk,bqhd->bkhd", p, dout, **f32))
+def _shared_bwd(scale, valid_length, res, dout):
+  del valid_length
+  w, e, inv, out = res
+  dout = dout.astype(w.dtype)
+  ds = _logits_grad(e, inv, out, dout, w, scale)
+  dw = (jnp.einsum("bhqk,bkhd->bqhd", ds, w, **_F32)
+        + jnp.einsum("bhqk,bqhd->bkhd", ds, w, **_F32)
+        + jnp.einsum("bhqk,bqhd->bkhd", e, (dout * _rows(inv)).astype(w.dtype), **_F32))
   return (dw.astype(w.dtype),)
 
 

@@ -27,6 +27,24 @@ def _saving_collectives(hlo_text):
 
 plan.collectives = _saving_collectives
 
+if os.environ.get("PLAN_FAST_VARIANCE") == "1":
+  # Experiment only (not a code change of the package): flax's one-pass LayerNorm
+  # statistics, var = E[x²] − E[x]² (use_fast_variance=True), at every LayerNorm
+  # the models build with a half-precision compute dtype.
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from crate_mae_jax.kernels import layernorm
+  from crate_mae_jax.models import layers
+
+  def _fast_variance_layer_norm(eps, dtype, param_dtype, name, norm_impl=None):
+    if layernorm.resolve_norm(norm_impl, dtype) == "flax" and jnp.dtype(dtype) != jnp.float32:
+      return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                          use_fast_variance=True, scale_init=layernorm.NORM_SCALE_INIT,
+                          bias_init=layernorm.NORM_BIAS_INIT, name=name)
+    return layernorm.layer_norm(eps, dtype, param_dtype, name, norm_impl)
+
+  layers.layer_norm = _fast_variance_layer_norm
+
 if __name__ == "__main__":
   print(f"planner: {plan.__file__}", file=sys.stderr)
   plan.run()
