@@ -218,10 +218,11 @@ def _shared_bwd(scale, valid_length, res, dout):
   w, e, inv, out = res
   dout = dout.astype(w.dtype)
   ds = _logits_grad(e, inv, out, dout, w, scale)
-  dw = (jnp.einsum("bhqk,bkhd->bqhd", ds, w, **_F32)
-        + jnp.einsum("bhqk,bqhd->bkhd", ds, w, **_F32)
-        + jnp.einsum("bhqk,bqhd->bkhd", e, (dout * _rows(inv)).astype(w.dtype), **_F32))
-  return (dw.astype(w.dtype),)
+  # Each product in w's dtype, as XLA's reference path sums dq + dk + dv.
+  dw = (jnp.einsum("bhqk,bkhd->bqhd", ds, w)
+        + jnp.einsum("bhqk,bqhd->bkhd", ds, w)
+        + jnp.einsum("bhqk,bqhd->bkhd", e, (dout * _rows(inv)).astype(w.dtype)))
+  return (dw,)
 
 
 _shared_attention.defvjp(_shared_fwd, _shared_bwd)
