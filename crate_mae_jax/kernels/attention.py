@@ -125,9 +125,10 @@ def xla_half_attention(q, k, v, scale: float, valid_length: int | None = None) -
   """`jax.nn.dot_product_attention`'s function for bf16/fp16 on TPU, with the
   backward pass written out, so that XLA stores less per layer.
 
-  Forward: logits q kᵀ accumulated and soft-maxed in float32 (as XLA's
-  reference path), but the (batch, heads, tokens, tokens) array XLA writes
-  between its two passes over them is E = exp(logits − max) in q's dtype, not
+  Forward: logits q kᵀ accumulated in float32, rounded to q's dtype (see
+  HALF_LOGITS) and soft-maxed in float32; the (batch, heads, tokens, tokens)
+  array XLA writes between its two passes over them is E = exp(logits − max)
+  in q's dtype, not
   in float32 (which it then reads again to form P = E / sum in q's dtype), and
   out = (E v) / sum: the normalisation is applied to the (tokens, head_dim)
   rows of the output (float32) instead of to E, which also takes the place of P
@@ -152,11 +153,19 @@ def xla_half_attention(q, k, v, scale: float, valid_length: int | None = None) -
 
 
 _F32 = dict(preferred_element_type=jnp.float32)
+# The logits q kᵀ leave the TPU half path's matmul in q's dtype (accumulated in
+# float32 on the MXU, rounded once; the softmax then runs in float32): XLA
+# writes them to HBM between the matmul and the softmax, and in bf16 that
+# shortened its estimate of the CRATE-MAE-Base v5p step from 60.7 to 56.2 ms
+# (BENCHMARKS.md, "TPU plans before/after XLA-level changes"). False: float32.
+HALF_LOGITS = True
 
 
 def _forward(q, k, v, scale, valid_length):
   """(out, E, 1 / rowsum E): E = exp(q kᵀ · scale − max) in q's dtype."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, **_F32) * scale
+  logits_dtype = q.dtype if HALF_LOGITS else jnp.float32
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype)
+  logits = logits.astype(jnp.float32) * scale
   if valid_length is not None:
     logits = jnp.where(jnp.arange(k.shape[1]) < valid_length, logits, -jnp.inf)
   e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
