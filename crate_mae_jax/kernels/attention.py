@@ -47,9 +47,10 @@ def resolve_attention(implementation: str | None, dtype: Dtype,
   kernel ('mssa', `kernels.mssa`: one input, one dW; faster in the whole
   Base step than cuDNN, BENCHMARKS.md "Our MSSA kernel"), everything else
   cuDNN's fused kernel. Several GPUs keep cuDNN for MSSA too: the kernel runs
-  per shard there, which no benchmark has timed yet. XLA's
-  `dot_product_attention` everywhere else: TPUs, CPUs and float32, the exact
-  path the golden fixtures are checked on. `platform` defaults to JAX's
+  per shard there, which no benchmark has timed yet. 'xla' everywhere else:
+  TPUs, CPUs and float32, XLA's `dot_product_attention`, the exact path the
+  golden fixtures are checked on (on TPU in bf16/fp16, `xla_half_attention`:
+  the same function with fewer bytes stored, see there). `platform` defaults to JAX's
   default backend; the pod planner passes 'tpu' when it compiles for a
   topology from a CPU host. 'mssa' asked for on attention with separate
   q, k, v, or with a `head_dim` the kernel does not take, stands for what
@@ -83,7 +84,8 @@ def attention(q, k, v, scale: float, implementation: str,
 
   `implementation` is a resolved name (see `resolve_attention`): 'explicit'
   forms the logits with einsums and takes the softmax in float32, 'cudnn' is
-  the fused GPU kernel, 'xla' is `jax.nn.dot_product_attention` on XLA,
+  the fused GPU kernel, 'xla' is `jax.nn.dot_product_attention` on XLA
+  (`xla_half_attention` on TPU in bf16/fp16),
   'splash' the Pallas TPU kernel (see `splash_attention`), 'mssa' our
   kernel where q, k and v are one array of a shape it takes (else what 'auto'
   picks for separate q, k, v: cuDNN on a GPU).
