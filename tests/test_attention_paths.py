@@ -102,6 +102,61 @@ def test_padded_attention_matches_unpadded(impl):
   assert _rel(out[:, :13], ref) < 1e-6
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("valid_length", [None, 40])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tpu_half_attention_matches_xla(shared, valid_length, dtype):
+  """The TPU bf16 XLA path (E = exp(logits - max) kept in bf16, normalised on
+  the output rows; written-out backward): outputs and gradients within bf16
+  rounding of the float32 reference (as close as XLA's own bf16 path, to a
+  margin); in float32 the reference's function to 1e-6."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, g = (jax.random.normal(key, (2, 50, 4, 64)) for key in keys)
+  lengths = None if valid_length is None else jnp.full((2,), valid_length, jnp.int32)
+
+  def run(fn, *xs):
+    return fn(xs[0], xs[0], xs[0]) if shared else fn(*xs)
+
+  def loss(fn, *xs):
+    return jnp.vdot(run(fn, *xs).astype(jnp.float32), g)
+
+  ref = lambda *xs: jax.nn.dot_product_attention(
+      *xs, scale=0.125, implementation="xla", key_value_seq_lengths=lengths)
+  new = lambda *xs: kernel_attention.xla_half_attention(*xs, 0.125, valid_length)
+  args = (q,) if shared else (q, k, v)
+  argnums = tuple(range(len(args)))
+  exact_out = run(ref, *args)
+  exact = jax.grad(lambda *xs: loss(ref, *xs), argnums)(*args)
+  low = tuple(x.astype(dtype) for x in args)
+  out_ref, out_new = run(ref, *low), run(new, *low)
+  assert out_new.dtype == dtype
+  grad_ref = jax.grad(lambda *xs: loss(ref, *xs), argnums)(*low)
+  grad_new = jax.grad(lambda *xs: loss(new, *xs), argnums)(*low)
+  pairs = [(out_new, out_ref, exact_out)] + list(zip(grad_new, grad_ref, exact))
+  for a, b, e in pairs:
+    if dtype == jnp.float32:
+      assert _rel(a, e) < 1e-6
+    else:
+      assert _rel(a, e) < 1.5 * _rel(b, e) + 1e-3
+
+
+def test_tpu_bf16_xla_attention_takes_the_half_path(monkeypatch):
+  """On TPU in bf16 'xla' is `xla_half_attention`; elsewhere, and in float32, XLA's."""
+  w = jax.random.normal(jax.random.key(1), (2, 20, 3, 64), jnp.bfloat16)
+  calls = []
+  monkeypatch.setattr(kernel_attention, "_shared_attention",
+                      lambda *a: calls.append(a) or a[0])
+  wf = w.astype(jnp.float32)
+  kernel_attention.attention(w, w, w, 0.125, "xla")
+  kernel_attention.attention(wf, wf, wf, 0.125, "xla")
+  assert not calls
+  monkeypatch.setattr(kernel_attention, "kernel_platform", lambda: "tpu")
+  kernel_attention.attention(wf, wf, wf, 0.125, "xla")
+  assert not calls
+  kernel_attention.attention(w, w, w, 0.125, "xla")
+  assert len(calls) == 1
+
+
 @pytest.mark.parametrize("arch", ["crate_mae", "vit_mae"])
 @pytest.mark.parametrize("remat", [None, "full"])
 def test_pad_once_stack_is_exact(monkeypatch, arch, remat):

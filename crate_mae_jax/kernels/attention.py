@@ -47,9 +47,10 @@ def resolve_attention(implementation: str | None, dtype: Dtype,
   kernel ('mssa', `kernels.mssa`: one input, one dW; faster in the whole
   Base step than cuDNN, BENCHMARKS.md "Our MSSA kernel"), everything else
   cuDNN's fused kernel. Several GPUs keep cuDNN for MSSA too: the kernel runs
-  per shard there, which no benchmark has timed yet. XLA's
-  `dot_product_attention` everywhere else: TPUs, CPUs and float32, the exact
-  path the golden fixtures are checked on. `platform` defaults to JAX's
+  per shard there, which no benchmark has timed yet. 'xla' everywhere else:
+  TPUs, CPUs and float32, XLA's `dot_product_attention`, the exact path the
+  golden fixtures are checked on (on TPU in bf16/fp16, `xla_half_attention`:
+  the same function with fewer bytes stored, see there). `platform` defaults to JAX's
   default backend; the pod planner passes 'tpu' when it compiles for a
   topology from a CPU host. 'mssa' asked for on attention with separate
   q, k, v, or with a `head_dim` the kernel does not take, stands for what
@@ -83,7 +84,8 @@ def attention(q, k, v, scale: float, implementation: str,
 
   `implementation` is a resolved name (see `resolve_attention`): 'explicit'
   forms the logits with einsums and takes the softmax in float32, 'cudnn' is
-  the fused GPU kernel, 'xla' is `jax.nn.dot_product_attention` on XLA,
+  the fused GPU kernel, 'xla' is `jax.nn.dot_product_attention` on XLA
+  (`xla_half_attention` on TPU in bf16/fp16),
   'splash' the Pallas TPU kernel (see `splash_attention`), 'mssa' our
   kernel where q, k and v are one array of a shape it takes (else what 'auto'
   picks for separate q, k, v: cuDNN on a GPU).
@@ -111,12 +113,130 @@ def attention(q, k, v, scale: float, implementation: str,
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
   if implementation in ("xla", "auto", None):
+    if jnp.dtype(q.dtype) in HALF_DTYPES and kernel_platform() == "tpu":
+      return xla_half_attention(q, k, v, scale, valid_length)
     # Key lengths only: padded query rows then stay finite (an all-masked
     # row could turn into NaN and poison the weight gradients).
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla",
                                         key_value_seq_lengths=lengths)
   raise ValueError(f"attention implementation {implementation!r} is unknown; "
                    f"use one of {ATTENTION_IMPLS}")
+
+
+def xla_half_attention(q, k, v, scale: float, valid_length: int | None = None) -> jax.Array:
+  """`jax.nn.dot_product_attention`'s function for bf16/fp16 on TPU, with the
+  backward pass written out, so that XLA stores less per layer.
+
+  Forward: logits q kᵀ accumulated in float32, rounded to q's dtype (see
+  HALF_LOGITS) and soft-maxed in float32; the (batch, heads, tokens, tokens)
+  array XLA writes between its two passes over them is E = exp(logits − max)
+  in q's dtype, not
+  in float32 (which it then reads again to form P = E / sum in q's dtype), and
+  out = (E v) / sum: the normalisation is applied to the (tokens, head_dim)
+  rows of the output (float32) instead of to E, which also takes the place of P
+  as what the backward pass keeps (with the row sums, and q, k, v and out):
+  half the bytes of the float32 exponentials that differentiating the float32
+  softmax keeps, and no P.
+
+  Backward from E in half precision (P = E / sum, as the fused GPU kernels
+  recompute P): dP = dO vᵀ in float32, dS = P (dP − rowsum(dO ∘ O)) scale
+  (flash attention's identity rowsum(P ∘ dP) = rowsum(dO ∘ O)), dq = dS k,
+  dk = dSᵀ q, dv = Eᵀ (dO / sum); for CRATE's q = k = v (one array `w`, MSSA)
+  dw is their sum, each transposed product contracting over the query axis in
+  the matmul itself (dS + dSᵀ formed first would copy a transpose).
+  Only the TPU path in bf16/fp16 uses it; float32 keeps XLA's reference.
+  `valid_length`: keys from that index on are masked out (every path's contract).
+  """
+  if valid_length is not None and valid_length >= k.shape[1]:
+    valid_length = None
+  if q is k and k is v:
+    return _shared_attention(q, scale, valid_length)
+  return _separate_attention(q, k, v, scale, valid_length)
+
+
+_F32 = dict(preferred_element_type=jnp.float32)
+# The logits q kᵀ leave the TPU half path's matmul in q's dtype (accumulated in
+# float32 on the MXU, rounded once; the softmax then runs in float32): XLA
+# writes them to HBM between the matmul and the softmax, and in bf16 that
+# shortened its estimate of the CRATE-MAE-Base v5p step from 60.7 to 56.2 ms
+# (BENCHMARKS.md, "TPU plans before/after XLA-level changes"). False: float32.
+HALF_LOGITS = True
+
+
+def _forward(q, k, v, scale, valid_length):
+  """(out, E, 1 / rowsum E): E = exp(q kᵀ · scale − max) in q's dtype."""
+  logits_dtype = q.dtype if HALF_LOGITS else jnp.float32
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype)
+  logits = logits.astype(jnp.float32) * scale
+  if valid_length is not None:
+    logits = jnp.where(jnp.arange(k.shape[1]) < valid_length, logits, -jnp.inf)
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  inv = 1.0 / jnp.sum(e, axis=-1)                        # (b, h, q), float32
+  e = e.astype(q.dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", e, v, **_F32) * _rows(inv)
+  return out.astype(q.dtype), e, inv
+
+
+def _rows(inv):
+  """(b, h, q) row factors broadcast over (b, q, h, d)."""
+  return jnp.swapaxes(inv, 1, 2)[..., None]
+
+
+def _logits_grad(e, inv, out, dout, v, scale):
+  """dS = P (dP − rowsum(dO ∘ O)) · scale, P = E / sum, dP = dO vᵀ; in e's dtype."""
+  dp = jnp.einsum("bqhd,bkhd->bhqk", dout, v, **_F32)
+  delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(jnp.float32), out.astype(jnp.float32))
+  p = e.astype(jnp.float32) * inv[..., None]
+  return (p * (dp - delta[..., None]) * scale).astype(e.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _separate_attention(q, k, v, scale, valid_length):
+  return _forward(q, k, v, scale, valid_length)[0]
+
+
+def _separate_fwd(q, k, v, scale, valid_length):
+  out, e, inv = _forward(q, k, v, scale, valid_length)
+  return out, (q, k, v, e, inv, out)
+
+
+def _separate_bwd(scale, valid_length, res, dout):
+  del valid_length  # masked keys have E = 0, so dS = 0 there
+  q, k, v, e, inv, out = res
+  dout = dout.astype(q.dtype)
+  ds = _logits_grad(e, inv, out, dout, v, scale)
+  dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k)
+  dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q)
+  dv = jnp.einsum("bhqk,bqhd->bkhd", e, (dout * _rows(inv)).astype(q.dtype))
+  return dq, dk, dv
+
+
+_separate_attention.defvjp(_separate_fwd, _separate_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _shared_attention(w, scale, valid_length):
+  return _forward(w, w, w, scale, valid_length)[0]
+
+
+def _shared_fwd(w, scale, valid_length):
+  out, e, inv = _forward(w, w, w, scale, valid_length)
+  return out, (w, e, inv, out)
+
+
+def _shared_bwd(scale, valid_length, res, dout):
+  del valid_length
+  w, e, inv, out = res
+  dout = dout.astype(w.dtype)
+  ds = _logits_grad(e, inv, out, dout, w, scale)
+  # Each product in w's dtype, as XLA's reference path sums dq + dk + dv.
+  dw = (jnp.einsum("bhqk,bkhd->bqhd", ds, w)
+        + jnp.einsum("bhqk,bqhd->bkhd", ds, w)
+        + jnp.einsum("bhqk,bqhd->bkhd", e, (dout * _rows(inv)).astype(w.dtype)))
+  return (dw,)
+
+
+_shared_attention.defvjp(_shared_fwd, _shared_bwd)
 
 
 def mssa_self_attention(w, scale: float, valid_length: int | None = None) -> jax.Array:
