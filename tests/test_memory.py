@@ -89,6 +89,8 @@ def test_resident_memory_is_flat_over_many_steps_and_saves(tmp_path):
   start = statistics.median(samples[s] for s in window[:8])
   end = statistics.median(samples[s] for s in window[-8:])
   trace = {s: samples[s] // 1024 for s in window[::4]}
+  print(f"RSS {(end - start) / 1024:+.1f} MiB from step {window[0]} to {steps}; MiB by step: "
+        f"{trace}")
   assert abs(end - start) < 8 * 1024, (
       f"RSS moved {(end - start) / 1024:+.1f} MiB between step {window[0]} and {steps} "
       f"({(steps - window[0]) // every} saves); MiB by step: {trace}")
