@@ -1,0 +1,96 @@
+"""Resident memory stays flat over a long run (issue 24): the real train loop with
+a checkpoint every few steps, and the tensorstore conversions that leaked on every
+save (crate_mae_jax/training/tensorstore_json.py)."""
+import gc
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from conftest import tiny_train_config
+from crate_mae_jax.training import checkpoints  # installs the tensorstore fix
+from crate_mae_jax.training import tensorstore_json
+
+
+def _rss_kib() -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1])
+  raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def _tracked_objects() -> int:
+  gc.collect()
+  return len(gc.get_objects())
+
+
+def _conversions():
+  import tensorstore as ts
+  array = ts.open({"driver": "zarr", "kvstore": {"driver": "memory"}}, create=True,
+                  dtype=ts.float32, shape=[4]).result()
+  array.write(np.ones(4, np.float32)).result()
+  return {
+      "Spec.to_json": lambda: array.spec().to_json(include_defaults=True),
+      "KvStore.Spec.to_json": lambda: ts.KvStore.Spec(
+          {"driver": "file", "path": "/tmp/crate-mae-jax-probe/"}).to_json(),
+      "experimental_collect_matching_metrics":
+          lambda: ts.experimental_collect_matching_metrics("/tensorstore/"),
+  }
+
+
+def test_tensorstore_conversions_used_by_saves_do_not_leak():
+  """Each conversion Orbax calls per save keeps no object alive, and what it
+  returns is whole and correctly counted (no reference too many or too few)."""
+  assert checkpoints.tensorstore_json is tensorstore_json
+  for name, convert in _conversions().items():
+    first = convert()
+    assert tensorstore_json.extra_references(first) in (0, None), name
+    before = _tracked_objects()
+    for _ in range(500):
+      convert()
+    assert _tracked_objects() - before < 50, name
+    kept = [convert() for _ in range(20)]
+    gc.collect()
+    assert all(json.dumps(k, sort_keys=True) == json.dumps(first, sort_keys=True)
+               for k in kept), name
+
+
+def test_refcount_probe_tells_leaking_from_correct_dicts():
+  assert tensorstore_json.extra_references({"a": 1, "b": "".join(["not", "-interned"])}) == 0
+  held = [1]
+  assert tensorstore_json.extra_references({"a": held}) == 1  # `held` is one more
+  assert tensorstore_json.extra_references([{"a": None}, {"b": [1]}]) == 0
+  assert tensorstore_json.extra_references({"a": 1, "b": "x"}) is None
+
+
+@pytest.mark.slow
+def test_resident_memory_is_flat_over_many_steps_and_saves(tmp_path):
+  """1,500 steps of the tiny model through train_and_evaluate with a checkpoint
+  every 5 steps (300 saves, asynchronous, with manifests and retention) and the
+  default metric writers: RSS after step 500 moves by less than 12 MiB (before the
+  fix it grew by 17.0 and 22.4 MiB over this window in two runs)."""
+  from crate_mae_jax.training import train
+  steps, every = 1500, 5
+  config = tiny_train_config("pretrain", source="quickstart", num_train_steps=steps,
+                             checkpoint_every_steps=every, log_every_steps=50,
+                             eval_every_steps=10**6, keep_checkpoints=2)
+  config.eval.diagnostics = False
+  samples = {}
+
+  def sample(step):
+    if step % 25 == 0:
+      samples[step] = _rss_kib()
+
+  results = train.train_and_evaluate(config, str(tmp_path), hooks=[sample])
+  assert results["step"] == steps
+  window = [s for s in sorted(samples) if s >= 500]
+  start = statistics.median(samples[s] for s in window[:8])
+  end = statistics.median(samples[s] for s in window[-8:])
+  trace = {s: samples[s] // 1024 for s in window[::4]}
+  print(f"RSS {(end - start) / 1024:+.1f} MiB from step {window[0]} to {steps}; MiB by step: "
+        f"{trace}")
+  assert abs(end - start) < 12 * 1024, (
+      f"RSS moved {(end - start) / 1024:+.1f} MiB between step {window[0]} and {steps} "
+      f"({(steps - window[0]) // every} saves); MiB by step: {trace}")
