@@ -301,6 +301,10 @@ class TrainCheckpoints:
       self._quarantine(step, reason)
     return None, None
 
+  def saved_config(self, step: int) -> dict | None:
+    """The config the run that wrote `step` had (redacted), None where unreadable."""
+    return saved_config(self.manager, step)
+
   def _quarantine(self, step: int, reason: str) -> None:
     older = [s for s in self.manager.all_steps() if s < step]
     target = os.path.join(f"{self.directory}_damaged", f"{step}.{int(time.time())}")
@@ -338,12 +342,20 @@ class TrainCheckpoints:
     return state_lib.TrainState(params=out[PARAMS], **out[TRAIN_STATE])
 
 
-def _saved_optimizer(manager, step: int) -> str:
+def saved_config(manager, step: int) -> dict | None:
+  """The config (as JSON) the run that wrote `step` had, None where unreadable."""
   try:
     meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-    config = json.loads(meta[META]["config"])
-    return str(config["optim"]["name"])
+    return json.loads(meta[META]["config"])
   except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _saved_optimizer(manager, step: int) -> str:
+  config = saved_config(manager, step)
+  try:
+    return str(config["optim"]["name"])
+  except (TypeError, KeyError):
     return "another optimizer"
 
 

@@ -85,6 +85,42 @@ def check_against_checkpoint(config, meta: dict, path: str, model) -> None:
           f"set --config.model.{key}={saved[key]!r} (or pick the matching variant)")
 
 
+# Fields a resumed run may change, and what the change does from the resumed step on.
+RESUME_CHANGES = {
+    "batch_size": "the data order, the epoch length and the learning rate (base_lr scaling) change",
+    "seed": "the data order and the masks change",
+    "num_train_steps": "the learning-rate schedule is recomputed over the new length",
+    "num_epochs": "the learning-rate schedule is recomputed over the new length",
+    "optim.base_lr": "the learning-rate schedule changes", "optim.lr": "the learning-rate schedule changes",
+    "optim.warmup_epochs": "the learning-rate schedule changes",
+    "optim.min_lr": "the learning-rate schedule changes",
+    "model.mask_ratio": "the pre-training objective changes",
+}
+
+
+def resume_changes(config, saved: dict | None, step: int, total_steps: int) -> list[str]:
+  """One line per field this run sets other than the run whose step it resumes
+  (`saved`: that run's config as JSON), and one when it extends a finished run."""
+  if not saved:
+    return []
+  lines = []
+  for field, effect in RESUME_CHANGES.items():
+    head, _, leaf = field.rpartition(".")
+    theirs = (saved.get(head, {}) if head else saved).get(leaf)
+    ours = (config[head] if head else config).get(leaf)
+    if field == "num_epochs" and min(config.num_train_steps,
+                                     saved.get("num_train_steps") or 0) > 0:
+      continue                                 # both lengths set in steps: epochs unread
+    if theirs is not None and ours is not None and theirs != ours:
+      lines.append(f"resuming step {step}, written with {field}={theirs!r}, with "
+                   f"{field}={ours!r}: {effect} from step {step} on")
+  if step >= total_steps:
+    lines.append(f"the checkpoint is at step {step}, the end of this run ({total_steps} steps): "
+                 "nothing to train; to extend it set --config.num_train_steps above "
+                 f"{step} (the learning-rate schedule is recomputed over the new length)")
+  return lines
+
+
 def _check_batch(config, mesh) -> int:
   """Per-process batch; refuses a batch that does not split over devices/hosts."""
   shards = sharding.num_batch_shards(mesh)
@@ -138,6 +174,9 @@ def _restore_or_init(config, model, run, manager, latest, encoder, ckpt_dir):
                                            optimizer=config.optim.name)
     if state is not None:
       logging.info("Resuming from %s/%d", ckpt_dir, latest)
+      for line in resume_changes(config, manager.saved_config(latest), latest,
+                                 run.total_steps):
+        logging.warning("%s", line)
       return state
     encoder = _pretrained_encoder(config, model, run.task)  # every step was damaged
   if encoder is not None:
