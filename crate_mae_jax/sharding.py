@@ -31,6 +31,9 @@ def mesh_shape(shape_cfg, num_devices: int) -> tuple[tuple[str, ...], tuple[int,
   """Resolves a (name, size) list with at most one -1 against the device count."""
   names = tuple(name for name, _ in shape_cfg)
   sizes = [int(size) for _, size in shape_cfg]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh.shape {dict(zip(names, sizes))}: every axis size must be "
+                     "positive, except at most one -1 (the remaining devices)")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:

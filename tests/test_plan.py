@@ -137,6 +137,37 @@ def test_cli_refuses_a_bad_mesh_in_one_line():
   assert len(errors) == 1 and "--mesh" in errors[0], out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("args,names", [
+    (["--topology=v5e:2x2", "--mesh=data=-1,fsdp=-1"], "at most one -1"),
+    (["--topology=v5e:2x2", "--mesh=data=4", "--json=/nonexistent/dir/plan.json"],
+     "does not exist or is not writable"),
+    (["--topology=v5e:2x2", "--mesh=data=4", "--config.batch_size=6"],
+     "does not split over the 4 batch shards"),
+    (["--topology=nonsense"], "name a Cloud TPU topology"),
+])
+def test_cli_refuses_bad_planner_inputs_before_compiling(args, names):
+  """Hostile planner inputs: one line naming the input and the fix, exit 2, no
+  compile (the timeout is far below one compile of the step)."""
+  if not any(a.startswith("--json") for a in args) and _libtpu_missing():
+    pytest.skip(_libtpu_missing())   # the others are known once the topology is
+  out = subprocess.run(
+      [sys.executable, "-m", "crate_mae_jax.tools.plan", "--config=configs/tiny.py", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and names in errors[0], out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+
+
+def test_mesh_shape_takes_at_most_one_free_axis():
+  with pytest.raises(ValueError, match="at most one -1"):
+    sharding.mesh_shape((("data", -1), ("fsdp", -1)), 8)
+  with pytest.raises(ValueError, match="must be positive"):
+    sharding.mesh_shape((("data", 0), ("fsdp", 8)), 8)
+  assert sharding.mesh_shape((("data", -1), ("fsdp", 2)), 8) == (("data", "fsdp"), (4, 2))
+
+
 def _report(mesh, peak, seconds, accum=1, topology="v5e:2x2", model=None):
   p = plan.Plan(topology=topology, chip="TPU v5 lite", num_chips=4, mesh=mesh, global_batch=64,
                 param_bytes_total=plan.GiB, param_bytes_per_chip=plan.GiB,

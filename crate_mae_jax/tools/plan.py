@@ -19,6 +19,7 @@ time (each result then survives on its own) are joined, and the recommendation
 made over all of them, by `--merge=a.json,b.json --json=cell.json`.
 """
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -55,8 +56,10 @@ def topology_devices(name: str):
   try:
     return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
   except Exception as e:  # libtpu missing, or a topology it does not know
-    raise ConfigError(f"--topology={name!r}: {' '.join(str(e).split())[:300]} "
-                      "(install the TPU extra: pip install 'crate-mae-jax[tpu]')") from e
+    hint = ("install the TPU extra: pip install 'crate-mae-jax[tpu]'"
+            if importlib.util.find_spec("libtpu") is None else
+            "name a Cloud TPU topology such as v5p:4x4x4, v5e:16x16, v4:2x2x4")
+    raise ConfigError(f"--topology={name!r}: {' '.join(str(e).split())[:300]} ({hint})") from e
 
 
 def candidate_meshes(num_devices: int, batch: int) -> list[tuple[tuple[str, int], ...]]:
@@ -407,8 +410,15 @@ def plan(config, topology: str, mesh_text: str | None = None,
   config = for_tpu(config, resolved)
   resolved = config_lib.resolve_model(config.model)  # with the TPU attention and LayerNorm kernels
   devices = topology_devices(topology)
+  micro_batch = config.batch_size // config.accum_steps
   shapes = ([sharding.parse_mesh(mesh_text, len(devices))] if mesh_text else
-            candidate_meshes(len(devices), config.batch_size // config.accum_steps))
+            candidate_meshes(len(devices), micro_batch))
+  for shape in shapes:
+    shards = math.prod(size for name, size in shape if name in sharding.BATCH_AXES)
+    if micro_batch % shards:
+      raise ConfigError(f"config.batch_size={config.batch_size} (per accumulation step "
+                        f"{micro_batch}) does not split over the {shards} batch shards of "
+                        f"--mesh={mesh_text}; use a multiple of {shards}")
   if not shapes:
     raise ConfigError(f"config.batch_size={config.batch_size} splits over no mesh of "
                       f"{len(devices)} chips; use a multiple of {len(devices)}")
@@ -467,6 +477,12 @@ def main(argv):
   # may have, and let several planners share libtpu.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if FLAGS.json:  # before any compile: a report that cannot be written is lost work
+    folder = os.path.dirname(os.path.abspath(FLAGS.json))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+      print(f"error: --json={FLAGS.json!r}: the folder {folder!r} does not exist or is not "
+            "writable; create it or name another file", file=sys.stderr)
+      sys.exit(2)
   if FLAGS.merge:
     try:
       reports = []
