@@ -184,6 +184,17 @@ def hparams(config, prefix: str = "") -> dict:
   return flat
 
 
+def write_text(path, text: str) -> None:
+  """Writes `text` to `path` (local or gs://) whole or not at all: into a temporary
+  file beside it, then renamed over it, so a crash never leaves half a file and a
+  symbolic link at `path` is replaced, never written through."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  path = epath.Path(path)
+  tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
 def record(workdir: str, config, mesh=None, argv=None, kernels=None) -> dict:
   """Writes config.json, run.json and a runs.jsonl line into `workdir` (local or gs://),
   passwords in URLs (config fields, the command line) redacted."""
@@ -193,10 +204,12 @@ def record(workdir: str, config, mesh=None, argv=None, kernels=None) -> dict:
   config = config_lib.redacted(applying(config))
   folder = epath.Path(workdir)
   folder.mkdir(parents=True, exist_ok=True)
-  (folder / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True)
-                                       + "\n")
-  (folder / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+  write_text(folder / "config.json", config.to_json_best_effort(indent=2, sort_keys=True)
+             + "\n")
+  write_text(folder / "run.json", json.dumps(info, indent=2) + "\n")
   history = folder / "runs.jsonl"
-  previous = history.read_text() if history.exists() else ""
-  history.write_text(previous + json.dumps(info) + "\n")
+  # A link there is replaced, not read: its target's text stays out of the record.
+  linked = os.path.islink(os.fspath(history))
+  previous = history.read_text() if history.exists() and not linked else ""
+  write_text(history, previous + json.dumps(info) + "\n")
   return info

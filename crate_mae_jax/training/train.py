@@ -339,6 +339,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer=N
                  nonfinite_count=int(jax.device_get(state.nonfinite_count)),
                  skipped_bad_images=int(source.stats.get("skipped_bad_images", 0)))
   if is_chief:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    run_record.write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
   return results

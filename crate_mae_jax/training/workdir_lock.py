@@ -37,7 +37,13 @@ def acquire(workdir: str, process_index: int = 0):
   path = _path(workdir, process_index)
   # Held through a read-only descriptor: a file open for writing for the whole
   # run would keep its file system from being remounted read-only.
-  fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+  except OSError as e:
+    if e.errno == errno.ELOOP:   # a link: the holder's line would be written through it
+      raise WorkdirBusyError(f"--workdir {workdir!r}: {os.path.basename(path)} is a symbolic "
+                             "link, not the run's lock file; delete it and rerun") from None
+    raise
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as e:
@@ -49,7 +55,7 @@ def acquire(workdir: str, process_index: int = 0):
     logging.warning("Not locking %s (%s): this file system has no locks; run one job per "
                     "workdir", workdir, os.strerror(e.errno or 0))
     return None
-  with open(path, "w") as f:
+  with os.fdopen(os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW), "w") as f:
     json.dump({"pid": os.getpid(), "host": socket.gethostname(),
                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
                    timespec="seconds")}, f)

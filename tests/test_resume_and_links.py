@@ -1,5 +1,6 @@
-"""Resume semantics: a run resumed with other settings says what changes, and
-extending a finished run continues from its last step."""
+"""Resume semantics (a run resumed with other settings says what changes;
+extending a finished run continues from its last step) and links in a workdir
+(replaced, never written through)."""
 import logging
 
 from conftest import tiny_train_config
@@ -38,3 +39,34 @@ def test_resumed_runs_warn_and_extend(tmp_path, caplog):
   assert train.train_and_evaluate(longer, workdir)["step"] == 6
   assert "written with num_train_steps=4, with num_train_steps=6" in caplog.text
   assert "nothing to train" not in caplog.text
+
+
+def test_links_in_a_workdir_are_replaced_never_written_through(tmp_path):
+  """A workdir whose record files are symbolic links to files elsewhere (a
+  hostile or careless copy): the run writes its own files in their place and
+  leaves the targets as they were; a link as the lock file is refused."""
+  import os
+  import pytest
+  from crate_mae_jax.training import workdir_lock
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  outside = {}
+  for name in ("results.json", "config.json", "run.json", "runs.jsonl"):
+    target = tmp_path / f"precious_{name}"
+    target.write_text(f"do not touch {name}\n")
+    os.symlink(target, workdir / name)
+    outside[name] = target
+  config = tiny_train_config("pretrain", source="quickstart", num_train_steps=2)
+  assert train.train_and_evaluate(config, str(workdir))["step"] == 2
+  for name, target in outside.items():
+    assert target.read_text() == f"do not touch {name}\n"
+    assert not os.path.islink(workdir / name) and (workdir / name).stat().st_size > 0
+  assert "do not touch" not in (workdir / "runs.jsonl").read_text()
+
+  linked = tmp_path / "linked"
+  linked.mkdir()
+  (tmp_path / "precious_lock").write_text("keep\n")
+  os.symlink(tmp_path / "precious_lock", linked / ".lock")
+  with pytest.raises(workdir_lock.WorkdirBusyError, match="symbolic link"):
+    workdir_lock.acquire(str(linked))
+  assert (tmp_path / "precious_lock").read_text() == "keep\n"
