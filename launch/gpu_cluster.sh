@@ -34,7 +34,14 @@ parse_flags "--coordinator=JAX_COORDINATOR_ADDRESS --num-processes=JAX_NUM_PROCE
 --process-id=JAX_PROCESS_ID --local-device-ids=JAX_LOCAL_DEVICE_IDS --gpus-per-node=GPUS_PER_NODE \
 --python=PYTHON" "$@"
 
+# SLURM's values go into shell arithmetic below: refuse any that is not a plain number.
+number() { [[ $1 =~ ^(0|[1-9][0-9]{0,8})$ ]]; }
 if [[ -n ${SLURM_PROCID:-} ]]; then
+  for var in SLURM_PROCID SLURM_NTASKS SLURM_JOB_ID SLURM_LOCALID SLURM_STEP_NUM_NODES SLURM_NNODES; do
+    if [[ -n ${!var:-} ]] && ! number "${!var}"; then
+      usage_error "$var=${!var} is not a number; run under srun, or pass --coordinator, --num-processes and --process-id"
+    fi
+  done
   : "${JAX_NUM_PROCESSES:=$SLURM_NTASKS}" "${JAX_PROCESS_ID:=$SLURM_PROCID}"
   if [[ -z $JAX_COORDINATOR_ADDRESS ]]; then
     # The first host of a node list such as "gpu[007-012,020],big1" (what JAX itself does).
@@ -64,8 +71,13 @@ fi
 require JAX_COORDINATOR_ADDRESS --coordinator
 require JAX_NUM_PROCESSES --num-processes
 require JAX_PROCESS_ID --process-id
-[[ $JAX_COORDINATOR_ADDRESS =~ ^.+:[0-9]+$ ]] || usage_error "--coordinator must be HOST:PORT"
-if ! [[ $JAX_NUM_PROCESSES =~ ^[1-9][0-9]*$ && $JAX_PROCESS_ID =~ ^[0-9]+$ ]] ||
+# HOST: a name or IPv4 address, or [IPv6]; PORT: 1 to 65535.
+if ! [[ $JAX_COORDINATOR_ADDRESS =~ ^([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([1-9][0-9]{0,4})$ ]] ||
+  ((BASH_REMATCH[2] > 65535)); then
+  usage_error "--coordinator must be HOST:PORT with a host name or address and a port of 1 to 65535 (got $JAX_COORDINATOR_ADDRESS)"
+fi
+# Decimal numbers without leading zeros (bash would read 08 as a bad octal number).
+if ! [[ $JAX_NUM_PROCESSES =~ ^[1-9][0-9]{0,5}$ && $JAX_PROCESS_ID =~ ^(0|[1-9][0-9]{0,5})$ ]] ||
   ((JAX_PROCESS_ID >= JAX_NUM_PROCESSES)); then
   usage_error "--process-id must be 0 to --num-processes - 1 (got $JAX_PROCESS_ID of $JAX_NUM_PROCESSES)"
 fi

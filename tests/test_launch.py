@@ -377,10 +377,34 @@ def test_gpu_coordinator_matches_jax_slurm_detection(fakes, monkeypatch, nodelis
     (["--coordinator=h:1", "--num-processes=2", "--process-id=2"], "--process-id must be"),
     (["--coordinator=h:1", "--num-processes=2", "--process-id=0", "--local-device-ids=a"],
      "--local-device-ids"),
+    # Hostile values: a leading zero (bash reads 08 as bad octal), an absurd count, a
+    # port out of range, shell characters in the host.
+    (["--coordinator=h:1", "--num-processes=10", "--process-id=08"], "--process-id must be"),
+    (["--coordinator=h:1", "--num-processes=99999999999999999999", "--process-id=1"],
+     "--process-id must be"),
+    (["--coordinator=h:99999", "--num-processes=2", "--process-id=0"], "port of 1 to 65535"),
+    (["--coordinator=h;id:80", "--num-processes=2", "--process-id=0"], "HOST:PORT"),
+    (["--coordinator=$(id):80", "--num-processes=2", "--process-id=0"], "HOST:PORT"),
 ])
 def test_gpu_usage_errors_exit_2(fakes, args, message):
   res = launch(GPU, "--dry-run", *args, "--", *TRAIN, fakes=fakes)
   assert res.returncode == 2 and message in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+def test_gpu_hostile_slurm_values_exit_2(fakes):
+  """SLURM values go into shell arithmetic: a non-number is one line, exit 2, and
+  nothing is started (bash would otherwise stop on 'unbound variable')."""
+  for var, value in (("SLURM_JOB_ID", "abc"), ("SLURM_NTASKS", "2;id"), ("SLURM_PROCID", "08")):
+    res = launch(GPU, "--dry-run", "--", *TRAIN, fakes=fakes, **dict(SLURM_2x8, **{var: value}))
+    assert res.returncode == 2, (var, res.stderr)
+    assert f"{var}={value} is not a number" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert "crate_mae_jax.main" not in res.stdout
+
+
+def test_gpu_ipv6_coordinator(fakes):
+  (cmd,) = dry_run(GPU, "--coordinator=[fd00::1]:1234", "--num-processes=2", "--process-id=1",
+                   "--", *TRAIN, fakes=fakes)
+  assert cmd[1] == "JAX_COORDINATOR_ADDRESS=[fd00::1]:1234"
 
 
 def test_gpu_help(fakes):
