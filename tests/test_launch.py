@@ -402,9 +402,11 @@ def test_gpu_hostile_slurm_values_exit_2(fakes):
 
 
 def test_gpu_ipv6_coordinator(fakes):
+  hostile = "--workdir=/tmp/a b$(id);`id` 'x\""
   (cmd,) = dry_run(GPU, "--coordinator=[fd00::1]:1234", "--num-processes=2", "--process-id=1",
-                   "--", *TRAIN, fakes=fakes)
+                   "--", "--config=configs/base.py", hostile, fakes=fakes)
   assert cmd[1] == "JAX_COORDINATOR_ADDRESS=[fd00::1]:1234"
+  assert cmd[-1] == hostile   # verbatim, through no shell
 
 
 def test_gpu_help(fakes):
