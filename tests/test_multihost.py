@@ -130,6 +130,21 @@ def _two_processes(args: list, out: pathlib.Path, timeout: float, name: str):
   return codes, logs
 
 
+def _start_two(args: list, out: pathlib.Path, name: str):
+  """Starts `python ARGS` as processes 0 and 1 of a 2-process job (logs in
+  `out/NAME_i.log`) and returns (processes, logs) without waiting."""
+  port = _free_port()
+  procs, logs = [], []
+  for i in range(2):
+    logs.append(out / f"{name}_{i}.log")
+    with open(logs[-1], "w") as f:
+      procs.append(subprocess.Popen(
+          [sys.executable, *map(str, args)], cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT,
+          env=_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
+                   JAX_PROCESS_ID=i)))
+  return procs, logs
+
+
 def _fail(what: str, codes, logs):
   report = "\n".join(f"--- {log.name} (exit {code})\n{_tail(log)}"
                      for code, log in zip(codes, logs))
@@ -266,15 +281,7 @@ def test_preemption_of_one_host_saves_the_same_step_on_all(tmp_path):
   args = [str(WORKER), out, "--", *COMMON_FLAGS, f"--workdir={workdir}", "--distributed=on",
           "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
           "--config.eval_every_steps=100000", "--config.log_every_steps=1"]
-  port = _free_port()
-  procs, logs = [], []
-  for i in range(2):
-    logs.append(tmp_path / f"preempt_{i}.log")
-    with open(logs[-1], "w") as f:
-      procs.append(subprocess.Popen(
-          [sys.executable, *map(str, args)], cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT,
-          env=_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
-                   JAX_PROCESS_ID=i)))
+  procs, logs = _start_two(args, tmp_path, "preempt")
   try:
     deadline = time.monotonic() + 400
     # Training is under way once process 0 has logged a few steps' metrics.
@@ -317,15 +324,7 @@ def test_a_killed_peer_ends_the_other_process_in_bounded_time(tmp_path):
           "--distributed=on", "--config.num_train_steps=100000",
           "--config.checkpoint_every_steps=2", "--config.eval_every_steps=100000",
           "--config.log_every_steps=1"]
-  port = _free_port()
-  procs, logs = [], []
-  for i in range(2):
-    logs.append(tmp_path / f"killed_{i}.log")
-    with open(logs[-1], "w") as f:
-      procs.append(subprocess.Popen(
-          [sys.executable, *map(str, args)], cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT,
-          env=_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
-                   JAX_PROCESS_ID=i)))
+  procs, logs = _start_two(args, tmp_path, "killed")
   try:
     deadline = time.monotonic() + 400
     while not (workdir / "checkpoints" / "4").exists():
