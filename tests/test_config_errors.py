@@ -4,17 +4,17 @@ Each row of MISTAKES runs `python -m crate_mae_jax.main` with one mistake on top
 of a tiny quick-start config. Every one must end, before anything is compiled,
 with exit code 2 and exactly one line on stderr, `error: ...`, naming the field
 (or flag) and the fix; no traceback. JAX_LOG_COMPILES=1 makes any compilation
-visible on stderr, so "one line" also proves "nothing compiled". The processes
-run a few at a time: each costs little more than importing JAX.
+visible on stderr, so "one line" also proves "nothing compiled". Each case is
+its own process, forked from one that has imported `crate_mae_jax.main` (and
+printed nothing doing so): the import is what every case would spend most of
+its time on; the argument parsing, validation and exit are each child's own.
 """
-import concurrent.futures
 import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -157,7 +157,8 @@ def _fake_checkpoint(path: pathlib.Path, width: int) -> str:
   return str(path)
 
 
-def _run(case, tmp: pathlib.Path) -> dict:
+def _case(case, tmp: pathlib.Path) -> dict:
+  """The argv, environment and lock of one row."""
   name, args, _ = case
   workdir = tmp / name
   fill = dict(workdir=str(workdir), ckpt32=str(tmp / "ckpt32"), ckpt64=str(tmp / "ckpt64"),
@@ -184,19 +185,41 @@ def _run(case, tmp: pathlib.Path) -> dict:
       argv[1] = a.format(**fill)
     else:
       argv.append(a.format(**fill))
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=str(ROOT))
+  return dict(name=name, argv=argv, workdir=str(workdir), held=held,
+              xla_flags=f"--xla_force_host_platform_device_count={devices}")
+
+
+# Imports the entry point once, then per line of stdin ({"name", "argv", "xla_flags",
+# "out"}) forks a child that runs it as `python -m crate_mae_jax.main ARGV` would
+# (sys.argv, its own stdout/stderr files, the process's exit code), a few at a
+# time; prints one JSON line per finished child.
+_FORK_SERVER = r"""
+import json, os, sys, time
+import crate_mae_jax.main as entry
+sys.stdout.flush(); sys.stderr.flush()
+running = {}
+def reap():
+  pid, status = os.wait()
+  name, start = running.pop(pid)
+  print(json.dumps(dict(name=name, rc=os.waitstatus_to_exitcode(status),
+                        seconds=time.monotonic() - start)), flush=True)
+for line in sys.stdin:
+  case = json.loads(line)
+  while len(running) >= 4:
+    reap()
   start = time.monotonic()
-  try:
-    proc = subprocess.run([sys.executable, "-m", "crate_mae_jax.main"] + argv, cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-  finally:
-    if held is not None:
-      held.close()
-  return dict(rc=proc.returncode, stderr=proc.stderr, stdout=proc.stdout,
-              seconds=time.monotonic() - start, argv=argv, workdir=workdir)
+  pid = os.fork()
+  if pid == 0:
+    os.environ["XLA_FLAGS"] = case["xla_flags"]
+    for fd, path in ((1, case["out"] + ".stdout"), (2, case["out"] + ".stderr")):
+      os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv = [entry.__file__] + case["argv"]
+    entry.run()
+    sys.exit(0)
+  running[pid] = (case["name"], start)
+while running:
+  reap()
+"""
 
 
 def _hold_lock(workdir: pathlib.Path):
@@ -236,11 +259,31 @@ def _run_all(tmp: pathlib.Path) -> None:
   _fake_checkpoint(tmp / "ckpt64", 64)
   (tmp / "a_file").write_text("not a folder\n")
   _bad_files(tmp)
-  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-    futures = {case[0]: pool.submit(_run, case, tmp) for case in MISTAKES}
-    results = {name: f.result() for name, f in futures.items()}
-  for r in results.values():
-    r["workdir"] = str(r["workdir"])
+  cases = [_case(case, tmp) for case in MISTAKES]
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1", TF_CPP_MIN_LOG_LEVEL="3",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(ROOT))
+  (tmp / "out").mkdir()
+  lines = "".join(json.dumps(dict(name=c["name"], argv=c["argv"], xla_flags=c["xla_flags"],
+                                  out=str(tmp / "out" / c["name"]))) + "\n" for c in cases)
+  try:
+    server = subprocess.run([sys.executable, "-c", _FORK_SERVER], input=lines, cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+  finally:
+    for c in cases:
+      if c["held"] is not None:
+        c["held"].close()
+  # Importing the entry point printed nothing: every line a child's stderr holds is its own.
+  assert server.returncode == 0 and not server.stderr, server.stderr[-3000:]
+  finished = {r["name"]: r for r in map(json.loads, server.stdout.splitlines())}
+  results = {}
+  for c in cases:
+    out = tmp / "out" / c["name"]
+    results[c["name"]] = dict(
+        rc=finished[c["name"]]["rc"], seconds=finished[c["name"]]["seconds"],
+        stdout=pathlib.Path(f"{out}.stdout").read_text(errors="replace"),
+        stderr=pathlib.Path(f"{out}.stderr").read_text(errors="replace"),
+        argv=c["argv"], workdir=c["workdir"])
   (tmp / "outcomes.json").write_text(json.dumps(results))
 
 
