@@ -10,6 +10,7 @@ import errno
 import logging as std_logging
 import os
 import re
+import signal
 import sys
 import tempfile
 
@@ -65,7 +66,8 @@ def flag_error_message(e: Exception, argv) -> str:
     return f"{arg}: the config has no field {field!r}; {hint}"
   if isinstance(e, flags.UnrecognizedFlagError):
     return (f"{' '.join(text.split())}; settings go through --config.FIELD=VALUE, the "
-            "other flags are --config, --workdir, --distributed and --compilation_cache")
+            "other flags are --config, --workdir, --distributed, --peer_timeout and "
+            "--compilation_cache")
   if isinstance(e, flags.IllegalFlagValueError):
     one = " ".join(text.split())
     if one.startswith("flag --config=") or "parsing config file" in one:
@@ -172,8 +174,8 @@ def last_complete_step(workdir: str) -> tuple[int, str] | None:
   return step, folder
 
 
-def failure_message(e: BaseException, workdir: str) -> str:
-  """One line for a failure during training (the traceback goes to the log)."""
+def kept_checkpoint(workdir: str) -> str:
+  """'the last complete checkpoint, step N in DIR, is intact' (and where a rerun resumes)."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   last = last_complete_step(workdir)
   kept = (f"the last complete checkpoint, step {last[0]} in {last[1]!r}, is intact"
@@ -182,6 +184,32 @@ def failure_message(e: BaseException, workdir: str) -> str:
     resume = last_complete_step_in(ckpt_dir)
     kept += (f" (a rerun resumes from step {resume} of {ckpt_dir!r})" if resume is not None
              else " (a rerun starts from scratch; init_from or crate-mae-eval can read it)")
+  return kept
+
+
+def ended_by_signal_message(lost: str, signum: int, workdir: str) -> str:
+  """One line for a process of a multi-process job that a signal ended (see
+  `supervisor`): `lost` says what JAX's report names ('' if there is none)."""
+  try:
+    name = signal.Signals(signum).name
+  except ValueError:
+    name = f"signal {signum}"
+  if lost:
+    cause = (f"the job lost a member: {lost}; JAX's distributed runtime then ended this "
+             f"process too ({name}, its report is above)")
+  elif signum == signal.SIGKILL:
+    cause = ("this process was killed (SIGKILL: the kernel's out-of-memory killer, or "
+             "kill -9)")
+  else:
+    cause = f"this process was ended by {name}"
+  return (f"training stopped: {cause}; {kept_checkpoint(workdir)}; rerun every process of "
+          "the job with the same command to resume from it")
+
+
+def failure_message(e: BaseException, workdir: str) -> str:
+  """One line for a failure during training (the traceback goes to the log)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  kept = kept_checkpoint(workdir)
   code = disk_problem(e)
   if code is not None:
     logging.error("%s", e)

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from crate_mae_jax import cli, errors
+from crate_mae_jax import cli, errors, supervisor
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file: configs/NAME.py[:ARG], or just "
@@ -26,6 +26,10 @@ flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Call jax.distributed.initialize(): 'auto' does so when the environment "
                   "shows several processes (Cloud TPU pods, SLURM, JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("peer_timeout", 100,
+                     "Several processes: seconds without heartbeats after which JAX's "
+                     "coordination service counts a process as lost and ends the others "
+                     "(each with one line naming it and the last checkpoint).")
 flags.DEFINE_string("compilation_cache", None,
                     "Folder of JAX's persistent compilation cache, or 'off' (default: "
                     "$CRATE_MAE_JAX_COMPILATION_CACHE, $JAX_COMPILATION_CACHE_DIR, else "
@@ -42,15 +46,27 @@ def _parse_flags(argv):
   return errors.parse_flags(FLAGS, argv)
 
 
-def _initialize_distributed() -> None:
-  """jax.distributed.initialize() where --distributed (or the environment) asks."""
+def _wants_distributed() -> bool:
+  """Whether --distributed (or, with 'auto', the environment) asks for several processes."""
   env = os.environ
   several = (bool(env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"))
              or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
              or int(env.get("SLURM_NTASKS", "1")) > 1
              or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-  if FLAGS.distributed == "off" or (FLAGS.distributed == "auto" and not several):
-    return
+  return FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and several)
+
+
+def _initialize_distributed() -> None:
+  """jax.distributed.initialize(), in a child process that `supervisor` watches: when
+  the job loses a process, JAX's coordination service aborts this one from C++, and
+  the watching parent ends the run with our one line."""
+  if FLAGS.peer_timeout < 1:
+    errors.fail(f"--peer_timeout={FLAGS.peer_timeout}: must be at least 1 second (JAX's "
+                "default is 100)")
+  workdir = FLAGS.workdir
+  supervisor.supervise(lambda tail, signum: errors.ended_by_signal_message(
+      supervisor.lost_member(tail), signum, workdir))
+  env = os.environ
   import jax  # pylint: disable=import-outside-toplevel
   # Explicit settings (launch/gpu_cluster.sh) win; otherwise JAX detects Cloud TPU and SLURM.
   kwargs = {}
@@ -58,7 +74,7 @@ def _initialize_distributed() -> None:
     kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
   if env.get("JAX_PROCESS_ID"):
     kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-  jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.peer_timeout, **kwargs)
 
 
 def main(argv):
@@ -68,7 +84,8 @@ def main(argv):
     config = errors.loaded_config(FLAGS.config, sys.argv)
   if FLAGS.workdir is None:
     errors.fail("--workdir is required (a local folder or gs:// path for checkpoints and logs)")
-  _initialize_distributed()
+  if _wants_distributed():
+    _initialize_distributed()
   import jax  # pylint: disable=import-outside-toplevel
   from crate_mae_jax import config_lib  # pylint: disable=import-outside-toplevel
   from crate_mae_jax.training import (  # pylint: disable=import-outside-toplevel
