@@ -380,3 +380,21 @@ def test_encoder_sees_is_checked():
   cfg.encoder_sees, cfg.decoder_width = "all", 512
   with pytest.raises(ValueError, match="decoder_width=512 must equal"):
     models.resolve(cfg)
+
+
+def test_head_merge_negate_is_the_exact_negative_and_keeps_dense_params():
+  """The decoder's y − MSSA(·) takes its sign in the output projection: the same
+  parameters as flax's DenseGeneral, the exact negative value and gradients."""
+  from crate_mae_jax.models.layers import HeadMerge
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
+  dense = nn.DenseGeneral(6, axis=(-2, -1), name="out")
+  params = dense.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1, params)          # a non-zero bias too
+  plus, minus = HeadMerge(6), HeadMerge(6, negate=True)
+  assert jax.tree.map(jnp.shape, plus.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_allclose(plus.apply(params, x), dense.apply(params, x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(minus.apply(params, x), -plus.apply(params, x))
+  g_plus = jax.grad(lambda p, x: plus.apply(p, x).sum(), argnums=(0, 1))(params, x)
+  g_minus = jax.grad(lambda p, x: minus.apply(p, x).sum(), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_plus), jax.tree.leaves(g_minus)):
+    np.testing.assert_array_equal(a, -b)

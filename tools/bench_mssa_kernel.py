@@ -49,10 +49,18 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("mssa_kernel", ROOT / "crate_mae_jax/kernels/mssa.py")
-mssa = importlib.util.module_from_spec(_spec)
-sys.modules["mssa_kernel"] = mssa
-_spec.loader.exec_module(mssa)
+
+
+def load_kernel(path, name):
+  """The kernel module from its file (no package import)."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+mssa = load_kernel(ROOT / "crate_mae_jax/kernels/mssa.py", "mssa_kernel")
 C = mssa.Config
 
 CUDNN_TOKEN_MULTIPLE = 16     # as crate_mae_jax/models/layers.py
@@ -87,6 +95,11 @@ def sweep():
       ("no-row-tail", C(row_tail=False)),
       ("bwd-m128-w8", C(block_m=128, num_warps_bwd=8)),
       ("bwd-n16", C(block_n=16)),
+      ("fwd-loop", C(fwd_rows_loop=True)),
+      ("fwd-loop-w8", C(fwd_rows_loop=True, num_warps_fwd=8)),
+      ("fwd-loop-q128-w8", C(fwd_rows_loop=True, block_q=128, num_warps_fwd=8)),
+      ("fwd-q32", C(block_q=32)),
+      ("fwd-q32-bwd-m32", C(block_q=32, block_m=32)),
       ("fwd-w8", C(num_warps_fwd=8)),
       ("fwd-q128-w8", C(block_q=128, num_warps_fwd=8)),
       ("fwd-s2", C(num_stages_fwd=2)),
@@ -131,6 +144,8 @@ def main(argv=None):
   ap.add_argument("--budget_s", type=float, default=330.0,
                   help="stop starting new variants after this many seconds")
   ap.add_argument("--only", default="", help="comma list of variant names (default all)")
+  ap.add_argument("--baseline", default="",
+                  help="another copy of mssa.py (e.g. the previous commit's) timed as 'baseline 197'")
   ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_mssa.json"))
   args = ap.parse_args(argv)
   t_start = time.time()
@@ -165,6 +180,10 @@ def main(argv=None):
     return lambda w: mssa.mssa_attention(w, scale, valid, interpret=interpret, config=cfg)
 
   variants.append(("kernel 197 (in-kernel mask)", t, ours(C())))
+  if args.baseline:
+    base = load_kernel(args.baseline, "mssa_baseline")
+    variants.append(("baseline 197", t, lambda w: base.mssa_attention(w, scale, None,
+                                                                      interpret=interpret)))
   for tp in (208, 256):
     if tp in padded:
       variants.append((f"kernel {tp} pre-padded", tp, ours(C(), t)))

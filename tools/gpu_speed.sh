@@ -21,6 +21,7 @@
 #     bash tools/gpu_speed.sh table2     # the rest of the table: ViT-MAE-Base, remat of Base
 #     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
 #     bash tools/gpu_speed.sh layernorm  # our LayerNorm kernel: GPU tests, micro sweep, whole step
+#     bash tools/gpu_speed.sh onelaunch  # MSSA kernel in one launch + decoder sign: tests, micro, step
 #     bash tools/gpu_speed.sh side       # the kernels' GPU tests, then the defaults beside PyTorch
 #                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
@@ -130,5 +131,24 @@ PY
     bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     ;;
-  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat"; exit 2 ;;
+  onelaunch)
+    # The MSSA kernel with every row block in one launch (no tail pallas_calls, no
+    # stitch) and the decoder's sign folded into its output projection, against the
+    # previous commit's files (carried in .oldkernel/: mssa_old.py, layers_old.py):
+    # the kernel's GPU tests, the micro-benchmark (new, previous, cuDNN, XLA, a sweep),
+    # then the whole Base step three ways (previous; new kernel only; both new).
+    JAX_PLATFORMS=cuda timeout 120 python3 -m pytest tests/test_kernel_mssa.py -q -rs \
+      --tb=short -p no:cacheprovider 2>&1 | tail -12
+    timeout 220 python3 tools/bench_mssa_kernel.py --budget_s 185 --baseline .oldkernel/mssa_old.py \
+      --only "kernel 197 (in-kernel mask),baseline 197,cuDNN 197 (+pad/slice glue),XLA 197,fwd-loop,fwd-q32,bwd-n64,fwd-loop-w8,fwd-w8,fwd-q128-w8,fwd-loop-q128-w8,bwd-m128-w8,bwd-s3,fwd-q32-bwd-m32" \
+      --json "$OUT/bench_mssa.json" 2>&1 | grep -v "^ "
+    cp crate_mae_jax/kernels/mssa.py /tmp/mssa_new.py; cp crate_mae_jax/models/layers.py /tmp/layers_new.py
+    cp .oldkernel/mssa_old.py crate_mae_jax/kernels/mssa.py; cp .oldkernel/layers_old.py crate_mae_jax/models/layers.py
+    T=90 bench --variant base --batch_size 256 --label previous --json "$OUT/step_previous.json" | tail -2
+    cp /tmp/mssa_new.py crate_mae_jax/kernels/mssa.py
+    T=90 bench --variant base --batch_size 256 --label kernel --json "$OUT/step_kernel.json" | tail -2
+    cp /tmp/layers_new.py crate_mae_jax/models/layers.py
+    T=90 bench --variant base --batch_size 256 --label new --json "$OUT/step_new.json" | tail -2
+    ;;
+  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|onelaunch"; exit 2 ;;
 esac

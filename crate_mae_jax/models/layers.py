@@ -112,12 +112,40 @@ def valid_rows(x: jax.Array, valid_length: int | None) -> jax.Array:
   return x if valid_length is None else x[:, :valid_length]
 
 
+class HeadMerge(nn.Module):
+  """MSSA's output projection, (…, heads, head_dim) -> (…, width) with bias:
+  flax's `DenseGeneral(axis=(-2, -1))`, the same parameters ('kernel', 'bias').
+  `negate` returns its negative by negating the (small) kernel and bias, so the
+  decoder's `y − MSSA(·)` costs no pass over the activation for the sign,
+  forward or backward."""
+  width: int
+  negate: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    heads, head_dim = x.shape[-2:]
+    # Drawn flat, as DenseGeneral draws it (xavier's fans are PyTorch's).
+    kernel = self.param("kernel", kernel_shaped(xavier(), ("heads", "head_dim", "embed"),
+                                                (heads, head_dim, self.width)),
+                        (heads * head_dim, self.width), self.param_dtype)
+    bias = self.param("bias", partitioned(init.zeros, ("embed",)), (self.width,),
+                      self.param_dtype)
+    if self.negate:
+      kernel, bias = -kernel, -bias
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 2, x.ndim - 1), (0, 1)), ((), ())))
+    return y + bias
+
+
 class MSSA(nn.Module):
   """Multi-head subspace self-attention.
 
   One bias-free projection U_k per head serves as query, key and value
   (w = x U_k; softmax(w wᵀ / sqrt(d_h)) w): the gradient step that compresses
-  tokens towards their subspaces. An output projection with bias mixes heads.
+  tokens towards their subspaces. An output projection with bias mixes heads
+  (`negate`: its negative, for the decoder).
   The projection `w` is sown as 'intermediates/subspace_proj' for diagnostics.
   """
   heads: int
@@ -125,6 +153,7 @@ class MSSA(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  negate: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, valid_length: int | None = None) -> jax.Array:
@@ -139,11 +168,8 @@ class MSSA(nn.Module):
     w = constrain(w, ACT_HEADS)
     impl = resolve_attention(self.attention_impl, self.dtype, head_dim=self.head_dim)
     out = constrain(attention(w, w, w, self.head_dim**-0.5, impl, valid_length), ACT_HEADS)
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=kernel_shaped(xavier(), ("heads", "head_dim", "embed"),
-                                  (self.heads, self.head_dim, width)),
-        bias_init=partitioned(init.zeros, ("embed",)), name="out")(out)
+    return HeadMerge(width, self.negate, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="out")(out)
 
 
 class ISTA(nn.Module):
@@ -220,9 +246,9 @@ class CrateDecoderLayer(LayerModule):
     self.sow("intermediates", "dictionary_out", valid_rows(y, valid_length))
     y = constrain(y, ACT)
     h = layer_norm(BLOCK_NORM_EPS, name="norm_mssa", norm_impl=self.norm_impl, **kw)(y)
-    h = MSSA(self.heads, self.head_dim, attention_impl=self.attention_impl,
+    h = MSSA(self.heads, self.head_dim, attention_impl=self.attention_impl, negate=True,
              name="mssa", **kw)(h, valid_length)
-    return constrain(y - h, ACT)
+    return constrain(y + h, ACT)                    # y − MSSA(LN y), the sign in `negate`
 
 
 class MLP(nn.Module):

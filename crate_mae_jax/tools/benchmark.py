@@ -385,7 +385,11 @@ def profile(compiled, state, batch, out_dir: str, n: int) -> dict:
       top_kernels=[(k[:160], round(v, 3)) for k, v in
                    sorted(kernels.items(), key=lambda kv: -kv[1])[:40]],
       top_ops=[(k[:160], round(v, 3)) for k, v in
-               sorted(ops.items(), key=lambda kv: -kv[1])[:40]])
+               sorted(ops.items(), key=lambda kv: -kv[1])[:40]],
+      # Every kernel over 0.5 ms/step with the HLO op_name that says what it does.
+      named_kernels=[(k[:160], round(v, 3),
+                      (op_names.get(k.replace(".", "_").replace("-", "_")) or "")[:240])
+                     for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]) if v >= 0.5])
   return result
 
 
@@ -703,8 +707,9 @@ def _print_profile(row):
     print(f"  {k:28s} {v:9.3f} ms")
   for k, v in p.get("parts_ms", {}).items():
     print(f"  {k:40s} {v:9.3f} ms")
-  for k, v in p["top_kernels"][:15]:
-    print(f"  {v:8.3f} ms  {k[:110]}")
+  print("  kernels over 0.5 ms/step (name: HLO op_name):")
+  for k, v, op in p.get("named_kernels", []):
+    print(f"  {v:8.3f} ms  {k[:70]}: {op[:150]}")
 
 
 # ----------------------------------------------------------------------------- command line
