@@ -388,3 +388,24 @@ def test_batch_memory_limit_is_named_and_usable():
   config_lib.check_batch_memory(c, 3, largest, memory)
   with pytest.raises(config_lib.ConfigError):
     config_lib.check_batch_memory(c, 3, largest + 1, memory)
+
+
+def test_a_batch_larger_than_the_train_split_is_one_warning(monkeypatch):
+  """README "Sizes that do not fit": a per-process batch above the train split's size
+  trains on, with one warning line naming both numbers and the batch that avoids it."""
+  from crate_mae_jax import config_lib  # pylint: disable=import-outside-toplevel
+  c = config_lib.default_config()
+  c.batch_size, c.task = 64, "pretrain"
+  warned = []
+  monkeypatch.setattr(config_lib.logging, "warning",
+                      lambda fmt, *args: warned.append(fmt % args))
+
+  class Source:
+    num_train_examples = 40
+  config_lib.check_against_data(c, Source(), local_batch=64)
+  assert len(warned) == 1, warned
+  assert "64 images per process but the train split has 40" in warned[0], warned
+  assert "a batch of at most 40 avoids it" in warned[0], warned
+  warned.clear()
+  config_lib.check_against_data(c, Source(), local_batch=40)
+  assert warned == []

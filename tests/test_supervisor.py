@@ -113,3 +113,14 @@ def test_the_line_names_the_last_checkpoint_and_the_rerun(tmp_path):
   assert "(SIGABRT" in line and "step 8 in" in line and "rerun every process" in line
   line = errors.ended_by_signal_message("", signal.SIGKILL, str(tmp_path))
   assert "out-of-memory killer" in line and "step 8" in line
+
+
+def test_a_peer_timeout_below_one_second_is_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "crate_mae_jax.main", "--config=configs/quickstart.py",
+       f"--workdir={tmp_path / 'w'}", "--distributed=on", "--peer_timeout=0"],
+      capture_output=True, text=True, cwd=str(ROOT), timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --peer_timeout=0: must be at least 1 second (JAX's default is 100)"), proc.stderr
