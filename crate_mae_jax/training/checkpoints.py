@@ -29,7 +29,7 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
-from crate_mae_jax.training import state_lib, tensorstore_json
+from crate_mae_jax.training import native_memory, state_lib, tensorstore_json
 
 # tensorstore's JSON conversions, which Orbax calls on every save, leak every key
 # and value they return (about 100 KB a save of the tiny model): wrapped once here.
@@ -259,6 +259,7 @@ class TrainCheckpoints:
         META: ocp.args.JsonSave(_redacted_meta(meta))}), metrics=metrics, force=True)
     # Orbax finished every earlier save before starting this one.
     seal(self.directory, skip=step if self._async else None)
+    native_memory.release_free_memory()  # what the earlier saves' threads freed
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
