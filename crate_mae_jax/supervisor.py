@@ -99,7 +99,8 @@ def _copy(fd: int, tail: bytearray) -> None:
     tail.extend(data)
     del tail[:-TAIL_BYTES]
     try:
-      os.write(2, data)
+      while data:
+        data = data[os.write(2, data):]
     except OSError:  # a closed terminal: keep draining so that the child never blocks
       pass
 
