@@ -272,9 +272,11 @@ def test_restore_params_without_target_on_another_topology(runs):
     np.testing.assert_array_equal(runs["untargeted"][k], v, err_msg=k)
 
 
-def test_preemption_of_one_host_saves_the_same_step_on_all(tmp_path):
-  """SIGTERM reaches one of two processes mid-run: through Orbax's pre-emption
-  sync point both stop after the same step, save it, and exit cleanly."""
+@pytest.mark.parametrize("hosts", ["one", "every"])
+def test_preemption_saves_the_same_step_on_all(tmp_path, hosts):
+  """SIGTERM reaches one of two processes (or every one) mid-run, through the launched
+  process and its supervisor: through the pre-emption sync point both stop after the
+  same step, save it, and exit cleanly."""
   codes, logs = _two_processes(["-c", PROBE], tmp_path, 120, "probe")
   if codes != [0, 0]:
     pytest.skip(f"this platform cannot run two JAX CPU processes (exit codes {codes})")
@@ -290,7 +292,8 @@ def test_preemption_of_one_host_saves_the_same_step_on_all(tmp_path):
       assert all(p.poll() is None for p in procs), _tail(logs[0]) + _tail(logs[1])
       assert time.monotonic() < deadline, "training did not start in time"
       time.sleep(0.5)
-    procs[1].send_signal(signal.SIGTERM)
+    for p in (procs if hosts == "every" else procs[1:]):
+      p.send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=max(deadline - time.monotonic(), 10)) for p in procs]
   finally:
     for p in procs:
