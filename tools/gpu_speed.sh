@@ -184,21 +184,21 @@ PY
     # Everything of `onelaunch` and `final` that fits one 10-minute call, in order of
     # importance: the MSSA kernel's GPU tests; the whole Base step with the previous
     # commit's kernel and layers (.oldkernel/) and with this tree's (the defaults);
-    # the official code and the official model with SDPA under torch.compile; the
-    # kernel micro-benchmark (this tree's, the previous, cuDNN, XLA, the row-loop
-    # forward); the profile of this tree's step.
-    JAX_PLATFORMS=cuda timeout 90 python3 -m pytest tests/test_kernel_mssa.py -q -rs \
+    # the kernel micro-benchmark (this tree's, the previous, XLA, the row-loop forward,
+    # cuDNN); the official code and the official model with SDPA under torch.compile;
+    # the profile of this tree's step.
+    JAX_PLATFORMS=cuda timeout 75 python3 -m pytest tests/test_kernel_mssa.py -q -rs \
       --tb=short -p no:cacheprovider 2>&1 | tail -8
     cp crate_mae_jax/kernels/mssa.py /tmp/mssa_new.py; cp crate_mae_jax/models/layers.py /tmp/layers_new.py
     cp .oldkernel/mssa_old.py crate_mae_jax/kernels/mssa.py; cp .oldkernel/layers_old.py crate_mae_jax/models/layers.py
     T=75 bench --variant base --batch_size 256 --label previous --json "$OUT/step_previous.json" | tail -2
     cp /tmp/mssa_new.py crate_mae_jax/kernels/mssa.py; cp /tmp/layers_new.py crate_mae_jax/models/layers.py
     T=75 bench --variant base --batch_size 256 --label defaults --json "$OUT/jax_base_default.json" | tail -2
+    timeout 100 python3 tools/bench_mssa_kernel.py --budget_s 70 --baseline .oldkernel/mssa_old.py \
+      --only "kernel 197 (in-kernel mask),baseline 197,XLA 197,fwd-loop,cuDNN 197 (+pad/slice glue)" \
+      --json "$OUT/bench_mssa.json" 2>&1 | grep -v "^ " | tail -12
     timeout 190 python3 tools/bench_official_torch.py --official_dir .official \
       --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json" 2>&1 | tail -6
-    timeout 120 python3 tools/bench_mssa_kernel.py --budget_s 95 --baseline .oldkernel/mssa_old.py \
-      --only "kernel 197 (in-kernel mask),baseline 197,cuDNN 197 (+pad/slice glue),XLA 197,fwd-loop" \
-      --json "$OUT/bench_mssa.json" 2>&1 | grep -v "^ " | tail -12
     T=70 bench --variant base --batch_size 256 --profile /tmp/prof --json "$OUT/step_profile.json" \
       | tail -40
     ;;
