@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import tiny_train_config
+from conftest import once_per_run, tiny_train_config
 from crate_mae_jax.training import checkpoints, train
 
 
@@ -20,12 +20,17 @@ def _params_close(a, b, tol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
+def _pretrain(out):
+  with tfds.testing.mock_data(num_examples=64):
+    results = train.train_and_evaluate(tiny_train_config("pretrain"), str(out / "run"))
+  (out / "results.json").write_text(json.dumps(results, default=float))
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("pretrain")
-  with tfds.testing.mock_data(num_examples=64):
-    results = train.train_and_evaluate(tiny_train_config("pretrain"), str(workdir))
-  return workdir, results
+  """One pre-training run per test run, shared by the pytest-xdist workers."""
+  out = once_per_run(tmp_path_factory, "train_pretrain", _pretrain)
+  return out / "run", json.loads((out / "results.json").read_text())
 
 
 def test_pretrain_on_mock_tfds(pretrained):
