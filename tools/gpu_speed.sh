@@ -202,5 +202,19 @@ PY
     T=70 bench --variant base --batch_size 256 --profile /tmp/prof --json "$OUT/step_profile.json" \
       | tail -40
     ;;
-  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|onelaunch|final|onecall"; exit 2 ;;
+  verify)
+    # The least that decides the one-launch kernel (a short device budget): its GPU
+    # tests, the micro-benchmark against the previous kernel, the step both ways.
+    JAX_PLATFORMS=cuda timeout 60 python3 -m pytest tests/test_kernel_mssa.py -q -rs -x \
+      --tb=short -p no:cacheprovider 2>&1 | tail -6
+    timeout 75 python3 tools/bench_mssa_kernel.py --budget_s 50 --windows 5 --iters 30 \
+      --baseline .oldkernel/mssa_old.py --only "kernel 197 (in-kernel mask),baseline 197,XLA 197" \
+      --json "$OUT/bench_mssa.json" 2>&1 | grep -v "^ " | tail -8
+    cp crate_mae_jax/kernels/mssa.py /tmp/mssa_new.py; cp crate_mae_jax/models/layers.py /tmp/layers_new.py
+    cp .oldkernel/mssa_old.py crate_mae_jax/kernels/mssa.py; cp .oldkernel/layers_old.py crate_mae_jax/models/layers.py
+    T=60 bench --variant base --batch_size 256 --windows 3 --label previous --json "$OUT/step_previous.json" | tail -2
+    cp /tmp/mssa_new.py crate_mae_jax/kernels/mssa.py; cp /tmp/layers_new.py crate_mae_jax/models/layers.py
+    T=60 bench --variant base --batch_size 256 --windows 3 --label new --json "$OUT/step_new.json" | tail -2
+    ;;
+  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|onelaunch|final|onecall|verify"; exit 2 ;;
 esac
