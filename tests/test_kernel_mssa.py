@@ -96,10 +96,8 @@ def test_bfloat16_values_and_grads(shape, valid):
     mssa.Config(block_q=64, block_m=16, block_n=64, delta_in_kernel=True),
     # every block a power of two past T: no short last piece of keys or rows
     mssa.Config(key_tail=False, row_tail=False),
-    mssa.Config(fwd_rows_loop=True),
-    mssa.Config(block_q=32, fwd_rows_loop=True, row_tail=False),
     mssa.Config(block_q=32, block_m=64, block_n=16, num_warps_bwd=8),
-    # 100 = 64 + 32 + 16 rows (three programs of one launch) and keys
+    # 100 = 64 + 32 + 16 rows (three calls) and keys
     mssa.Config(block_q=64, block_m=64, block_n=64),
 ])
 def test_other_tilings(cfg):

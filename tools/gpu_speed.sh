@@ -12,10 +12,7 @@
 #     # the official module's imports, for the export's strict-load test (carry .whl_timm too):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl_timm timm einops huggingface_hub safetensors pyyaml tqdm
-#     # the previous kernel and layers, for the before/after rows of onelaunch/onecall:
-#     mkdir -p .oldkernel && git show 1fd5e5c:crate_mae_jax/kernels/mssa.py > .oldkernel/mssa_old.py \
-#       && git show 1fd5e5c:crate_mae_jax/models/layers.py > .oldkernel/layers_old.py
-# Then, through the device tool (carry .official and .whl; .oldkernel where used):
+# Then, through the device tool (carry .official and .whl):
 #     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), profile
 #     bash tools/gpu_speed.sh table      # `main` on in-memory data, then tiny/small/base/large
 #     bash tools/gpu_speed.sh remat      # remat policies of Base, ViT-MAE-Base
@@ -24,9 +21,7 @@
 #     bash tools/gpu_speed.sh table2     # the rest of the table: ViT-MAE-Base, remat of Base
 #     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
 #     bash tools/gpu_speed.sh layernorm  # our LayerNorm kernel: GPU tests, micro sweep, whole step
-#     bash tools/gpu_speed.sh onelaunch  # MSSA kernel in one launch + decoder sign: tests, micro, step
 #     bash tools/gpu_speed.sh final      # the defaults beside PyTorch, then `main` on in-memory data
-#     bash tools/gpu_speed.sh onecall    # the essentials of onelaunch + final in one 10-minute call
 #     bash tools/gpu_speed.sh side       # the kernels' GPU tests, then the defaults beside PyTorch
 #                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
@@ -136,26 +131,6 @@ PY
     bench --arch vit_mae --variant base --batch_size 256 --isolate --steps 10 --windows 3 \
       --warmup 2 --json "$OUT/jax_vit.json" | tail -3
     ;;
-  onelaunch)
-    # The MSSA kernel with every row block in one launch (no tail pallas_calls, no
-    # stitch) and the decoder's sign folded into its output projection, against the
-    # previous commit's files (carried in .oldkernel/: mssa_old.py, layers_old.py):
-    # the kernel's GPU tests, the micro-benchmark (new, previous, cuDNN, XLA, a sweep),
-    # then the whole Base step both ways (previous files; this tree) and the profile of
-    # this tree's step.
-    JAX_PLATFORMS=cuda timeout 120 python3 -m pytest tests/test_kernel_mssa.py -q -rs \
-      --tb=short -p no:cacheprovider 2>&1 | tail -12
-    timeout 220 python3 tools/bench_mssa_kernel.py --budget_s 170 --baseline .oldkernel/mssa_old.py \
-      --only "kernel 197 (in-kernel mask),baseline 197,cuDNN 197 (+pad/slice glue),XLA 197,fwd-loop,fwd-q32,bwd-n64,fwd-loop-w8,fwd-w8,fwd-q128-w8,fwd-loop-q128-w8,bwd-m128-w8,bwd-s3,fwd-q32-bwd-m32" \
-      --json "$OUT/bench_mssa.json" 2>&1 | grep -v "^ "
-    cp crate_mae_jax/kernels/mssa.py /tmp/mssa_new.py; cp crate_mae_jax/models/layers.py /tmp/layers_new.py
-    cp .oldkernel/mssa_old.py crate_mae_jax/kernels/mssa.py; cp .oldkernel/layers_old.py crate_mae_jax/models/layers.py
-    T=90 bench --variant base --batch_size 256 --label previous --json "$OUT/step_previous.json" | tail -2
-    cp /tmp/mssa_new.py crate_mae_jax/kernels/mssa.py; cp /tmp/layers_new.py crate_mae_jax/models/layers.py
-    T=90 bench --variant base --batch_size 256 --label new --json "$OUT/step_new.json" | tail -2
-    T=80 bench --variant base --batch_size 256 --profile /tmp/prof --json "$OUT/step_new_profile.json" \
-      | tail -45
-    ;;
   final)
     # What a user gets, beside the strongest PyTorch, in one call: the defaults (no
     # flags), the official code and the official model with SDPA under torch.compile,
@@ -180,41 +155,5 @@ PY
       > "$OUT/main_base.log" 2>&1; echo "main exit $?"
     grep -E "steps/s|error|Error" "$OUT/main_base.log" | tail -8
     ;;
-  onecall)
-    # Everything of `onelaunch` and `final` that fits one 10-minute call, in order of
-    # importance: the MSSA kernel's GPU tests; the whole Base step with the previous
-    # commit's kernel and layers (.oldkernel/) and with this tree's (the defaults);
-    # the kernel micro-benchmark (this tree's, the previous, XLA, the row-loop forward,
-    # cuDNN); the official code and the official model with SDPA under torch.compile;
-    # the profile of this tree's step.
-    JAX_PLATFORMS=cuda timeout 75 python3 -m pytest tests/test_kernel_mssa.py -q -rs \
-      --tb=short -p no:cacheprovider 2>&1 | tail -8
-    cp crate_mae_jax/kernels/mssa.py /tmp/mssa_new.py; cp crate_mae_jax/models/layers.py /tmp/layers_new.py
-    cp .oldkernel/mssa_old.py crate_mae_jax/kernels/mssa.py; cp .oldkernel/layers_old.py crate_mae_jax/models/layers.py
-    T=75 bench --variant base --batch_size 256 --label previous --json "$OUT/step_previous.json" | tail -2
-    cp /tmp/mssa_new.py crate_mae_jax/kernels/mssa.py; cp /tmp/layers_new.py crate_mae_jax/models/layers.py
-    T=75 bench --variant base --batch_size 256 --label defaults --json "$OUT/jax_base_default.json" | tail -2
-    timeout 100 python3 tools/bench_mssa_kernel.py --budget_s 70 --baseline .oldkernel/mssa_old.py \
-      --only "kernel 197 (in-kernel mask),baseline 197,XLA 197,fwd-loop,cuDNN 197 (+pad/slice glue)" \
-      --json "$OUT/bench_mssa.json" 2>&1 | grep -v "^ " | tail -12
-    timeout 190 python3 tools/bench_official_torch.py --official_dir .official \
-      --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json" 2>&1 | tail -6
-    T=70 bench --variant base --batch_size 256 --profile /tmp/prof --json "$OUT/step_profile.json" \
-      | tail -40
-    ;;
-  verify)
-    # The least that decides the one-launch kernel (a short device budget): its GPU
-    # tests, the micro-benchmark against the previous kernel, the step both ways.
-    JAX_PLATFORMS=cuda timeout 60 python3 -m pytest tests/test_kernel_mssa.py -q -rs -x \
-      --tb=short -p no:cacheprovider 2>&1 | tail -6
-    timeout 75 python3 tools/bench_mssa_kernel.py --budget_s 50 --windows 5 --iters 30 \
-      --baseline .oldkernel/mssa_old.py --only "kernel 197 (in-kernel mask),baseline 197,XLA 197" \
-      --json "$OUT/bench_mssa.json" 2>&1 | grep -v "^ " | tail -8
-    cp crate_mae_jax/kernels/mssa.py /tmp/mssa_new.py; cp crate_mae_jax/models/layers.py /tmp/layers_new.py
-    cp .oldkernel/mssa_old.py crate_mae_jax/kernels/mssa.py; cp .oldkernel/layers_old.py crate_mae_jax/models/layers.py
-    T=60 bench --variant base --batch_size 256 --windows 3 --label previous --json "$OUT/step_previous.json" | tail -2
-    cp /tmp/mssa_new.py crate_mae_jax/kernels/mssa.py; cp /tmp/layers_new.py crate_mae_jax/models/layers.py
-    T=60 bench --variant base --batch_size 256 --windows 3 --label new --json "$OUT/step_new.json" | tail -2
-    ;;
-  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|onelaunch|final|onecall|verify"; exit 2 ;;
+  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|final"; exit 2 ;;
 esac

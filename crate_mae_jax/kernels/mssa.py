@@ -97,11 +97,8 @@ class Config:
   key_tail: the keys (and the backward's chunks) end in short power-of-two
   pieces (197 keys -> 128 + 64 + 16 in the forward, 3·64 + 16 in the backward)
   instead of padding to the next power of two (256);
-  row_tail: likewise the query rows: the last rows in short power-of-two pieces
-  (197 = 3·64 + 16), each one more program of the same launch (`pl.when` on
-  the program index), instead of a last block of mostly padding;
-  fwd_rows_loop: one forward program per (batch, head) loads the keys once and
-  loops over the row blocks (instead of one program per row block).
+  row_tail: likewise the query rows, through extra small pallas_calls for the
+  last rows (3 programs of 64 rows + one of 16 per (batch, head)).
   """
   block_q: int = 64
   num_warps_fwd: int = 4
@@ -113,7 +110,6 @@ class Config:
   delta_in_kernel: bool = False
   key_tail: bool = True
   row_tail: bool = True
-  fwd_rows_loop: bool = False
 
 
 def default_config(tokens: int, head_dim: int) -> Config:
@@ -241,62 +237,36 @@ def _chunks(n: int, block: int, tail: bool) -> tuple[int, tuple[tuple[int, int],
   return full, tuple((full * block + p0, size) for p0, size in _pieces(rest16, True))
 
 
-def _row_program(start_of_block, pieces, block, body):
-  """Runs `body(start, size)` for this program's rows: programs below
-  `len(full)` take block-sized rows at a dynamic start, each later program one
-  short piece (static start and size) — every row block in one launch."""
+def _fwd_kernel(w_ref, o_ref, lse_ref, *, scale, n_rows, valid, block_q, row0,
+                out_rows, pieces):
   i = pl.program_id(0)
-  n_full, tails = pieces
-  if n_full:
-    @pl.when(i < n_full)
-    def _():
-      body(start_of_block(i), block)
-  for k, (start, size) in enumerate(tails):
-    @pl.when(i == n_full + k)
-    def _(start=start, size=size):
-      body(start, size)
-
-
-def _fwd_kernel(w_ref, o_ref, lse_ref, *, scale, n_rows, valid, block_q, rows, keys,
-                rows_loop):
+  start = row0 + i * block_q
+  w_i = _load_rows(w_ref, start, block_q, n_rows)               # (block_q, D)
   c = scale * _LOG2E
-  w_keys = [(p0, psize, _load_rows(w_ref, p0, psize, n_rows)) for p0, psize in keys]
-
-  def body(start, size):
-    w_i = _load_rows(w_ref, start, size, n_rows)                 # (size, D)
-    s2 = []
-    for p0, psize, w_k in w_keys:                                # keys, in pieces
-      s = _dot(w_i, w_k, trans_b=True) * c                       # (size, psize) f32
-      if p0 + psize > valid:                                     # keys past valid (and T)
-        s = jnp.where((p0 + jnp.arange(psize) < valid)[None, :], s, _MASK)
-      s2.append(s)
-    m = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s in s2])
-    p = [jnp.exp2(s - m[:, None]) for s in s2]
-    l = functools.reduce(jnp.add, [jnp.sum(x, axis=1) for x in p])
-    o = functools.reduce(jnp.add, [_dot(x.astype(w_k.dtype), w_k)
-                                   for x, (_, _, w_k) in zip(p, w_keys)])
-    o = o / l[:, None]
-    in_range = start + jnp.arange(size) < n_rows
-    plgpu.store(o_ref.at[pl.ds(start, size), :], o.astype(o_ref.dtype), mask=in_range[:, None])
-    plgpu.store(lse_ref.at[pl.ds(start, size)], m + jnp.log2(l), mask=in_range)
-
-  if rows_loop:                      # one program walks every row block of its (b, h)
-    n_full, tails = rows
-    if n_full:
-      jax.lax.fori_loop(0, n_full, lambda i, _: body(i * block_q, block_q), None)
-    for start, size in tails:
-      body(start, size)
-  else:
-    _row_program(lambda i: i * block_q, rows, block_q, body)
+  s2, w_p = [], []
+  for p0, size in pieces:                                        # keys, in pieces
+    w_k = _load_rows(w_ref, p0, size, n_rows)                    # (size, D)
+    s = _dot(w_i, w_k, trans_b=True) * c                         # (block_q, size) f32
+    if p0 + size > valid:                                        # keys past valid (and T)
+      s = jnp.where((p0 + jnp.arange(size) < valid)[None, :], s, _MASK)
+    s2.append(s)
+    w_p.append(w_k)
+  m = functools.reduce(jnp.maximum, [jnp.max(s, axis=1) for s in s2])
+  p = [jnp.exp2(s - m[:, None]) for s in s2]
+  l = functools.reduce(jnp.add, [jnp.sum(x, axis=1) for x in p])
+  o = functools.reduce(jnp.add, [_dot(x.astype(w_k.dtype), w_k) for x, w_k in zip(p, w_p)])
+  o = o / l[:, None]
+  rel = i * block_q + jnp.arange(block_q)                        # rows of this output
+  plgpu.store(o_ref, o.astype(o_ref.dtype), mask=(rel < out_rows)[:, None])
+  lse_ref[...] = m + jnp.log2(l)
 
 
-def _bwd_kernel(*refs, scale, n_rows, valid, block_m, rows, block_n, n_full, tails,
-                delta_in_kernel):
+def _bwd_kernel(*refs, scale, n_rows, valid, block_m, row0, out_rows, block_n,
+                n_full, tails, delta_in_kernel):
   if delta_in_kernel:
     w_ref, o_ref, do_ref, lse_ref, dw_ref = refs
   else:
     w_ref, do_ref, lse_ref, delta_ref, dw_ref = refs
-
   def load(first, size):
     """(w, dO, lse, δ) of `size` rows from `first`."""
     w = _load_rows(w_ref, first, size, n_rows)
@@ -307,79 +277,95 @@ def _bwd_kernel(*refs, scale, n_rows, valid, block_m, rows, block_n, n_full, tai
       return w, do, lse, jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=1)
     return w, do, lse, _load_vec(delta_ref, first, size, n_rows)
 
-  def body(start, size):
-    rows_i = start + jnp.arange(size)
-    w_i, do_i, lse_i, delta_i = load(start, size)
-    c = scale * _LOG2E
-    # Rows of this block as keys: masked past valid (only needed below T: rows
-    # past T are zero and never stored).
-    key_mask_i = (rows_i < valid)[:, None] if valid < n_rows else None
+  i = pl.program_id(0)
+  start = row0 + i * block_m
+  rows = start + jnp.arange(block_m)
+  w_i, do_i, lse_i, delta_i = load(start, block_m)
+  c = scale * _LOG2E
+  # Rows of this block as keys: masked past valid (only needed below T: rows
+  # past T are zero and never stored).
+  key_mask_i = (rows < valid)[:, None] if valid < n_rows else None
 
-    def chunk(cstart, csize, carry):
-      acc_s, acc_v = carry
-      w_j, do_j, lse_j, delta_j = load(cstart, csize)
-      s2 = _dot(w_i, w_j, trans_b=True) * c                          # (size, csize)
-      # Rows i as queries, chunk j as keys. Chunk rows past T are zero: their
-      # p_row is finite and meets zero rows of w_j in the product below.
-      p_row = jnp.exp2(s2 - lse_i[:, None])
-      if valid < n_rows:
-        p_row = jnp.where((cstart + jnp.arange(csize) < valid)[None, :], p_row, 0.0)
-      dp_row = _dot(do_i, w_j, trans_b=True)
-      ds = p_row * (dp_row - delta_i[:, None])
-      # Rows i as keys, chunk j as queries: P_ji = exp2(S2_ij − lse_j) by symmetry.
-      # Chunk rows past T have dO = 0, δ = 0: they add nothing.
-      p_col = jnp.exp2(s2 - lse_j[None, :])
-      if key_mask_i is not None:
-        p_col = jnp.where(key_mask_i, p_col, 0.0)
-      dp_col = _dot(w_i, do_j, trans_b=True)
-      ds = ds + p_col * (dp_col - delta_j[None, :])
-      acc_s = acc_s + _dot(ds.astype(w_j.dtype), w_j)
-      acc_v = acc_v + _dot(p_col.astype(do_j.dtype), do_j)
-      return acc_s, acc_v
-
-    zeros = jnp.zeros((size, w_i.shape[-1]), jnp.float32)
-    carry = (zeros, zeros)
-    if n_full:
-      carry = jax.lax.fori_loop(0, n_full, lambda j, c_: chunk(j * block_n, block_n, c_), carry)
-    for cstart, csize in tails:
-      carry = chunk(cstart, csize, carry)
+  def chunk(cstart, size, carry):
     acc_s, acc_v = carry
-    dw = scale * acc_s + acc_v
-    plgpu.store(dw_ref.at[pl.ds(start, size), :], dw.astype(dw_ref.dtype),
-                mask=(rows_i < n_rows)[:, None])
-  _row_program(lambda i: i * block_m, rows, block_m, body)
+    w_j, do_j, lse_j, delta_j = load(cstart, size)
+    s2 = _dot(w_i, w_j, trans_b=True) * c                          # (m, n)
+    # Rows i as queries, chunk j as keys. Chunk rows past T are zero: their
+    # p_row is finite and meets zero rows of w_j in the product below.
+    p_row = jnp.exp2(s2 - lse_i[:, None])
+    if valid < n_rows:
+      p_row = jnp.where((cstart + jnp.arange(size) < valid)[None, :], p_row, 0.0)
+    dp_row = _dot(do_i, w_j, trans_b=True)
+    ds = p_row * (dp_row - delta_i[:, None])
+    # Rows i as keys, chunk j as queries: P_ji = exp2(S2_ij − lse_j) by symmetry.
+    # Chunk rows past T have dO = 0, δ = 0: they add nothing.
+    p_col = jnp.exp2(s2 - lse_j[None, :])
+    if key_mask_i is not None:
+      p_col = jnp.where(key_mask_i, p_col, 0.0)
+    dp_col = _dot(w_i, do_j, trans_b=True)
+    ds = ds + p_col * (dp_col - delta_j[None, :])
+    acc_s = acc_s + _dot(ds.astype(w_j.dtype), w_j)
+    acc_v = acc_v + _dot(p_col.astype(do_j.dtype), do_j)
+    return acc_s, acc_v
+
+  zeros = jnp.zeros((block_m, w_i.shape[-1]), jnp.float32)
+  carry = (zeros, zeros)
+  if n_full:
+    carry = jax.lax.fori_loop(0, n_full, lambda j, c_: chunk(j * block_n, block_n, c_), carry)
+  for cstart, size in tails:
+    carry = chunk(cstart, size, carry)
+  acc_s, acc_v = carry
+  dw = scale * acc_s + acc_v
+  rel = i * block_m + jnp.arange(block_m)
+  plgpu.store(dw_ref, dw.astype(dw_ref.dtype), mask=(rel < out_rows)[:, None])
 
 
-def _whole(keys: int, d: int) -> pl.BlockSpec:
-  """Every token row of one (batch, head): programs of one (batch, head) share
-  it, each reading what it needs and writing its own rows."""
-  return pl.BlockSpec((None, keys, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+def _row_calls(t: int, block: int, tail: bool) -> list[tuple[int, int, int]]:
+  """(first row, programs, rows per program) of each pallas_call covering the
+  t query rows: blocks of `block`, then (with `tail`) one call per short
+  piece of `_chunks` instead of a block of mostly padding (197 = 3·64 + 16)."""
+  full, tails = _chunks(t, block, tail)
+  return ([(0, full, block)] if full else []) + [(r0, 1, size) for r0, size in tails]
 
 
-def _vec(n: int) -> pl.BlockSpec:
-  return pl.BlockSpec((None, None, n), lambda i, bi, hi: (bi, hi, 0))
+def _stitch(parts):
+  """The outputs of _row_calls' calls, (first row, array), as one array: the
+  first call's output has every row; the short call's rows are written into
+  it (in place, in XLA)."""
+  out = parts[0][1]
+  for row0, x in parts[1:]:
+    out = jax.lax.dynamic_update_slice(out, x, (0, row0, 0, 0))
+  return out
 
 
 def _forward(w, scale, valid, cfg: Config, interpret: bool):
-  """(O, lse): O (B, T, H, D); lse (B, H, keys) float32 base 2, rows past T unset."""
   b, t, h, d = w.shape
   keys = _keys(t)
   block_q = min(cfg.block_q, keys)
-  rows = _chunks(t, block_q, cfg.row_tail)
-  kernel = functools.partial(_fwd_kernel, scale=scale, n_rows=t, valid=valid,
-                             block_q=block_q, rows=rows, keys=_pieces(valid, cfg.key_tail),
-                             rows_loop=cfg.fwd_rows_loop)
-  return pl.pallas_call(
-      kernel,
-      grid=(1 if cfg.fwd_rows_loop else rows[0] + len(rows[1]), b, h),
-      in_specs=[_whole(keys, d)],
-      out_specs=[_whole(keys, d), _vec(keys)],
-      out_shape=[jax.ShapeDtypeStruct((b, t, h, d), w.dtype),
-                 jax.ShapeDtypeStruct((b, h, keys), jnp.float32)],
-      compiler_params=_compiler_params(cfg.num_warps_fwd, cfg.num_stages_fwd),
-      interpret=interpret,
-      name="mssa_fwd",
-  )(w)
+  pieces = _pieces(valid, cfg.key_tail)
+  full_spec = pl.BlockSpec((None, keys, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+  calls = _row_calls(t, block_q, cfg.row_tail)
+  os, lses = [], []
+  for k, (row0, n, rows) in enumerate(calls):
+    end = calls[k + 1][0] if k + 1 < len(calls) else t     # the rows this call owns
+    out_rows = t if row0 == 0 else end - row0   # the first call's output is the whole array
+    kernel = functools.partial(_fwd_kernel, scale=scale, n_rows=t, valid=valid,
+                               block_q=rows, row0=row0, out_rows=out_rows, pieces=pieces)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(n, b, h),
+        in_specs=[full_spec],
+        out_specs=[pl.BlockSpec((None, rows, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+                   pl.BlockSpec((None, None, rows), lambda i, bi, hi: (bi, hi, i))],
+        out_shape=[jax.ShapeDtypeStruct((b, out_rows, h, d), w.dtype),
+                   jax.ShapeDtypeStruct((b, h, n * rows), jnp.float32)],
+        compiler_params=_compiler_params(cfg.num_warps_fwd, cfg.num_stages_fwd),
+        interpret=interpret,
+        name="mssa_fwd" if row0 == 0 else "mssa_fwd_tail",
+    )(w)
+    os.append((row0, o))
+    lses.append(lse[..., :end - row0])
+  return _stitch(os), jnp.concatenate(lses, axis=-1) if len(lses) > 1 else lses[0]
 
 
 def _backward(w, o, lse, do, scale, valid, cfg: Config, interpret: bool):
@@ -388,26 +374,40 @@ def _backward(w, o, lse, do, scale, valid, cfg: Config, interpret: bool):
   block_m = min(cfg.block_m, keys)
   block_n = min(cfg.block_n, keys)
   n_full, tails = _chunks(t, block_n, cfg.key_tail)
-  rows = _chunks(t, block_m, cfg.row_tail)
+  covered = n_full * block_n + sum(size for _, size in tails)
+  # The lse (and δ) cover every row any chunk or row block loads; entries past
+  # T are masked on load.
+  calls = _row_calls(t, block_m, cfg.row_tail)
+  n_lse = _next_pow2(max([covered] + [r0 + n * rows for r0, n, rows in calls]))
+  lse = jnp.pad(lse, ((0, 0), (0, 0), (0, n_lse - t)))
+  full = pl.BlockSpec((None, keys, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+  vec = pl.BlockSpec((None, None, n_lse), lambda i, bi, hi: (bi, hi, 0))
   if cfg.delta_in_kernel:
-    args, specs = (w, o, do, lse), [_whole(keys, d)] * 3 + [_vec(keys)]
+    args, specs = (w, o, do, lse), [full, full, full, vec]
   else:
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
-    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, keys - t)))
-    args, specs = (w, do, lse, delta), [_whole(keys, d)] * 2 + [_vec(keys)] * 2
-  kernel = functools.partial(_bwd_kernel, scale=scale, n_rows=t, valid=valid,
-                             block_m=block_m, rows=rows, block_n=block_n,
-                             n_full=n_full, tails=tails, delta_in_kernel=cfg.delta_in_kernel)
-  return pl.pallas_call(
-      kernel,
-      grid=(rows[0] + len(rows[1]), b, h),
-      in_specs=specs,
-      out_specs=_whole(keys, d),
-      out_shape=jax.ShapeDtypeStruct((b, t, h, d), w.dtype),
-      compiler_params=_compiler_params(cfg.num_warps_bwd, cfg.num_stages_bwd),
-      interpret=interpret,
-      name="mssa_bwd",
-  )(*args)
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, n_lse - t)))
+    args, specs = (w, do, lse, delta), [full, full, vec, vec]
+  parts = []
+  for k, (row0, n, rows) in enumerate(calls):
+    end = calls[k + 1][0] if k + 1 < len(calls) else t
+    out_rows = t if row0 == 0 else end - row0
+    kernel = functools.partial(_bwd_kernel, scale=scale, n_rows=t, valid=valid,
+                               block_m=rows, row0=row0, out_rows=out_rows, block_n=block_n,
+                               n_full=n_full, tails=tails,
+                               delta_in_kernel=cfg.delta_in_kernel)
+    dw = pl.pallas_call(
+        kernel,
+        grid=(n, b, h),
+        in_specs=specs,
+        out_specs=pl.BlockSpec((None, rows, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, out_rows, h, d), w.dtype),
+        compiler_params=_compiler_params(cfg.num_warps_bwd, cfg.num_stages_bwd),
+        interpret=interpret,
+        name="mssa_bwd" if row0 == 0 else "mssa_bwd_tail",
+    )(*args)
+    parts.append((row0, dw))
+  return _stitch(parts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
