@@ -25,10 +25,8 @@ if [ "$(cat "$venv/.installed" 2>/dev/null)" != "$stamp" ]; then
   # torch first, alone, as the CPU build: let the dependency resolver pick it and it
   # takes PyPI's CUDA build (several GB). Where pip does not already find a CPU wheel
   # (CI's machines do), set TORCH_INDEX=https://download.pytorch.org/whl/cpu.
-  # --no-compile: no .pyc for the ~17k installed modules now; Python writes one for
-  # each module the tests import, the first time they do.
-  "$venv/bin/python" -m pip install -q --no-compile ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0"
-  "$venv/bin/python" -m pip install -q --no-compile -c requirements-ci.txt -e '.[dev]'
+  "$venv/bin/python" -m pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0"
+  "$venv/bin/python" -m pip install -q -c requirements-ci.txt -e '.[dev]'
   echo "$stamp" > "$venv/.installed"
 fi
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
