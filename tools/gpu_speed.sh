@@ -35,6 +35,26 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 bench() { timeout "${T:-300}" python3 -m crate_mae_jax.tools.benchmark "$@"; }
+# The real loop: `main` with configs/base.py on in-memory synthetic 224 px data (device
+# augmentation), STEPS steps within TIMEOUT seconds; log in $OUT/main_base.log.
+main_loop() {
+  python3 - <<'PY'
+import numpy as np
+rng = np.random.default_rng(0)
+np.savez("/tmp/synthetic224.npz",
+         train_images=rng.integers(0, 256, (2048, 224, 224, 3), dtype=np.uint8),
+         train_labels=np.zeros(2048, np.int64),
+         test_images=rng.integers(0, 256, (256, 224, 224, 3), dtype=np.uint8),
+         test_labels=np.zeros(256, np.int64))
+PY
+  timeout "$2" python3 -m crate_mae_jax.main --config=configs/base.py --workdir=/tmp/main_base \
+    --config.data.source=arrays --config.data.path=/tmp/synthetic224.npz \
+    --config.data.in_memory=True --config.batch_size=256 --config.num_train_steps="$1" \
+    --config.log_every_steps=50 --config.eval_every_steps=100000 \
+    --config.checkpoint_every_steps=100000 --config.eval.max_batches=1 \
+    > "$OUT/main_base.log" 2>&1; echo "main exit $?"
+  grep -E "steps/s|error|Error" "$OUT/main_base.log" | tail -8
+}
 case "${1:-}" in
   defaults)
     # 1. What a user gets: no flags at all (attention and LayerNorm 'auto', XLA GPU
@@ -95,23 +115,7 @@ case "${1:-}" in
     ;;
   table)
     # In order of importance; each step has its own time limit (table2: the rest).
-    # The real loop: `main` with configs/base.py on in-memory data (device augmentation).
-    python3 - <<'PY'
-import numpy as np
-rng = np.random.default_rng(0)
-np.savez("/tmp/synthetic224.npz",
-         train_images=rng.integers(0, 256, (2048, 224, 224, 3), dtype=np.uint8),
-         train_labels=np.zeros(2048, np.int64),
-         test_images=rng.integers(0, 256, (256, 224, 224, 3), dtype=np.uint8),
-         test_labels=np.zeros(256, np.int64))
-PY
-    timeout 200 python3 -m crate_mae_jax.main --config=configs/base.py --workdir=/tmp/main_base \
-      --config.data.source=arrays --config.data.path=/tmp/synthetic224.npz \
-      --config.data.in_memory=True --config.batch_size=256 --config.num_train_steps=500 \
-      --config.log_every_steps=50 --config.eval_every_steps=100000 \
-      --config.checkpoint_every_steps=100000 --config.eval.max_batches=1 \
-      > "$OUT/main_base.log" 2>&1; echo "main exit $?"
-    grep -E "steps/s|error|Error" "$OUT/main_base.log" | tail -8
+    main_loop 500 200
     T=330 bench --arch crate_mae --variant tiny,small,base,large --batch_size 256 \
       --steps 10 --windows 3 --warmup 2 --json "$OUT/jax_variants.json" | tail -6
     ;;
@@ -138,22 +142,7 @@ PY
     bench --variant base --batch_size 256 --json "$OUT/jax_base_default.json" | tail -3
     T=300 timeout 300 python3 tools/bench_official_torch.py --official_dir .official \
       --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
-    python3 - <<'PY'
-import numpy as np
-rng = np.random.default_rng(0)
-np.savez("/tmp/synthetic224.npz",
-         train_images=rng.integers(0, 256, (2048, 224, 224, 3), dtype=np.uint8),
-         train_labels=np.zeros(2048, np.int64),
-         test_images=rng.integers(0, 256, (256, 224, 224, 3), dtype=np.uint8),
-         test_labels=np.zeros(256, np.int64))
-PY
-    timeout 150 python3 -m crate_mae_jax.main --config=configs/base.py --workdir=/tmp/main_base \
-      --config.data.source=arrays --config.data.path=/tmp/synthetic224.npz \
-      --config.data.in_memory=True --config.batch_size=256 --config.num_train_steps=300 \
-      --config.log_every_steps=50 --config.eval_every_steps=100000 \
-      --config.checkpoint_every_steps=100000 --config.eval.max_batches=1 \
-      > "$OUT/main_base.log" 2>&1; echo "main exit $?"
-    grep -E "steps/s|error|Error" "$OUT/main_base.log" | tail -8
+    main_loop 300 150
     ;;
   *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|final"; exit 2 ;;
 esac
