@@ -90,10 +90,8 @@ def test_free_arena_pages_are_given_back_after_each_save(monkeypatch, tmp_path):
 def test_resident_memory_is_flat_over_many_steps_and_saves(tmp_path):
   """1,500 steps of the tiny model through train_and_evaluate with a checkpoint
   every 5 steps (300 saves, asynchronous, with manifests and retention) and the
-  default metric writers: RSS after step 500 moves by less than 6 MiB. Before the
-  tensorstore fix it grew by 17.0 and 22.4 MiB over this window in two runs; with it
-  but without giving the save threads' free arena pages back (native_memory), by 4.0,
-  6.1 and 8.3 MiB; with both, by 2.8 and 0.5 MiB (BENCHMARKS.md)."""
+  default metric writers: RSS after step 500 moves by less than 6 MiB (before and
+  after the fixes: BENCHMARKS.md, "Resident memory over a long run")."""
   from crate_mae_jax.training import train
   steps, every = 1500, 5
   config = tiny_train_config("pretrain", source="quickstart", num_train_steps=steps,
