@@ -12,7 +12,10 @@
 #     # the official module's imports, for the export's strict-load test (carry .whl_timm too):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl_timm timm einops huggingface_hub safetensors pyyaml tqdm
-# Then, through the device tool (carry .official and .whl):
+#     # the previous kernel and layers, for `verify` (before/after a kernel change):
+#     mkdir -p .oldkernel && git show 1fd5e5c:crate_mae_jax/kernels/mssa.py > .oldkernel/mssa_old.py \
+#       && git show 1fd5e5c:crate_mae_jax/models/layers.py > .oldkernel/layers_old.py
+# Then, through the device tool (carry .official and .whl; .oldkernel for verify):
 #     bash tools/gpu_speed.sh defaults   # the Base defaults vs the official code (+SDPA), profile
 #     bash tools/gpu_speed.sh table      # `main` on in-memory data, then tiny/small/base/large
 #     bash tools/gpu_speed.sh remat      # remat policies of Base, ViT-MAE-Base
@@ -22,6 +25,7 @@
 #     bash tools/gpu_speed.sh kernels    # LayerNorm / attention kernel candidates: micro + full step
 #     bash tools/gpu_speed.sh layernorm  # our LayerNorm kernel: GPU tests, micro sweep, whole step
 #     bash tools/gpu_speed.sh final      # the defaults beside PyTorch, then `main` on in-memory data
+#     bash tools/gpu_speed.sh verify     # a kernel change vs .oldkernel: GPU tests, micro, step
 #     bash tools/gpu_speed.sh side       # the kernels' GPU tests, then the defaults beside PyTorch
 #                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
@@ -144,5 +148,20 @@ case "${1:-}" in
       --modes compile,sdpa_compile --batch_size 256 --json "$OUT/torch_256.json"
     main_loop 300 150
     ;;
-  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|final"; exit 2 ;;
+  verify)
+    # A kernel change against the previous files (.oldkernel/, see the header): its GPU
+    # tests, the micro-benchmark against the previous kernel, the whole step both ways.
+    # Made for benchmarks/pending/mssa_one_launch.patch (git apply it first).
+    JAX_PLATFORMS=cuda timeout 60 python3 -m pytest tests/test_kernel_mssa.py -q -rs -x \
+      --tb=short -p no:cacheprovider 2>&1 | tail -6
+    timeout 75 python3 tools/bench_mssa_kernel.py --budget_s 50 --windows 5 --iters 30 \
+      --baseline .oldkernel/mssa_old.py --only "kernel 197 (in-kernel mask),baseline 197,XLA 197" \
+      --json "$OUT/bench_mssa.json" 2>&1 | grep -v "^ " | tail -8
+    cp crate_mae_jax/kernels/mssa.py /tmp/mssa_new.py; cp crate_mae_jax/models/layers.py /tmp/layers_new.py
+    cp .oldkernel/mssa_old.py crate_mae_jax/kernels/mssa.py; cp .oldkernel/layers_old.py crate_mae_jax/models/layers.py
+    T=60 bench --variant base --batch_size 256 --windows 3 --label previous --json "$OUT/step_previous.json" | tail -2
+    cp /tmp/mssa_new.py crate_mae_jax/kernels/mssa.py; cp /tmp/layers_new.py crate_mae_jax/models/layers.py
+    T=60 bench --variant base --batch_size 256 --windows 3 --label new --json "$OUT/step_new.json" | tail -2
+    ;;
+  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|final|verify"; exit 2 ;;
 esac
