@@ -707,8 +707,10 @@ def _print_profile(row):
     print(f"  {k:28s} {v:9.3f} ms")
   for k, v in p.get("parts_ms", {}).items():
     print(f"  {k:40s} {v:9.3f} ms")
+  # JSON written before named_kernels existed: its top kernels, without op_names.
+  named = p.get("named_kernels") or [(k, v, "") for k, v in p["top_kernels"][:15]]
   print("  kernels over 0.5 ms/step (name: HLO op_name):")
-  for k, v, op in p.get("named_kernels", []):
+  for k, v, op in named:
     print(f"  {v:8.3f} ms  {k[:70]}: {op[:150]}")
 
 
