@@ -33,5 +33,12 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_
 markers=(-m "not slow")
 if [ "$full" = "1" ]; then
   markers=()
+else
+  # The default run is the quick one: XLA's CPU backend compiles without LLVM's
+  # optimisations (about half the compile time of each tiny train step; the programs are
+  # the same HLO) and one compilation cache serves the whole run (tests/conftest.py).
+  # --full (CI) compiles as a user's run does.
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_backend_optimization_level=0"
+  export CRATE_MAE_JAX_TEST_SHARED_CACHE="${CRATE_MAE_JAX_TEST_SHARED_CACHE:-1}"
 fi
 exec "$venv/bin/python" -m pytest -q -rs --durations=10 -n "${TEST_WORKERS:-2}" "${markers[@]}" "$@" tests

@@ -182,7 +182,8 @@ def enable_compilation_cache(setting: str | None = None) -> str | None:
 
   `setting` (a flag value) or $CRATE_MAE_JAX_COMPILATION_CACHE: a folder, or `off`;
   unset: $JAX_COMPILATION_CACHE_DIR if the user set it, else the user's cache dir.
-  Returns the folder in use, or None when off.
+  Returns the folder in use, or None when off. Programs that compile in under a second
+  are not kept unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise.
   """
   import jax
   setting = setting or os.environ.get(CACHE_ENV, "")
@@ -197,7 +198,8 @@ def enable_compilation_cache(setting: str | None = None) -> str | None:
       return None
   jax.config.update("jax_compilation_cache_dir", folder)
   # Small programs compile fast; only keep what is worth a disk read.
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return folder
 
 

@@ -2,19 +2,44 @@
 import os
 import pathlib
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Tests write no compilation cache into the user's home.
-os.environ.setdefault("CRATE_MAE_JAX_COMPILATION_CACHE", "off")
-
 import fcntl
 import json
+import shutil
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The default ./test.sh run sets CRATE_MAE_JAX_TEST_SHARED_CACHE=1: one persistent
+# compilation cache for the whole run, shared by the pytest-xdist workers and every
+# process the tests start (the tiny models compile the same programs in test after
+# test; a hit costs milliseconds, a train step's compile seconds). Never the user's
+# cache; the process that makes the folder (pytest itself, before its workers start)
+# removes it at the end. No size limit: the eviction scan a limit turns on made every
+# later write of the run fail once one entry had lost its atime file (seen in our runs).
+# Otherwise (./test.sh --full, CI) tests compile without a persistent cache.
+_TEST_CACHE_ENV = "CRATE_MAE_JAX_TEST_CACHE"
+_MADE_TEST_CACHE = False
+if os.environ.get("CRATE_MAE_JAX_TEST_SHARED_CACHE") == "1":
+  if _TEST_CACHE_ENV not in os.environ:
+    os.environ[_TEST_CACHE_ENV] = tempfile.mkdtemp(prefix="crate-mae-jax-test-cache-")
+    _MADE_TEST_CACHE = True
+  os.environ.setdefault("CRATE_MAE_JAX_COMPILATION_CACHE", os.environ[_TEST_CACHE_ENV])
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ[_TEST_CACHE_ENV])
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+else:
+  os.environ.setdefault("CRATE_MAE_JAX_COMPILATION_CACHE", "off")
 
 import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+  if _MADE_TEST_CACHE:
+    shutil.rmtree(os.environ[_TEST_CACHE_ENV], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -131,27 +131,36 @@ def test_help_read_by_a_reader_that_stops_early():
 
 
 _CACHE_PROBE = ("import jax; from crate_mae_jax import cli; "
-                "print(cli.enable_compilation_cache(), jax.config.jax_compilation_cache_dir)")
+                "print(cli.enable_compilation_cache(), jax.config.jax_compilation_cache_dir, "
+                "jax.config.jax_persistent_cache_min_compile_time_secs)")
 
 
-@pytest.mark.parametrize("setting", ["default", "env", "off"])
+@pytest.mark.parametrize("setting", ["default", "env", "off", "jax_min_time"])
 def test_compilation_cache(setting, tmp_path):
+  """Where the cache goes; programs under a second are not kept unless JAX's own
+  variable for it is set."""
   env = _env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  for name in list(env):
+    if name.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE")):
+      env.pop(name)
   env.pop(cli.CACHE_ENV, None)
   if setting == "env":
     env[cli.CACHE_ENV] = str(tmp_path / "mine")
   elif setting == "off":
     env[cli.CACHE_ENV] = "off"
+  elif setting == "jax_min_time":
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.25"
   proc = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  used, configured = proc.stdout.split()
-  expected = {"default": str(tmp_path / "xdg" / "crate_mae_jax" / "jax_cache"),
-              "env": str(tmp_path / "mine"), "off": "None"}[setting]
+  used, configured, min_secs = proc.stdout.split()
+  default = str(tmp_path / "xdg" / "crate_mae_jax" / "jax_cache")
+  expected = {"default": default, "env": str(tmp_path / "mine"), "off": "None",
+              "jax_min_time": default}[setting]
   assert used == expected
   if setting != "off":
     assert configured == expected and os.path.isdir(expected)
+    assert float(min_secs) == (0.25 if setting == "jax_min_time" else 1.0)
 
 
 def test_quiet_startup_drops_only_the_known_noise(caplog):

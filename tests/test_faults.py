@@ -325,6 +325,7 @@ def test_kill9_anywhere_resumes_from_last_complete_checkpoint(cache, baseline, t
 
 
 # ------------------------------------------------------------------ 2. SIGTERM
+@pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_0(cache, baseline, tmp_path):
   workdir = tmp_path / "run"
   # Periodic checkpoints off: the only mid-run checkpoint is the SIGTERM one.
@@ -350,6 +351,7 @@ def test_sigterm_saves_current_step_and_exits_0(cache, baseline, tmp_path):
 
 
 # ------------------------------------------------------------------ 3. non-finite
+@pytest.mark.slow
 def test_nonfinite_stop_names_step_exits_1_and_keeps_last_good_checkpoint(background):
   """A learning rate of 1e30 makes the second step overflow: no mocking."""
   run = background["futures"]["diverge"].result()
@@ -494,6 +496,7 @@ def _assert_disk_error(run, workdir, words, last):
   assert f"the last complete checkpoint, step {last}" in line, line
 
 
+@pytest.mark.slow
 def test_workdir_turning_read_only_keeps_last_checkpoint(cache, disk):
   workdir = disk.root / "run"
   run, last = _break_mid_run(cache, disk, workdir, "EROFS")
@@ -511,6 +514,7 @@ def test_workdir_turning_read_only_keeps_last_checkpoint(cache, disk):
     assert max(_complete_steps(workdir)) == last
 
 
+@pytest.mark.slow
 def test_full_disk_stops_cleanly_and_resumes_after_freeing_space(cache, disk, baseline):
   workdir = disk.root / "run"
   run, last = _break_mid_run(cache, disk, workdir, "ENOSPC")

@@ -42,6 +42,7 @@ def test_a_legacy_checkpoint_matches_todays_model(task):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
 
 
+@pytest.mark.slow
 def test_a_legacy_run_resumes_and_a_probe_starts_from_it(tmp_path):
   workdir = tmp_path / "pretrain"
   shutil.copytree(LEGACY / "pretrain", workdir)

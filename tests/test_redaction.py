@@ -101,6 +101,7 @@ def test_params_checkpoint_meta_is_redacted(tmp_path):
   assert json.loads(read["config"])["data"]["data_dir"] == "gs://***@bucket/x"
 
 
+@pytest.mark.slow
 def test_a_training_run_writes_no_password_anywhere(tmp_path):
   """The real training function; every file under the workdir, binary-safe."""
   workdir = tmp_path / "run"

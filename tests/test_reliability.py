@@ -155,6 +155,7 @@ def test_damaged_checkpoints_fall_back_and_are_named(cache, tmp_path):
 @pytest.mark.parametrize("sig, code, said, hint", [
     (signal.SIGINT, 130, "Ctrl-C", "interrupted (Ctrl-C) at step"),
     (signal.SIGHUP, 129, "SIGHUP", "nohup")])
+@pytest.mark.slow
 def test_ctrl_c_and_hangup_save_the_current_step(cache, tmp_path, sig, code, said, hint):
   """Ctrl-C (exit 130) and the terminal or ssh session closing (SIGHUP, exit 129,
   the line naming nohup/setsid) save the current step and end with one line."""
@@ -183,6 +184,7 @@ def test_losing_the_checkpoint_folder_is_one_error_line(cache, tmp_path):
   assert run.text().rstrip().splitlines()[-1] == errors[0], run.context()
 
 
+@pytest.mark.slow
 def test_second_run_in_a_workdir_is_refused_and_a_stale_lock_is_not(cache, tmp_path):
   """The first run holds the lock while it trains; a second one is refused
   naming it; after the first is killed -9 a restart is not blocked."""

@@ -19,6 +19,7 @@ def _rerun_gives_same_results(task, tmp_path, **overrides):
   return first
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_pretraining_reports_the_same_loss(tmp_path):
   results = _rerun_gives_same_results("pretrain", tmp_path)
   assert results["step"] == 4 and np.isfinite(results["loss"])

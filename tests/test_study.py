@@ -115,6 +115,7 @@ def test_recording_writer_records_and_forwards():
   assert writer.scalars == {"train/loss": [[3, 0.5], [6, 0.25]], "eval/loss": [[6, 0.3]]}
 
 
+@pytest.mark.slow
 def test_run_stage_records_the_learning_rate(tmp_path):
   """The steps log 'train/learning_rate'; the stage's 'lr' series is read from it."""
   cfg = study.study_config("pretrain", "crate_mae", scale=0.01, data_source="quickstart",
