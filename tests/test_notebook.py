@@ -25,6 +25,7 @@ def test_notebook_is_committed_without_outputs():
   assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
   cfg = tiny_train_config(source="quickstart")
   resolved = models.resolve(cfg.model)

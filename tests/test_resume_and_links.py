@@ -3,6 +3,8 @@ extending a finished run continues from its last step) and links in a workdir
 (replaced, never written through)."""
 import logging
 
+import pytest
+
 from conftest import tiny_train_config
 
 from crate_mae_jax.training import train
@@ -22,6 +24,7 @@ def test_resume_changes_names_each_field_and_a_finished_run():
   assert train.resume_changes(config, None, step=4, total_steps=4) == []
 
 
+@pytest.mark.slow
 def test_resumed_runs_warn_and_extend(tmp_path, caplog):
   workdir = str(tmp_path / "run")
   first = tiny_train_config("pretrain", source="quickstart", num_train_steps=4)
@@ -41,6 +44,7 @@ def test_resumed_runs_warn_and_extend(tmp_path, caplog):
   assert "nothing to train" not in caplog.text
 
 
+@pytest.mark.slow
 def test_links_in_a_workdir_are_replaced_never_written_through(tmp_path):
   """A workdir whose record files are symbolic links to files elsewhere (a
   hostile or careless copy): the run writes its own files in their place and
