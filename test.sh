@@ -2,7 +2,8 @@
 # Tests on a fresh clone: creates .venv-test (once; updated when the dependency files
 # change), installs the pinned CPU-only dependencies, then runs pytest.
 #
-#   ./test.sh            the default run: every test but those marked slow
+#   ./test.sh            the default run: every test but those marked slow, compiled
+#                        quickly (XLA CPU -O0, one compilation cache for the run)
 #   ./test.sh --full     everything, slow multi-process and end-to-end tests included
 #                        (also TEST_FULL=1 ./test.sh); this is what CI runs
 #   ./test.sh [--full] ARGS...   extra arguments go to pytest (e.g. -k fixture -x)
