@@ -26,8 +26,12 @@ if [ "$(cat "$venv/.installed" 2>/dev/null)" != "$stamp" ]; then
   # torch first, alone, as the CPU build: let the dependency resolver pick it and it
   # takes PyPI's CUDA build (several GB). Where pip does not already find a CPU wheel
   # (CI's machines do), set TORCH_INDEX=https://download.pytorch.org/whl/cpu.
-  "$venv/bin/python" -m pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0"
-  "$venv/bin/python" -m pip install -q -c requirements-ci.txt -e '.[dev]'
+  "$venv/bin/python" -m pip install -q --no-compile ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0"
+  "$venv/bin/python" -m pip install -q --no-compile -c requirements-ci.txt -e '.[dev]'
+  # Bytecode for every installed module on all cores (pip compiles one file at a time:
+  # ~80 s of the install on 2 cores, ~55 s this way). Python files of other versions'
+  # syntax in some packages fail to compile, as under pip: quiet, not an error.
+  "$venv/bin/python" -m compileall -qq -j 0 "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
   echo "$stamp" > "$venv/.installed"
 fi
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
@@ -42,4 +46,4 @@ else
   export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_backend_optimization_level=0"
   export CRATE_MAE_JAX_TEST_SHARED_CACHE="${CRATE_MAE_JAX_TEST_SHARED_CACHE:-1}"
 fi
-exec "$venv/bin/python" -m pytest -q -rs --durations=10 -n "${TEST_WORKERS:-2}" "${markers[@]}" "$@" tests
+exec "$venv/bin/python" -m pytest -q -rs --durations=10 -n "${TEST_WORKERS:-2}" --dist loadfile "${markers[@]}" "$@" tests

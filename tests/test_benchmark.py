@@ -21,6 +21,7 @@ def _env():
   return env
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_sane_fields(tmp_path, capsys):
   out = tmp_path / "bench.json"
   rows = benchmark.main(TINY + ["--json", str(out)])

@@ -152,6 +152,7 @@ def torch_state_dict(torch, official_tiny):
   return {k: torch.from_numpy(np.array(v)) for k, v in official_state_dict(official_tiny).items()}
 
 
+@pytest.mark.slow
 def test_cli_subprocess_end_to_end(torch, official_tiny, official_tiny_pth, tmp_path):
   out_dir = tmp_path / "converted"
   proc = subprocess.run(

@@ -85,6 +85,7 @@ def test_a_bad_registration_is_refused(scratch_registry):
     datasets.register(datasets.Dataset(**{**good, "num_classes": 3}, tfds_name="x"))
 
 
+@pytest.mark.slow
 def test_a_dataset_registered_elsewhere_is_read_through_tfds(scratch_registry):
   datasets.register(datasets.Dataset(
       name="my_cifar", tfds_name="cifar10", num_classes=10, image_size=32, channels=3,

@@ -101,6 +101,7 @@ def _with_evals(cfg, **evals):
   return cfg
 
 
+@pytest.mark.slow
 def test_train_loop_runs_listed_evaluators_through_the_given_writer(tmp_path):
   cfg = _tiny_quickstart()
   cfg.evals = ml_collections.ConfigDict(dict(

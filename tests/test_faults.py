@@ -386,6 +386,7 @@ def test_nonfinite_stop_names_step_exits_1_and_keeps_last_good_checkpoint(backgr
   assert not (run.workdir / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_nonfinite_skip_counts_and_carries_on(background):
   """Steps 2 and 5 get a NaN loss (fault_worker); with nonfinite='skip' both
   updates are skipped and counted, the run finishes with finite params."""

@@ -304,6 +304,7 @@ def test_converter_reads_half_precision_and_a_training_checkpoint(official_sd, t
                              atol=0 if kind == "training_dict" else 1e-2 * np.abs(reference).max())
 
 
+@pytest.mark.slow
 def test_converter_refuses_a_vit_an_encoder_only_model_and_safetensors(official_sd, tmp_path):
   import torch
   vit = {"patch_embed.proj.weight": torch.zeros(32, 3, 4, 4), "cls_token": torch.zeros(1, 1, 32),

@@ -96,6 +96,7 @@ def test_crate_attention_layers_are_cls_attention_of_each_layer():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_vit_attention_reproduces_the_block_output():
   """The cls row read from the captured query/key, applied to the captured values
   and the block's output projection, gives the block's own attention output."""
@@ -146,6 +147,7 @@ def test_evaluator_scores_both_archs_and_refuses_sources_without_masks():
     common.from_config(cfg, resolved, classifier_fns)
 
 
+@pytest.mark.slow
 def test_analyze_adds_the_foreground_score_for_fashion_mnist_images(tmp_path):
   from crate_mae_jax.tools import analyze
   from crate_mae_jax.training import checkpoints

@@ -114,7 +114,7 @@ def test_arguments_and_support():
   assert layernorm.resolve_norm("pallas", jnp.bfloat16, "gpu") == "pallas"
 
 
-@pytest.mark.parametrize("arch", ["crate_mae", "vit_mae"])
+@pytest.mark.parametrize("arch", ["crate_mae", pytest.param("vit_mae", marks=pytest.mark.slow)])
 def test_model_same_parameters_loss_and_grads(arch):
   """A tiny model with norm_impl='pallas' (interpret mode here) is the same
   function of the same parameters as with flax's LayerNorm."""

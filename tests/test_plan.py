@@ -71,6 +71,7 @@ def test_report_matches_the_arithmetic(plans):
   assert fsdp.collectives["all-gather"]["bytes"] >= total / 2
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_splash_attention_compiles_into_the_train_step_per_shard():
   """`--config.model.attention_impl=splash`: the Pallas TPU kernel in the real

@@ -173,6 +173,7 @@ def test_ctrl_c_and_hangup_save_the_current_step(cache, tmp_path, sig, code, sai
   assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_losing_the_checkpoint_folder_is_one_error_line(cache, tmp_path):
   workdir = tmp_path / "run"
   run = Run(cache, workdir, FAULT_STEP_SECONDS=0.25)

@@ -26,6 +26,9 @@
 #     bash tools/gpu_speed.sh layernorm  # our LayerNorm kernel: GPU tests, micro sweep, whole step
 #     bash tools/gpu_speed.sh final      # the defaults beside PyTorch, then `main` on in-memory data
 #     bash tools/gpu_speed.sh verify     # a kernel change vs .oldkernel: GPU tests, micro, step
+#     bash tools/gpu_speed.sh decide     # all in one call (DEADLINE s): a kernel change vs
+#         .oldkernel/mssa_main.py (`git show HEAD:crate_mae_jax/kernels/mssa.py`), GPU tests,
+#         step both ways, keep the faster, PyTorch comparators, profile while time is left
 #     bash tools/gpu_speed.sh side       # the kernels' GPU tests, then the defaults beside PyTorch
 #                                        # (tokamax and its needs as wheels in .whl, see BENCHMARKS.md)
 # Everything lands in $OUT (JSON + log); the tables print last.
@@ -163,5 +166,47 @@ case "${1:-}" in
     cp /tmp/mssa_new.py crate_mae_jax/kernels/mssa.py; cp /tmp/layers_new.py crate_mae_jax/models/layers.py
     T=60 bench --variant base --batch_size 256 --windows 3 --label new --json "$OUT/step_new.json" | tail -2
     ;;
-  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|final|verify"; exit 2 ;;
+  decide)
+    # One call for a kernel change when device time is short: every step has a share of
+    # DEADLINE seconds (default 560); SKIP_MICRO=1 and TORCH_MODES=sdpa_compile shorten it.
+    left() { local l=$(( ${DEADLINE:-560} - SECONDS )); [ "$l" -gt "$1" ] && echo "$1" || echo $(( l > 5 ? l : 5 )); }
+    echo "== GPU tests $SECONDS s"
+    JAX_PLATFORMS=cuda timeout "$(left 70)" python3 -m pytest tests/test_kernel_mssa.py -q -rs -x \
+      --tb=short -p no:cacheprovider 2>&1 | tail -6
+    if [ -z "${SKIP_MICRO:-}" ]; then
+      echo "== micro $SECONDS s"
+      timeout "$(left 60)" python3 tools/bench_mssa_kernel.py --budget_s 35 --windows 5 --iters 30 \
+        --baseline .oldkernel/mssa_main.py --only "kernel 197 (in-kernel mask),baseline 197,fwd-loop" \
+        --json "$OUT/bench_mssa.json" 2>&1 | grep -v "^ " | tail -8
+    fi
+    cp crate_mae_jax/kernels/mssa.py /tmp/mssa_new.py
+    cp .oldkernel/mssa_main.py crate_mae_jax/kernels/mssa.py
+    echo "== step, main's kernel $SECONDS s"
+    timeout "$(left 60)" python3 -m crate_mae_jax.tools.benchmark --variant base --batch_size 256 \
+      --windows 3 --label main --json "$OUT/step_main.json" | tail -2
+    cp /tmp/mssa_new.py crate_mae_jax/kernels/mssa.py
+    echo "== step, changed kernel $SECONDS s"
+    timeout "$(left 60)" python3 -m crate_mae_jax.tools.benchmark --variant base --batch_size 256 \
+      --windows 3 --label changed --json "$OUT/step_new.json" | tail -2
+    python3 - "$OUT" <<'PY'
+import json, shutil, sys
+o = sys.argv[1]
+try:
+  new = json.load(open(f"{o}/step_new.json"))["rows"][0]["ms_step"]
+  old = json.load(open(f"{o}/step_main.json"))["rows"][0]["ms_step"]
+except Exception as e:  # pylint: disable=broad-except
+  new = old = None
+  print("no step numbers:", e)
+if new is None or new >= old:
+  shutil.copy(".oldkernel/mssa_main.py", "crate_mae_jax/kernels/mssa.py")
+print("kept:", "changed" if new is not None and new < old else "main's", new, "vs", old, "ms/step")
+PY
+    echo "== official PyTorch $SECONDS s"
+    timeout "$(left 250)" python3 tools/bench_official_torch.py --official_dir .official \
+      --modes "${TORCH_MODES:-sdpa_compile,compile}" --batch_size 256 --json "$OUT/torch_256.json"
+    echo "== profile of the kept kernel $SECONDS s"
+    timeout "$(left 120)" python3 -m crate_mae_jax.tools.benchmark --variant base --batch_size 256 \
+      --profile /tmp/prof --json "$OUT/step_profile.json" 2>&1 | tail -45
+    ;;
+  *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|final|verify|decide"; exit 2 ;;
 esac
