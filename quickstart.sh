@@ -13,7 +13,11 @@ if [ ! -f .venv/.quickstart-installed ]; then
   trap 'rm -f "$log"' EXIT
   if ! { python3 -m venv .venv &&
          .venv/bin/python -m pip install --upgrade pip &&
-         .venv/bin/python -m pip install -c requirements-ci.txt -e . tensorboard; } \
+         .venv/bin/python -m pip install --no-compile -c requirements-ci.txt -e . tensorboard &&
+         # bytecode on all cores (pip compiles one file at a time); files of other
+         # Python versions' syntax in some packages fail, as under pip: not an error
+         { .venv/bin/python -m compileall -qq -j 0 "$(.venv/bin/python -c \
+             'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true; }; } \
        >"$log" 2>&1; then
     cat "$log" >&2
     echo "error: installing into .venv failed (pip's output above); fix it and run" \
