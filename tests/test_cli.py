@@ -230,19 +230,28 @@ def test_help_lists_own_flags_and_imports_no_tensorflow(module, args, code, tmp_
     assert len(other) == 1 and other[0].startswith("error:"), other
 
 
-def test_tensorflow_imports_quietly_where_it_is_needed(tmp_path):
+def test_tensorflow_is_imported_for_the_tf_pipeline_only_and_quietly(tmp_path):
+  """The metric writer imports no TensorFlow (tensorboardX writes the event files of
+  an in-memory run); where the tf.data pipeline has loaded it, CLU's writer is used,
+  and the import prints none of TensorFlow's start-up lines."""
   pytest.importorskip("tensorflow")
   code = ("import sys\n"
           "from crate_mae_jax import cli\nfrom crate_mae_jax.training import summaries\n"
           "cli.quiet_startup()\n"
-          "assert 'tensorflow' not in sys.modules\n"
-          "writer = summaries.create_writer(sys.argv[1], is_chief=True)\n"
-          "assert 'tensorflow' in sys.modules, 'the CLU writer did not import TF'\n"
+          "writer = summaries.create_writer(sys.argv[1] + '/memory', is_chief=True)\n"
+          "assert 'tensorflow' not in sys.modules, 'the writer imported TF'\n"
+          "assert type(writer).__name__ == '_TensorboardXWriter', type(writer)\n"
+          "writer.write_scalars(0, {'x': 1.0}); writer.close()\n"
+          "cli.tensorflow()  # as the tf.data pipeline does\n"
+          "writer = summaries.create_writer(sys.argv[1] + '/tfdata', is_chief=True)\n"
+          "assert type(writer).__name__ == 'AsyncMultiWriter', type(writer)\n"
           "writer.write_scalars(0, {'x': 1.0}); writer.close()\n")
   proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=_env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "oneDNN" not in proc.stderr and "cpu_feature_guard" not in proc.stderr, proc.stderr
+  for run in ("memory", "tfdata"):
+    assert list((tmp_path / run).glob("events.out.tfevents.*")), run
 
 
 def test_wheel_ships_configs_and_console_scripts(tmp_path):

@@ -1,12 +1,13 @@
 """Metric writers and progress hooks (the only non-data module touching TF).
 
-CLU's writers (TensorBoard + logging) and periodic actions are used when they
-import; on hosts without TensorFlow the same interface writes TensorBoard event
-files with tensorboardX (or, without it, logs scalars and writes images as PNG
-files), so training never needs TF.
+CLU's writers (TensorBoard + logging) are used where the tf.data pipeline has
+loaded TensorFlow; elsewhere (in-memory data, hosts without TensorFlow) the same
+interface writes TensorBoard event files with tensorboardX (or, without it, logs
+scalars and writes images as PNG files), so training never imports TF for its logs.
 """
 import math
 import os
+import sys
 import time
 
 from absl import logging
@@ -117,24 +118,29 @@ class _TensorboardXWriter(LoggingWriter):
 
 
 def create_writer(logdir: str, is_chief: bool):
-  """TensorBoard + logging writer on the chief, logging-only elsewhere. Without
-  TensorFlow (no CLU writers) the chief writes event files with tensorboardX."""
-  cli.import_tensorflow_quietly()  # clu's metric_writers imports TensorFlow
+  """TensorBoard + logging writer on the chief, logging-only elsewhere. CLU's writers
+  where TensorFlow is loaded already (the tf.data input pipeline); otherwise the chief
+  writes the event files with tensorboardX, since importing TensorFlow for the writer
+  alone would add its import time to the start of every in-memory run."""
+  if "tensorflow" in sys.modules:
+    cli.import_tensorflow_quietly()  # the devices hidden from TensorFlow, its logs quiet
+    try:
+      from clu import metric_writers
+    except ImportError:
+      metric_writers = None
+    if metric_writers is not None:
+      writers = [_clu_logging_writer()]
+      if is_chief:
+        writers.append(metric_writers.SummaryWriter(os.fspath(logdir)))
+      return metric_writers.AsyncMultiWriter(writers)
+  if not is_chief:
+    return LoggingWriter(None)
   try:
-    from clu import metric_writers
+    return _TensorboardXWriter(logdir)
   except ImportError:
-    if is_chief:
-      try:
-        return _TensorboardXWriter(logdir)
-      except ImportError:
-        pass
-    logging.warning("clu.metric_writers and tensorboardX unavailable: metrics go to the "
-                    "log only")
-    return LoggingWriter(logdir if is_chief else None)
-  writers = [_clu_logging_writer()]
-  if is_chief:
-    writers.append(metric_writers.SummaryWriter(os.fspath(logdir)))
-  return metric_writers.AsyncMultiWriter(writers)
+    logging.warning("tensorboardX unavailable (and TensorFlow not loaded): metrics go to "
+                    "the log only")
+    return LoggingWriter(logdir)
 
 
 def duration(seconds: float) -> str:
