@@ -182,11 +182,11 @@ case "${1:-}" in
     cp crate_mae_jax/kernels/mssa.py /tmp/mssa_new.py
     cp .oldkernel/mssa_main.py crate_mae_jax/kernels/mssa.py
     echo "== step, main's kernel $SECONDS s"
-    timeout "$(left 60)" python3 -m crate_mae_jax.tools.benchmark --variant base --batch_size 256 \
+    T="$(left 60)" bench --variant base --batch_size 256 \
       --windows 3 --label main --json "$OUT/step_main.json" | tail -2
     cp /tmp/mssa_new.py crate_mae_jax/kernels/mssa.py
     echo "== step, changed kernel $SECONDS s"
-    timeout "$(left 60)" python3 -m crate_mae_jax.tools.benchmark --variant base --batch_size 256 \
+    T="$(left 60)" bench --variant base --batch_size 256 \
       --windows 3 --label changed --json "$OUT/step_new.json" | tail -2
     python3 - "$OUT" <<'PY'
 import json, shutil, sys
@@ -205,7 +205,7 @@ PY
     timeout "$(left 250)" python3 tools/bench_official_torch.py --official_dir .official \
       --modes "${TORCH_MODES:-sdpa_compile,compile}" --batch_size 256 --json "$OUT/torch_256.json"
     echo "== profile of the kept kernel $SECONDS s"
-    timeout "$(left 120)" python3 -m crate_mae_jax.tools.benchmark --variant base --batch_size 256 \
+    T="$(left 120)" bench --variant base --batch_size 256 \
       --profile /tmp/prof --json "$OUT/step_profile.json" 2>&1 | tail -45
     ;;
   *) echo "usage: $0 defaults|side|mssa|gputests|table|table2|kernels|layernorm|remat|final|verify|decide"; exit 2 ;;
